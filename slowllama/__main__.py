@@ -1,0 +1,3 @@
+from slowllama.cli import main
+
+raise SystemExit(main())

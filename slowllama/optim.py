@@ -1,0 +1,105 @@
+"""Optimizer updates of one module at a time, with per-module state kept in the store.
+
+Each update takes the module's weights in fp32 (the master copy, or the stored 16-bit weights
+upcast), its accumulated gradients and its state, and updates weights and state in place with
+exactly the arithmetic of torch.optim (SGD without momentum, AdamW). The caller rounds the result
+back to the store's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from slowllama.errors import SlowllamaError
+
+
+class SGD:
+    """torch.optim.SGD(lr) with no momentum and no weight decay: w <- w - lr * g."""
+
+    name = "sgd"
+    stateful = False
+
+    def init_state(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+               state: dict[str, torch.Tensor], lr: float) -> None:
+        for k, p in params.items():
+            p.add_(grads[k], alpha=-lr)
+
+
+@dataclass
+class AdamW:
+    """torch.optim.AdamW's update (amsgrad off), state exp_avg, exp_avg_sq and step per weight."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    state_dtype: torch.dtype = torch.float32
+    name = "adamw"
+    stateful = True
+
+    def __post_init__(self):
+        b1, b2 = self.betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise SlowllamaError(f"--adam-betas: each beta must be in [0, 1), got {b1},{b2}")
+        if not self.eps > 0:
+            raise SlowllamaError(f"--adam-eps: must be > 0, got {self.eps}")
+        if not self.weight_decay >= 0:
+            raise SlowllamaError(f"--weight-decay: must be >= 0, got {self.weight_decay}")
+
+    def init_state(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = {}
+        for k, p in params.items():
+            state[f"{k}.exp_avg"] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
+            state[f"{k}.exp_avg_sq"] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
+            state[f"{k}.step"] = torch.zeros((), dtype=torch.float32)
+        return state
+
+    def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+               state: dict[str, torch.Tensor], lr: float) -> None:
+        b1, b2 = self.betas
+        for k, p in params.items():
+            g = grads[k]
+            step_t = state[f"{k}.step"]
+            step_t += 1
+            step = step_t.item()
+            exp_avg, exp_avg_sq = state[f"{k}.exp_avg"], state[f"{k}.exp_avg_sq"]
+            # fp32 arithmetic whatever the state's dtype (the state is rounded back below)
+            m = exp_avg.float() if exp_avg.dtype != torch.float32 else exp_avg
+            v = exp_avg_sq.float() if exp_avg_sq.dtype != torch.float32 else exp_avg_sq
+            p.mul_(1 - lr * self.weight_decay)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            bias_correction1 = 1 - b1 ** step
+            bias_correction2 = 1 - b2 ** step
+            step_size = lr / bias_correction1
+            denom = (v.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
+            p.addcdiv_(m, denom, value=-step_size)
+            if m is not exp_avg:
+                exp_avg.copy_(m)
+                exp_avg_sq.copy_(v)
+
+
+def round_to(w32: torch.Tensor, dtype: torch.dtype, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """fp32 -> dtype; with a generator, stochastic rounding (unbiased: E[result] = w32) for bf16.
+
+    bf16 is the top half of an fp32: adding uniform random bits to the 16 bits that are dropped,
+    then truncating, rounds up with probability equal to the dropped fraction.
+    """
+    if dtype == torch.float32:
+        return w32
+    if generator is None or dtype != torch.bfloat16:
+        return w32.to(dtype)
+    bits = w32.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=w32.device, generator=generator)
+    rounded = (bits + noise) & -65536  # clear the low 16 bits
+    out = rounded.view(torch.float32).to(torch.bfloat16)
+    # inf/nan and values that would overflow keep round-to-nearest
+    special = ~torch.isfinite(rounded.view(torch.float32))
+    if special.any():
+        out = torch.where(special, w32.to(torch.bfloat16), out)
+    return out

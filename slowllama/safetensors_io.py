@@ -1,0 +1,185 @@
+"""The safetensors file layout, read and written without extra copies.
+
+A safetensors file is: 8 bytes (little-endian u64) header length N, N bytes of JSON header
+({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, padded with
+spaces to a multiple of 8), then the raw tensor bytes. We write the format ourselves so that a
+module is read straight into one (optionally pinned) buffer, hashed on the way in and out, and so
+that prepare can place each checkpoint slice into its spot in a preallocated file. The files are
+ordinary safetensors files: the `safetensors` library reads them (a test checks it).
+Only store.py calls this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import xxhash
+
+from slowllama.errors import SlowllamaError
+
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+             torch.uint8: "U8", torch.bool: "BOOL"}
+TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+MAX_HEADER = 100 << 20  # a header larger than this is not a module file of ours
+
+Hasher = xxhash.xxh3_128
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def layout(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Optional[dict] = None):
+    """The header bytes and each tensor's (begin, end) offset inside the data section, in spec order."""
+    header, offsets, pos = {}, {}, 0
+    for key, (dtype, shape) in specs.items():
+        nbytes = element_size(dtype) * int(np.prod(shape, dtype=np.int64))
+        header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[key] = (pos, pos + nbytes)
+        pos += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offsets, pos
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, without a copy when it is contiguous."""
+    flat = t.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def write_file(path: str, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None,
+               fsync: bool = True) -> tuple[int, str]:
+    """Write tensors (CPU) as a safetensors file; returns (size, xxh3-128 hex) of the whole file."""
+    specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    head, _, data_len = layout(specs, metadata)
+    h = Hasher()
+    h.update(head)
+    with open(path, "wb") as f:
+        f.write(head)
+        for t in tensors.values():
+            mv = tensor_bytes(t)
+            h.update(mv)
+            f.write(mv)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    return len(head) + data_len, h.hexdigest()
+
+
+def read_header(f, path: str) -> tuple[dict, int]:
+    """Parse the header of an open file; returns (header without metadata, start of the data section)."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise SlowllamaError(f"{path}: truncated (no safetensors header)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > MAX_HEADER:
+        raise SlowllamaError(f"{path}: not a safetensors file (header length {n})")
+    text = f.read(n)
+    if len(text) < n:
+        raise SlowllamaError(f"{path}: truncated (header cut short)")
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SlowllamaError(f"{path}: not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise SlowllamaError(f"{path}: not a safetensors file (bad header)")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_file(path: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
+              expect: Optional[tuple[int, str]] = None, drop_cache: bool = False) -> dict[str, torch.Tensor]:
+    """Read a whole file into one uint8 buffer and return typed views of it, in header order.
+
+    alloc(nbytes) supplies the buffer (a pinned one for fast copies to a GPU); expect=(size, hash)
+    checks the file's size and checksum and refuses a file that differs. drop_cache evicts the
+    file from the page cache afterwards (posix_fadvise), for honest SSD measurements.
+    """
+    try:
+        f = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise SlowllamaError(f"{path}: module file missing") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if expect is not None and size != expect[0]:
+            raise SlowllamaError(f"{path}: size {size} bytes, the manifest says {expect[0]} (truncated or altered)")
+        header, start = read_header(f, path)
+        data_len = size - start
+        buf = alloc(data_len) if alloc else torch.empty(data_len, dtype=torch.uint8)
+        view = buf.numpy() if data_len else np.empty(0, np.uint8)
+        got = f.readinto(memoryview(view)) if data_len else 0
+        if got != data_len:
+            raise SlowllamaError(f"{path}: truncated while reading")
+        if expect is not None:
+            h = Hasher()
+            f.seek(0)
+            h.update(f.read(start))
+            h.update(memoryview(view))
+            if h.hexdigest() != expect[1]:
+                raise SlowllamaError(f"{path}: checksum mismatch (altered or corrupted outside slowllama)")
+        if drop_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    out = {}
+    for key, info in header.items():
+        try:
+            dtype = TORCH_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = [int(s) for s in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise SlowllamaError(f"{path}: bad header entry for {key!r}") from None
+        if not 0 <= begin <= end <= data_len or end - begin != element_size(dtype) * int(np.prod(shape, dtype=np.int64)):
+            raise SlowllamaError(f"{path}: tensor {key!r} lies outside the file (truncated or altered)")
+        out[key] = buf[begin:end].view(dtype).view(shape)
+    return out
+
+
+class SliceWriter:
+    """A preallocated safetensors file whose tensors are filled piece by piece (prepare's shard slices)."""
+
+    def __init__(self, path: str, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        self.path, self.specs = path, specs
+        head, offsets, data_len = layout(specs)
+        self.data_start = len(head)
+        self.offsets = offsets
+        with open(path, "wb") as f:
+            f.write(head)
+            f.truncate(len(head) + data_len)
+
+    def write(self, key: str, piece: torch.Tensor, dim: Optional[int] = None, start: int = 0) -> None:
+        """Place `piece` at index `start` along `dim` of tensor `key` (dim None: the whole tensor)."""
+        dtype, shape = self.specs[key]
+        piece = piece.to(dtype).contiguous()
+        begin, end = self.offsets[key]
+        if dim is None:
+            with open(self.path, "r+b") as f:
+                f.seek(self.data_start + begin)
+                f.write(tensor_bytes(piece))
+            return
+        # view the tensor's bytes as (rows before dim, size of dim, bytes of one index of dim)
+        es = element_size(dtype)
+        outer = int(np.prod(shape[:dim], dtype=np.int64))
+        inner = int(np.prod(shape[dim + 1:], dtype=np.int64)) * es
+        mm = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=self.data_start + begin,
+                       shape=(outer, shape[dim], inner))
+        mm[:, start:start + piece.shape[dim], :] = np.frombuffer(tensor_bytes(piece), np.uint8).reshape(outer, -1, inner)
+        mm.flush()
+        del mm
+
+    def finish(self) -> tuple[int, str]:
+        """fsync, then hash the finished file; returns (size, hash)."""
+        h = Hasher()
+        with open(self.path, "rb") as f:
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+            size = f.tell()
+            os.fsync(f.fileno())
+        return size, h.hexdigest()

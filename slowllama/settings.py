@@ -1,0 +1,140 @@
+"""One settings dataclass per command; the CLI is generated from them (flags, help, defaults).
+
+Precedence: dataclass defaults < config file (-c/--config, TOML) < command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from slowllama.errors import SlowllamaError
+
+
+def opt(default: Any, help: str, *, choices=None, positional: bool = False, metavar: Optional[str] = None,
+        short: Optional[str] = None):
+    return field(default=default, metadata=dict(help=help, choices=choices, positional=positional,
+                                                metavar=metavar, short=short))
+
+
+@dataclass
+class DeviceSettings:
+    device: str = opt("auto", "where to compute: auto picks cuda, then mps, then cpu",
+                      choices=["auto", "cpu", "cuda", "mps"])
+    compute_dtype: Optional[str] = opt(None, "compute dtype (default: fp32 on cpu, bf16 on cuda, fp16 on mps)",
+                                       choices=["fp32", "bf16", "fp16"])
+    max_memory: str = opt("auto", "host memory for resident modules and cached activations "
+                          "(e.g. 8G; auto: half of physical memory)")
+    debug: bool = opt(False, "show tracebacks of errors")
+
+
+@dataclass
+class InitTinySettings:
+    out: str = opt(None, "folder to write the tiny Meta-format model to", positional=True)
+    text: Optional[str] = opt(None, "text to train the tokenizer on (default: test_data/alice.txt)")
+    layers: int = opt(4, "number of transformer blocks")
+    dim: int = opt(128, "model width")
+    shards: int = opt(2, "number of consolidated.NN.pth shards")
+    dtype: str = opt("bf16", "dtype of the checkpoint", choices=["bf16", "fp16", "fp32"])
+    seed: int = opt(0, "seed of the random weights")
+    force: bool = opt(False, "replace OUT if it exists")
+    debug: bool = opt(False, "show tracebacks of errors")
+
+
+@dataclass
+class PrepareSettings:
+    src: str = opt(None, "a Meta Llama folder (params.json, tokenizer.model, consolidated.NN.pth)", positional=True)
+    store: str = opt(None, "the store folder to create", positional=True)
+    dtype: Optional[str] = opt(None, "dtype of the stored weights (default: the source's)",
+                               choices=["bf16", "fp16", "fp32"])
+    force: bool = opt(False, "replace STORE if it exists")
+    debug: bool = opt(False, "show tracebacks of errors")
+
+
+@dataclass
+class ExportSettings:
+    store: str = opt(None, "the store to export", positional=True)
+    out: str = opt(None, "the folder to write", positional=True)
+    format: Optional[str] = opt(None, "output format (default: the source's)", choices=["meta"])
+    shards: Optional[int] = opt(None, "number of output shards (default: the source's)")
+    dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype)",
+                               choices=["bf16", "fp16", "fp32"])
+    force: bool = opt(False, "replace OUT if it exists")
+    debug: bool = opt(False, "show tracebacks of errors")
+
+
+@dataclass
+class EvalSettings(DeviceSettings):
+    store: str = opt(None, "the store to evaluate", positional=True)
+    data: str = opt(None, "text file (.txt) to evaluate on")
+    seq_len: int = opt(128, "tokens per window")
+    batch_size: int = opt(8, "windows per batch")
+    json: bool = opt(False, "print the result as one JSON object on the last line")
+
+
+@dataclass
+class GenerateSettings(DeviceSettings):
+    store: str = opt(None, "the store (or a Meta folder) to generate from", positional=True)
+    prompt: str = opt("", "text to continue")
+    max_new_tokens: int = opt(64, "tokens to generate")
+    temperature: float = opt(0.0, "sampling temperature; 0 is greedy")
+    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
+    seed: int = opt(0, "seed of the sampler")
+
+
+@dataclass
+class FinetuneSettings(DeviceSettings):
+    store: str = opt(None, "the store to fine-tune (updated in place)", positional=True)
+    data: str = opt(None, "training data (.txt)")
+    steps: int = opt(100, "total number of steps of the run; a finished run does nothing")
+    batch_size: int = opt(4, "windows per microbatch")
+    accumulate: int = opt(1, "microbatches per step (one load and one write of each module per step)")
+    seq_len: int = opt(128, "tokens per window")
+    lr: float = opt(1e-4, "learning rate")
+    optimizer: str = opt("sgd", "optimizer", choices=["sgd"])
+    dropout: float = opt(0.0, "dropout probability (embeddings, attention, residual and FFN outputs)")
+    seed: int = opt(0, "seed of data order and dropout")
+    order: str = opt("random", "random: window starts drawn uniformly; sequential: eval's windows in order",
+                     choices=["random", "sequential"])
+    eval_every: int = opt(50, "evaluate (val loss, prompt completion) every N steps; 0: only at the end")
+    val_data: Optional[str] = opt(None, "validation text for eval loss")
+    prompt: Optional[str] = opt(None, "prompt whose greedy completion is shown at each eval")
+    completion_tokens: int = opt(32, "tokens of the prompt completion")
+    new_run: bool = opt(False, "start a new run from the store's current weights instead of resuming")
+    json: bool = opt(False, "print one JSON object per step")
+
+
+COMMANDS = {
+    "init-tiny": (InitTinySettings, "write a small random Llama in Meta format (no download needed)"),
+    "prepare": (PrepareSettings, "stream a Meta checkpoint into a store (one file per module)"),
+    "export": (ExportSettings, "write a store back in the source's format"),
+    "eval": (EvalSettings, "eval loss and perplexity of a store on a text file"),
+    "generate": (GenerateSettings, "generate text from a store, streaming its modules"),
+    "finetune": (FinetuneSettings, "full fine-tuning of a store in place"),
+}
+
+
+def resolve_device(settings) -> tuple[torch.device, torch.dtype]:
+    """The device and compute dtype a command runs with (auto: cuda, then mps, then cpu)."""
+    from slowllama.config import dtype_from_name
+
+    name = settings.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else (
+            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SlowllamaError("--device cuda: no CUDA device is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SlowllamaError("--device mps: MPS is not available")
+    default = {"cpu": "fp32", "cuda": "bf16", "mps": "fp16"}[name]
+    dtype = dtype_from_name(settings.compute_dtype or default, "--compute-dtype")
+    if name == "mps" and dtype == torch.bfloat16:
+        raise SlowllamaError("--compute-dtype bf16: not supported on mps (use fp16 or fp32)")
+    return torch.device(name), dtype
+
+
+def to_dict(settings) -> dict:
+    return dataclasses.asdict(settings)
