@@ -48,9 +48,13 @@ def load_tokenizer(folder: Path) -> Tokenizer:
 
 def train_tokenizer(text_file: Path, out_prefix: Path, vocab_size: int) -> Path:
     """Train a small Llama-style BPE sentencepiece model (unk 0, bos 1, eos 2, byte fallback)."""
-    spm.SentencePieceTrainer.Train(
-        input=str(text_file), model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, minloglevel=2, split_digits=True, add_dummy_prefix=True,
-        normalization_rule_name="identity", max_sentence_length=1 << 16)
+    try:
+        spm.SentencePieceTrainer.Train(
+            input=str(text_file), model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="bpe",
+            character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=1, minloglevel=2, split_digits=True, add_dummy_prefix=True,
+            normalization_rule_name="identity", max_sentence_length=1 << 16)
+    except RuntimeError as e:
+        raise SlowllamaError(f"{text_file}: cannot train a tokenizer of {vocab_size} tokens on it "
+                             f"({str(e).split('] ')[-1][:160]})") from None
     return Path(f"{out_prefix}.model")

@@ -1,0 +1,53 @@
+"""Fixtures: tiny random Llamas in Meta format, built once per session in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slowllama.loader import prepare_meta
+from slowllama.tiny import write_tiny
+
+REPO = Path(__file__).resolve().parent.parent
+ALICE = REPO / "test_data" / "alice.txt"
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tmp_path_factory) -> Path:
+    """The default tiny model: 2 shards, bf16, GQA (4 heads, 2 kv heads), ffn_dim_multiplier 1.3."""
+    return write_tiny(tmp_path_factory.mktemp("models") / "tiny-bf16")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tmp_path_factory) -> Path:
+    return write_tiny(tmp_path_factory.mktemp("models") / "tiny-fp32", dtype="fp32")
+
+
+@pytest.fixture
+def store_fp32(tiny_fp32, tmp_path) -> Path:
+    return prepare_meta(tiny_fp32, tmp_path / "store", log=lambda m: None)
+
+
+def run_cli(*args, check=None, env=None, timeout=300, **kw):
+    """Run `python -m slowllama ARGS` in a subprocess; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "slowllama", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, **kw)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def assert_one_line_error(proc, *fragments):
+    """A user error: non-zero exit, one line on stderr naming the problem, no traceback."""
+    assert proc.returncode != 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
