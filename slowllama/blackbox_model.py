@@ -89,6 +89,7 @@ class StepResult:
     loss: float  # mean token cross-entropy over all targets of the step
     targets: int  # number of targets that carry loss
     tokens: int  # number of input tokens
+    grad_norm: float  # global L2 norm of the step's gradient, before clipping
 
 
 @dataclass
@@ -99,7 +100,8 @@ class EngineConfig:
     seed: int = 0
     budget_bytes: int = 1 << 62
     head_chunk_bytes: int = 256 << 20  # logits of at most this many bytes at once (fp32)
-    stochastic_rounding: bool = False
+    stochastic_rounding: bool = False  # for 16-bit stores without master weights
+    master_weights: bool = False  # keep (and use) an fp32 master copy in the store
 
 
 class OffloadedModel:
@@ -179,11 +181,16 @@ class OffloadedModel:
 
     # ---- training -------------------------------------------------------------------------
     def train_step(self, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
-                   acts: Activations, on_module_done: Optional[Callable[[str], None]] = None) -> StepResult:
+                   acts: Activations, clip_coef: float = 1.0, update: bool = True,
+                   on_module_done: Optional[Callable[[str], None]] = None) -> StepResult:
         """One optimizer step over the microbatches: forward, backward, update and write every module.
 
-        `step` is the step being made (the store is at step - 1). The caller commits the store.
+        `step` is the step being made (the store is at step - 1); the caller commits the store.
+        Gradients are multiplied by clip_coef before the update. update=False only measures the
+        gradient norm (the norm pass of exact clipping): nothing is updated or written.
         """
+        self._grad_sq = 0.0
+        self._apply = update
         n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
         if n_targets == 0:
             raise SlowllamaError(f"step {step}: no targets carry loss in this batch")
@@ -209,7 +216,7 @@ class OffloadedModel:
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"step {step}: the loss is {loss}; nothing of this step was written "
                                 "(try a lower --lr)")
-        self._update("head", head, step, lr)
+        self._update("head", head, step, lr, clip_coef)
         if on_module_done:
             on_module_done("head")
 
@@ -224,7 +231,7 @@ class OffloadedModel:
                     y = block(x, cos, sin)
                 y.backward(grads[k])
                 grads[k] = x.grad
-            self._update(name, block, step, lr)
+            self._update(name, block, step, lr, clip_coef)
             if on_module_done:
                 on_module_done(name)
 
@@ -234,40 +241,55 @@ class OffloadedModel:
             with torch.enable_grad():
                 out = emb(x.to(self.device))
             out.backward(grads[k])
-        self._update("tok_embeddings", emb, step, lr)
+        self._update("tok_embeddings", emb, step, lr, clip_coef)
         if on_module_done:
             on_module_done("tok_embeddings")
         tokens = sum(x.numel() for x, _ in batches)
-        return StepResult(loss=loss, targets=n_targets, tokens=tokens)
+        return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=math.sqrt(self._grad_sq))
 
-    def _update(self, name: str, module: nn.Module, step: int, lr: float) -> None:
+    def _update(self, name: str, module: nn.Module, step: int, lr: float, clip_coef: float) -> None:
         """Apply the optimizer to a module's accumulated gradients; write weights (and state) back.
 
-        The update runs in fp32 on the cached weights (in place when the store is fp32); a failed
-        step must therefore drop the cache (see `discard_step`).
+        The update runs in fp32: on the master copy if there is one (in place), else on the stored
+        weights upcast, rounded back to the store's dtype (stochastically if so configured).
+        The cached tensors may be updated in place, so a failed step must drop the cache (discard_step).
         """
-        stored = self.cache.get(name)
         grads = {k: p.grad.float() for k, p in module.named_parameters()}
-        for k, g in grads.items():
-            if not torch.isfinite(g).all():
-                raise NonFiniteLoss(f"step {step}: non-finite gradient in {name}.{k}; nothing of this step "
-                                    "was committed (try a lower --lr)")
-        weights = {k: v.float() for k, v in stored.items()}
+        sq = torch.stack([g.pow(2).sum() for g in grads.values()]).sum().item()  # one device sync
+        if not math.isfinite(sq):
+            bad = next(k for k, g in grads.items() if not torch.isfinite(g).all())
+            raise NonFiniteLoss(f"step {step}: non-finite gradient in {name}.{bad}; nothing of this step "
+                                "was committed (try a lower --lr)")
+        self._grad_sq += sq
+        if not self._apply:
+            return
+        if clip_coef != 1.0:
+            for g in grads.values():
+                g.mul_(clip_coef)
+        master = self.cfg.master_weights and self.store.dtype != torch.float32
+        if master and self.store.has(name, "master"):
+            weights = self.cache.get(name, "master")
+        else:
+            weights = {k: v.float() for k, v in self.cache.get(name).items()}
         state = {}
         if self.optimizer.stateful:
             state = (self.cache.get(name, "optim") if self.store.has(name, "optim")
                      else self.optimizer.init_state(weights))
         self.optimizer.update(weights, grads, state, lr)
         gen = None
-        if self.cfg.stochastic_rounding and self.store.dtype == torch.bfloat16:
+        if self.cfg.stochastic_rounding and not master and self.store.dtype == torch.bfloat16:
             seed = module_seed(self.cfg.seed, step, -1, self.names.index(name))
             gen = torch.Generator(device=self.device).manual_seed(seed)
         new = {k: round_to(w, self.store.dtype, gen) for k, w in weights.items()}
-        self.cache.put(name, new)
-        self.store.write(name, new)
+        self._keep(name, "modules", new)
+        if master:
+            self._keep(name, "master", weights)
         if state:
-            self.cache.put(name, state, kind="optim")
-            self.store.write(name, state, kind="optim")
+            self._keep(name, "optim", state)
+
+    def _keep(self, name: str, kind: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.cache.put(name, tensors, kind)
+        self.store.write(name, tensors, kind=kind)
 
     def discard_step(self) -> None:
         """After a failed step: forget cached weights that may hold its uncommitted updates."""

@@ -161,3 +161,23 @@ def preset_args(name: str, **overrides) -> ModelArgs:
         raise SlowllamaError(f"--preset: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     return ModelArgs(**{**PRESETS[name], **overrides}).validate(f"preset {name}")
 
+
+
+def size_table() -> str:
+    """README's table of disk and memory per model size, computed from the shapes."""
+    gib = 1 << 30
+    rows = ["| model | parameters | store (bf16) | largest module (bf16) | disk, full FT with SGD | "
+            "disk, full FT with AdamW | disk, LoRA |",
+            "|---|---|---|---|---|---|---|"]
+    for name in ("7b", "13b", "70b"):
+        args = preset_args(name)
+        counts = model_param_count(args)
+        n = counts["total"]
+        largest = max(counts["embeddings"], counts["block"], counts["head"])
+        store = 2 * n
+        # a step writes new files beside the old ones until its commit: up to twice the weights on disk;
+        # AdamW adds two fp32 moments per weight (and their new copies during a step)
+        rows.append(f"| Llama 2 {name.upper()} | {n / 1e9:.2f} B | {store / gib:.1f} GiB | "
+                    f"{2 * largest / gib:.2f} GiB | {2 * store / gib:.0f} GiB | "
+                    f"{2 * (store + 8 * n) / gib:.0f} GiB | {store / gib:.1f} GiB |")
+    return "\n".join(rows)

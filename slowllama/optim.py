@@ -52,21 +52,22 @@ class AdamW:
             raise SlowllamaError(f"--weight-decay: must be >= 0, got {self.weight_decay}")
 
     def init_state(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        state = {}
+        state = {"step": torch.zeros((), dtype=torch.float32)}  # updates so far (all weights of a module)
         for k, p in params.items():
             state[f"{k}.exp_avg"] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
             state[f"{k}.exp_avg_sq"] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
-            state[f"{k}.step"] = torch.zeros((), dtype=torch.float32)
         return state
 
     def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                state: dict[str, torch.Tensor], lr: float) -> None:
         b1, b2 = self.betas
+        state["step"] += 1
+        step = state["step"].item()
+        bias_correction1 = 1 - b1 ** step
+        bias_correction2 = 1 - b2 ** step
+        step_size = lr / bias_correction1
         for k, p in params.items():
             g = grads[k]
-            step_t = state[f"{k}.step"]
-            step_t += 1
-            step = step_t.item()
             exp_avg, exp_avg_sq = state[f"{k}.exp_avg"], state[f"{k}.exp_avg_sq"]
             # fp32 arithmetic whatever the state's dtype (the state is rounded back below)
             m = exp_avg.float() if exp_avg.dtype != torch.float32 else exp_avg
@@ -74,9 +75,6 @@ class AdamW:
             p.mul_(1 - lr * self.weight_decay)
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            bias_correction1 = 1 - b1 ** step
-            bias_correction2 = 1 - b2 ** step
-            step_size = lr / bias_correction1
             denom = (v.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
             p.addcdiv_(m, denom, value=-step_size)
             if m is not exp_avg:
@@ -103,3 +101,46 @@ def round_to(w32: torch.Tensor, dtype: torch.dtype, generator: Optional[torch.Ge
     if special.any():
         out = torch.where(special, w32.to(torch.bfloat16), out)
     return out
+
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_at(step: int, total: int, base: float, schedule: str = "constant", warmup: int = 0) -> float:
+    """Learning rate of step `step` (1-based) of a run of `total` steps.
+
+    Linear warmup from base/warmup to base over the first `warmup` steps, then constant, cosine
+    decay to 0, or linear decay to 0 at step `total`.
+    """
+    if warmup and step <= warmup:
+        return base * step / warmup
+    if schedule == "constant":
+        return base
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if schedule == "cosine":
+        import math
+
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return base * (1.0 - progress)
+    raise SlowllamaError(f"--lr-schedule: unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_'s factor: max_norm / (norm + 1e-6), at most 1."""
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+def make_optimizer(s) -> "SGD | AdamW":
+    """The optimizer of finetune's settings."""
+    from slowllama.config import dtype_from_name
+
+    if s.optimizer == "sgd":
+        return SGD()
+    try:
+        b1, b2 = (float(x) for x in str(s.adam_betas).split(","))
+    except ValueError:
+        raise SlowllamaError(f"--adam-betas: expected two numbers like 0.9,0.999, got {s.adam_betas!r}") from None
+    return AdamW(betas=(b1, b2), eps=s.adam_eps, weight_decay=s.weight_decay,
+                 state_dtype=dtype_from_name(s.optim_dtype, "--optim-dtype"))

@@ -94,7 +94,22 @@ class FinetuneSettings(DeviceSettings):
     accumulate: int = opt(1, "microbatches per step (one load and one write of each module per step)")
     seq_len: int = opt(128, "tokens per window")
     lr: float = opt(1e-4, "learning rate")
-    optimizer: str = opt("sgd", "optimizer", choices=["sgd"])
+    optimizer: str = opt("sgd", "sgd: torch.optim.SGD without momentum; adamw: torch.optim.AdamW",
+                         choices=["sgd", "adamw"])
+    adam_betas: str = opt("0.9,0.999", "AdamW's beta1,beta2")
+    adam_eps: float = opt(1e-8, "AdamW's eps")
+    weight_decay: float = opt(0.0, "AdamW's decoupled weight decay")
+    optim_dtype: str = opt("fp32", "dtype of AdamW's moments in the store", choices=["fp32", "bf16"])
+    lr_schedule: str = opt("constant", "learning rate after warmup: constant, cosine or linear decay to 0",
+                           choices=["constant", "cosine", "linear"])
+    warmup_steps: int = opt(0, "linear warmup steps")
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this (0: off)")
+    clip_norm: str = opt("previous", "which norm --grad-clip uses: previous (the last step's, free) or exact "
+                         "(a gradient pass first: twice the compute and reads)", choices=["previous", "exact"])
+    master_weights: str = opt("none", "fp32: keep an fp32 master copy of 16-bit weights in the store",
+                              choices=["none", "fp32"])
+    rounding: str = opt("auto", "rounding of updated 16-bit weights: stochastic (auto, when no master copy) "
+                        "or nearest", choices=["auto", "stochastic", "nearest"])
     dropout: float = opt(0.0, "dropout probability (embeddings, attention, residual and FFN outputs)")
     seed: int = opt(0, "seed of data order and dropout")
     order: str = opt("random", "random: window starts drawn uniformly; sequential: eval's windows in order",

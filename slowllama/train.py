@@ -18,21 +18,24 @@ from slowllama.data import TokenData, count_windows, eval_batches, load_data, mi
 from slowllama.errors import SlowllamaError
 from slowllama.generate import generate
 from slowllama.memory import Activations, format_size, host_peak_rss, parse_size, physical_memory
-from slowllama.optim import SGD
+from slowllama.optim import SCHEDULES, clip_coefficient, lr_at, make_optimizer
 from slowllama.settings import EvalSettings, FinetuneSettings, resolve_device
 from slowllama.store import Store
 from slowllama.tokenizer import load_tokenizer
 
 # settings that define a run: changing them on resume changes the result, so it is reported
-RUN_KEYS = ("data", "batch_size", "accumulate", "seq_len", "lr", "optimizer", "dropout", "seed", "order", "steps")
+RUN_KEYS = ("data", "batch_size", "accumulate", "seq_len", "lr", "optimizer", "adam_betas", "adam_eps",
+            "weight_decay", "optim_dtype", "lr_schedule", "warmup_steps", "grad_clip", "clip_norm", "dropout",
+            "seed", "order", "steps", "master_weights", "rounding")
 
 
-def make_engine(store: Store, settings, optimizer=None, dropout: float = 0.0, seed: int = 0) -> OffloadedModel:
+def make_engine(store: Store, settings, optimizer=None, **config) -> OffloadedModel:
+    """The offloaded model with the device, dtype and memory budget of a command's settings."""
     device, dtype = resolve_device(settings)
     limit = physical_memory() // 2 if settings.max_memory == "auto" else parse_size(settings.max_memory, "--max-memory")
     if limit <= 0:
         raise SlowllamaError(f"--max-memory: must be positive, got {settings.max_memory!r}")
-    cfg = EngineConfig(device=device, compute_dtype=dtype, dropout=dropout, seed=seed, budget_bytes=limit)
+    cfg = EngineConfig(device=device, compute_dtype=dtype, budget_bytes=limit, **config)
     return OffloadedModel(store, cfg, optimizer=optimizer)
 
 
@@ -89,6 +92,14 @@ def validate_finetune(s: FinetuneSettings) -> None:
         raise SlowllamaError(f"--dropout: must be in [0, 1), got {s.dropout}")
     if s.eval_every < 0:
         raise SlowllamaError(f"--eval-every: must be >= 0, got {s.eval_every}")
+    if s.warmup_steps < 0:
+        raise SlowllamaError(f"--warmup-steps: must be >= 0, got {s.warmup_steps}")
+    if not (math.isfinite(s.grad_clip) and s.grad_clip >= 0):
+        raise SlowllamaError(f"--grad-clip: must be >= 0, got {s.grad_clip}")
+    if s.optimizer == "sgd" and s.weight_decay:
+        raise SlowllamaError("--weight-decay: applies to --optimizer adamw (SGD here has no weight decay)")
+    if s.lr_schedule not in SCHEDULES:
+        raise SlowllamaError(f"--lr-schedule: unknown schedule {s.lr_schedule!r}")
 
 
 class StopRequest:
@@ -156,7 +167,13 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
     if done >= s.steps:
         log(f"{store.path}: the run has already finished {done} of {s.steps} steps; nothing to do")
         return {"steps_done": done, "nothing_to_do": True}
-    engine = make_engine(store, s, optimizer=SGD(), dropout=s.dropout, seed=s.seed)
+    optimizer = make_optimizer(s)
+    master = s.master_weights == "fp32" or any(store.manifest["files"].get("master", {}))
+    if master and s.master_weights != "fp32":
+        log(f"{store.path}: using the fp32 master weights the store already has")
+    stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
+    engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
+                         stochastic_rounding=stochastic)
     (store.run_dir / "settings.json").write_text(json.dumps({"settings": asdict(s), "start_step": run["start_step"],
                                                              "resumed_at": done}, indent=1) + "\n")
     if done:
@@ -184,9 +201,17 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
             if engine.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(engine.device)
             acts = Activations(engine.budget, store.scratch, engine.device)
+            lr = lr_at(number, s.steps, s.lr, s.lr_schedule, s.warmup_steps)
             store.begin_step(store.step + 1)
             try:
-                result = engine.train_step(number, batches, s.lr, acts)
+                coef = 1.0
+                if s.grad_clip:
+                    norm = run.get("grad_norm")
+                    if s.clip_norm == "exact" or norm is None:  # norm pass: the gradient, no update
+                        norm = engine.train_step(number, batches, lr, acts, update=False).grad_norm
+                    coef = clip_coefficient(norm, s.grad_clip)
+                result = engine.train_step(number, batches, lr, acts, clip_coef=coef)
+                run = {**run, "grad_norm": result.grad_norm}
                 store.commit(store.step + 1, {"run": run})
             except BaseException:
                 engine.discard_step()
@@ -196,7 +221,7 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
                 acts.clear()
             seconds = time.perf_counter() - t0
             last = {"step": number, "loss": result.loss, "tokens": result.tokens, "seconds": seconds,
-                    "tokens_per_second": result.tokens / seconds, "lr": s.lr,
+                    "tokens_per_second": result.tokens / seconds, "lr": lr, "grad_norm": result.grad_norm,
                     "bytes_read": store.bytes_read - read0, "bytes_written": store.bytes_written - written0,
                     "peak_rss_bytes": host_peak_rss()}
             if engine.device.type == "cuda":
