@@ -118,6 +118,7 @@ class FinetuneSettings(DeviceSettings):
     val_data: Optional[str] = opt(None, "validation text for eval loss")
     prompt: Optional[str] = opt(None, "prompt whose greedy completion is shown at each eval")
     completion_tokens: int = opt(32, "tokens of the prompt completion")
+    log_every: int = opt(1, "print one line of metrics every N steps (0: none)")
     new_run: bool = opt(False, "start a new run from the store's current weights instead of resuming")
     json: bool = opt(False, "print one JSON object per step")
 

@@ -90,6 +90,8 @@ def validate_finetune(s: FinetuneSettings) -> None:
         raise SlowllamaError(f"--lr: must be a positive number, got {s.lr}")
     if not 0.0 <= s.dropout < 1.0:
         raise SlowllamaError(f"--dropout: must be in [0, 1), got {s.dropout}")
+    if s.log_every < 0:
+        raise SlowllamaError(f"--log-every: must be >= 0, got {s.log_every}")
     if s.eval_every < 0:
         raise SlowllamaError(f"--eval-every: must be >= 0, got {s.eval_every}")
     if s.warmup_steps < 0:
@@ -231,6 +233,10 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
             emit(last)
             bar.set_postfix_str(f"loss {result.loss:.4f}, {last['tokens_per_second']:.0f} tok/s, {seconds:.2f} s/step")
             bar.update(1)
+            if s.log_every and number % s.log_every == 0:
+                log(f"step {number}: loss {result.loss:.4f}, lr {lr:.3g}, {last['tokens_per_second']:.0f} tok/s, "
+                    f"{seconds:.2f} s/step, read {format_size(last['bytes_read'])}, "
+                    f"written {format_size(last['bytes_written'])}")
             if s.eval_every and number % s.eval_every == 0 and number < s.steps:
                 last.update(eval_and_show(number))
             if stop.signum is not None:

@@ -6,12 +6,9 @@ from pathlib import Path
 
 import torch
 
-from slowllama.blackbox_model import module_seed
-from slowllama.config import ModelArgs
-from slowllama.data import microbatches, step_windows
 from slowllama.loader import META_SPLIT_DIM, read_meta_params, shard_files
-from slowllama.model import IGNORE_INDEX, Transformer, cross_entropy_sum, split_key
-from slowllama.store import Store
+from slowllama.model import Transformer, split_key
+from slowllama.reference import store_state_dict, train_in_memory  # noqa: F401  (re-exported for tests)
 
 
 def meta_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -33,35 +30,6 @@ def meta_model(folder: Path, dropout: float = 0.0) -> Transformer:
     model = Transformer(args, dropout)
     sd.pop("rope.freqs", None)
     model.load_state_dict(sd)
-    return model
-
-
-def store_state_dict(store_path: Path) -> dict[str, torch.Tensor]:
-    """Every weight of a store under its Meta key, fp32."""
-    store = Store.open(store_path)
-    out = {}
-    for name in ["tok_embeddings"] + [f"layers.{i}" for i in range(store.args.n_layers)] + ["head"]:
-        for key, t in store.read(name).items():
-            full = f"{name}.{key}" if name != "head" else key
-            out[full] = t.float().clone()
-    return out
-
-
-def train_in_memory(model: Transformer, data, steps: int, batch_size: int, accumulate: int, seq_len: int,
-                    lr: float, seed: int = 0, order: str = "sequential", dropout: bool = False,
-                    optimizer=None) -> Transformer:
-    """The same steps as `slowllama finetune`, with autograd over the whole model and torch.optim."""
-    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
-    model.train()
-    for index in range(steps):
-        x, y = step_windows(data, index, batch_size * accumulate, seq_len, order, seed)
-        n = int((y != IGNORE_INDEX).sum())
-        opt.zero_grad()
-        for k, (xb, yb) in enumerate(microbatches(x, y, batch_size)):
-            hook = (lambda m, k=k, s=index + 1: torch.manual_seed(module_seed(seed, s, k, m))) if dropout else None
-            loss = cross_entropy_sum(model(xb, hook), yb) / n
-            loss.backward()
-        opt.step()
     return model
 
 
