@@ -1,0 +1,27 @@
+"""The README stays true: its size table is computed, its commands and flags exist."""
+
+import re
+
+from conftest import REPO
+from slowllama.cli import build_parser
+from slowllama.config import size_table
+
+README = (REPO / "README.md").read_text()
+
+
+def test_size_table_is_the_computed_one():
+    block = README.split("<!-- size-table -->")[1].split("<!-- /size-table -->")[0].strip()
+    assert block == size_table()
+
+
+def test_commands_and_flags_in_the_readme_exist():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    used = set(re.findall(r"(?:^|`)slowllama ([a-z-]+)", README, flags=re.M))  # code, not prose
+    assert used and used <= set(sub.choices), used - set(sub.choices)
+    for command in used:
+        flags = {opt for action in sub.choices[command]._actions for opt in action.option_strings}
+        for line in README.splitlines():
+            for call in re.findall(rf"(?:^|`)slowllama {command} [^`|\n]*", line):
+                for flag in re.findall(r"--[a-z][a-z-]*", call):
+                    assert flag in flags, f"{command} {flag}"
