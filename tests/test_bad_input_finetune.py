@@ -14,7 +14,8 @@ from slowllama.store import Store
 
 
 def finetune(store, *args):
-    return run_cli("finetune", store, "--device", "cpu", "--steps", 2, "--batch-size", 2, "--seq-len", 32, *args)
+    return run_cli("finetune", store, "--device", "cpu", "--steps", 2, "--batch-size", 2, "--seq-len", 32,
+                   "--log-every", 0, *args)
 
 
 def assert_untouched(store, before):

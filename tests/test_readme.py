@@ -7,6 +7,8 @@ from slowllama.cli import build_parser
 from slowllama.config import size_table
 
 README = (REPO / "README.md").read_text()
+# code in the README: fenced blocks and `inline spans`
+CODE = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", README, flags=re.S) + re.findall(r"`([^`\n]+)`", README))
 
 
 def test_size_table_is_the_computed_one():
@@ -17,11 +19,11 @@ def test_size_table_is_the_computed_one():
 def test_commands_and_flags_in_the_readme_exist():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    used = set(re.findall(r"(?:^|`)slowllama ([a-z-]+)", README, flags=re.M))  # code, not prose
+    used = set(re.findall(r"^\s*slowllama ([a-z-]+)", CODE, flags=re.M))
     assert used and used <= set(sub.choices), used - set(sub.choices)
     for command in used:
         flags = {opt for action in sub.choices[command]._actions for opt in action.option_strings}
-        for line in README.splitlines():
-            for call in re.findall(rf"(?:^|`)slowllama {command} [^`|\n]*", line):
+        for line in CODE.splitlines():
+            for call in re.findall(rf"^\s*slowllama {command} .*", line):
                 for flag in re.findall(r"--[a-z][a-z-]*", call):
                     assert flag in flags, f"{command} {flag}"
