@@ -131,6 +131,18 @@ class OffloadedModel:
         m.requires_grad_(grad)
         return m.train(train)
 
+    def head(self, train: bool = False, grad: bool = False):
+        """The head module and the output weight to pass it: the embedding matrix if they are tied."""
+        head = self.module("head", train, grad)
+        if not self.args.tie_word_embeddings:
+            return head, None
+        emb = self.module("tok_embeddings", train, grad)
+        return head, emb.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        head, weight = self.head()
+        return head(h, weight)
+
     def _seed(self, step: int, micro: int, index: int) -> None:
         if self.cfg.dropout > 0:
             torch.manual_seed(module_seed(self.cfg.seed, step, micro, index))
@@ -163,14 +175,14 @@ class OffloadedModel:
     def loss_sum(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
         """Summed cross-entropy and number of targets over microbatches (no gradients): eval's core."""
         hs = self.forward_hidden([x for x, _ in batches], None)
-        head = self.module("head")
+        head, weight = self.head()
         total, count = 0.0, 0
         with torch.no_grad():
             for h, (_, y) in zip(hs, batches):
                 y = y.to(self.device)
                 for rows in self._head_chunks(h.shape[0] * h.shape[1]):
                     hf = h.reshape(-1, h.shape[-1])[rows]
-                    total += cross_entropy_sum(head(hf), y.reshape(-1)[rows]).item()
+                    total += cross_entropy_sum(head(hf, weight), y.reshape(-1)[rows]).item()
                 count += int((y != IGNORE_INDEX).sum())
         return total, count
 
@@ -199,7 +211,7 @@ class OffloadedModel:
         hs = self.forward_hidden([x for x, _ in batches], acts, train=True, step=step)
 
         # head: norm + output + loss, with autograd, in chunks of tokens
-        head = self.module("head", train=True, grad=True)
+        head, tied = self.head(train=True, grad=True)
         grads, loss = [], 0.0
         for k, (h, (_, y)) in enumerate(zip(hs, batches)):
             y = y.to(self.device).reshape(-1)
@@ -207,7 +219,7 @@ class OffloadedModel:
             g = torch.empty_like(flat)
             for rows in self._head_chunks(flat.shape[0]):
                 hc = flat[rows].detach().requires_grad_(True)
-                chunk_loss = cross_entropy_sum(head(hc), y[rows]) * scale
+                chunk_loss = cross_entropy_sum(head(hc, tied), y[rows]) * scale
                 chunk_loss.backward()
                 g[rows] = hc.grad
                 loss += chunk_loss.item()
@@ -216,6 +228,9 @@ class OffloadedModel:
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"step {step}: the loss is {loss}; nothing of this step was written "
                                 "(try a lower --lr)")
+        # a tied output projection's gradient joins the embeddings' own at their update
+        tied_grad = tied.grad if tied is not None else None
+        del tied
         self._update("head", head, step, lr, clip_coef)
         if on_module_done:
             on_module_done("head")
@@ -241,6 +256,8 @@ class OffloadedModel:
             with torch.enable_grad():
                 out = emb(x.to(self.device))
             out.backward(grads[k])
+        if tied_grad is not None:
+            emb.weight.grad += tied_grad
         self._update("tok_embeddings", emb, step, lr, clip_coef)
         if on_module_done:
             on_module_done("tok_embeddings")

@@ -62,7 +62,7 @@ def _forward(model: OffloadedModel, tokens: torch.Tensor, start: int, caches: li
     h = model.module("tok_embeddings")(tokens)
     for i in range(model.args.n_layers):
         h = model.module(f"layers.{i}")(h, cos, sin, start, caches[i])
-    return model.module("head")(h[:, -1:])
+    return model.logits(h[:, -1:])
 
 
 def generate_command(s, log) -> str:

@@ -198,6 +198,31 @@ def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool
         raise
 
 
+def store_from_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, dest: Path, tokenizer: Optional[Path],
+                          dtype: torch.dtype = torch.float32, source: Optional[dict] = None,
+                          force: bool = False) -> Path:
+    """A store made directly from an in-memory state dict with Meta's keys (tests, synthetic benchmarks)."""
+    full = expected_shapes(args)
+    missing = sorted(set(full) - set(sd))
+    if missing:
+        raise SlowllamaError(f"state dict: missing key {missing[0]!r}")
+    builder = StoreBuilder(Path(dest), force=force)
+    try:
+        for name in module_names(args):
+            builder.write_module(name, {local: sd[join_key(name, local)].to(dtype).contiguous()
+                                        for local in module_shapes(args, name)})
+        files = []
+        if tokenizer is not None:
+            builder.copy_file(Path(tokenizer), Path(tokenizer).name)
+            files = [Path(tokenizer).name]
+        manifest = {"model": args.to_dict(), "dtype": dtype_name(dtype),
+                    "source": source or {"format": "meta", "params": _params_of(args), "tokenizer_files": files}}
+        return builder.finish(manifest)
+    except BaseException:
+        builder.abort()
+        raise
+
+
 def _numel(shape) -> int:
     out = 1
     for s in shape:

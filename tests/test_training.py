@@ -188,3 +188,25 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
     block = 12 * dim * dim * 4 + 3 * dim * 4 * dim  # wq wk wv wo + w1 w2 w3 (hidden 1408) in fp32, roughly
     cached_inputs = 24 * 2 * 64 * dim * 4
     assert peaks[24] - peaks[4] < block + cached_inputs, peaks
+
+
+def test_tied_embeddings_train_like_in_memory(tiny_fp32, tmp_path):
+    # Llama 3.2 1B/3B style: the output projection is the embedding matrix, trained from both ends
+    from slowllama.loader import store_from_state_dict
+    from slowllama.model import Transformer
+    from reference import meta_state_dict
+
+    _, args = __import__("slowllama.loader", fromlist=["read_meta_params"]).read_meta_params(tiny_fp32)
+    args.tie_word_embeddings = True
+    sd = meta_state_dict(tiny_fp32)
+    sd.pop("output.weight")
+    sd.pop("rope.freqs")
+    store = store_from_state_dict(sd, args, tmp_path / "tied", tokenizer=tiny_fp32 / "tokenizer.model")
+    model = Transformer(args)
+    model.load_state_dict(sd)
+    assert "head" in Store.open(store).manifest["files"]["modules"]
+    assert list(Store.open(store).read("head")) == ["norm.weight"]
+    run_finetune(store, steps=3, batch_size=2, accumulate=2, seq_len=32, lr=0.05)
+    data = load_text(ALICE, load_tokenizer(store))
+    train_in_memory(model, data, 3, 2, 2, 32, 0.05, order="random")
+    assert_state_close(store_state_dict(store), model.state_dict())
