@@ -26,7 +26,8 @@ from slowllama.config import ModelArgs
 from slowllama.errors import SlowllamaError
 from slowllama.memory import Activations, Budget, nbytes
 from slowllama.model import IGNORE_INDEX, build_module, cross_entropy_sum, module_names, rope_tables
-from slowllama.optim import SGD, round_to
+from slowllama.lora import LoRAConfig, block_params, inject
+from slowllama.optim import SGD, clip_coefficient, round_to
 from slowllama.store import Store
 
 
@@ -104,11 +105,24 @@ class EngineConfig:
     master_weights: bool = False  # keep (and use) an fp32 master copy in the store
 
 
-class OffloadedModel:
-    """Forward, eval and training steps of a model whose modules are streamed from a store."""
+@dataclass
+class LoRAState:
+    """Resident LoRA adapters of every block (fp32 Parameters) and their optimizer state."""
 
-    def __init__(self, store: Store, cfg: EngineConfig, optimizer=None):
-        self.store, self.cfg = store, cfg
+    cfg: LoRAConfig
+    params: dict[str, nn.Parameter]  # "layers.N.attention.wq.lora_a" -> (rank, in), "...lora_b" -> (out, rank)
+    optim_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class OffloadedModel:
+    """Forward, eval and training steps of a model whose modules are streamed from a store.
+
+    With `lora`, the store is a frozen base: blocks get the resident adapters injected, only the
+    adapters are trained, and nothing is written to the store.
+    """
+
+    def __init__(self, store: Store, cfg: EngineConfig, optimizer=None, lora: Optional[LoRAState] = None):
+        self.store, self.cfg, self.lora = store, cfg, lora
         self.args: ModelArgs = store.args
         self.names = module_names(self.args)
         self.device = cfg.device
@@ -128,7 +142,9 @@ class OffloadedModel:
         tensors = self.cache.get(name)
         m = build_module(self.args, name, dropout=self.cfg.dropout if train else 0.0)
         m.load_state_dict({k: v.to(self.cfg.compute_dtype) for k, v in tensors.items()}, assign=True)
-        m.requires_grad_(grad)
+        m.requires_grad_(grad and self.lora is None)
+        if self.lora is not None and name.startswith("layers."):
+            inject(m, block_params(self.lora.params, name), self.lora.cfg)
         return m.train(train)
 
     def head(self, train: bool = False, grad: bool = False):
@@ -193,15 +209,17 @@ class OffloadedModel:
 
     # ---- training -------------------------------------------------------------------------
     def train_step(self, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
-                   acts: Activations, clip_coef: float = 1.0, update: bool = True,
+                   acts: Activations, clip_coef: float = 1.0, update: bool = True, max_grad_norm: float = 0.0,
                    on_module_done: Optional[Callable[[str], None]] = None) -> StepResult:
         """One optimizer step over the microbatches: forward, backward, update and write every module.
 
         `step` is the step being made (the store is at step - 1); the caller commits the store.
         Gradients are multiplied by clip_coef before the update. update=False only measures the
         gradient norm (the norm pass of exact clipping): nothing is updated or written.
+        With LoRA the adapters are updated once the whole backward is done, so their clipping to
+        max_grad_norm is exact; the embeddings (frozen, the last in the chain) are not even re-run.
         """
-        self._grad_sq = 0.0
+        self._norms: list[torch.Tensor] = []
         self._apply = update
         n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
         if n_targets == 0:
@@ -211,7 +229,7 @@ class OffloadedModel:
         hs = self.forward_hidden([x for x, _ in batches], acts, train=True, step=step)
 
         # head: norm + output + loss, with autograd, in chunks of tokens
-        head, tied = self.head(train=True, grad=True)
+        head, tied = self.head(train=True, grad=self.lora is None)
         grads, loss = [], 0.0
         for k, (h, (_, y)) in enumerate(zip(hs, batches)):
             y = y.to(self.device).reshape(-1)
@@ -231,7 +249,7 @@ class OffloadedModel:
         # a tied output projection's gradient joins the embeddings' own at their update
         tied_grad = tied.grad if tied is not None else None
         del tied
-        self._update("head", head, step, lr, clip_coef)
+        self._finish("head", head, step, lr, clip_coef)
         if on_module_done:
             on_module_done("head")
 
@@ -246,10 +264,14 @@ class OffloadedModel:
                     y = block(x, cos, sin)
                 y.backward(grads[k])
                 grads[k] = x.grad
-            self._update(name, block, step, lr, clip_coef)
+            self._finish(name, block, step, lr, clip_coef)
             if on_module_done:
                 on_module_done(name)
 
+        tokens = sum(x.numel() for x, _ in batches)
+        if self.lora is not None:
+            self._update_adapters(step, lr, max_grad_norm)
+            return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=self._grad_norm())
         emb = self.module("tok_embeddings", train=True, grad=True)
         for k, (x, _) in enumerate(batches):
             self._seed(step, k, 0)
@@ -261,8 +283,45 @@ class OffloadedModel:
         self._update("tok_embeddings", emb, step, lr, clip_coef)
         if on_module_done:
             on_module_done("tok_embeddings")
-        tokens = sum(x.numel() for x, _ in batches)
-        return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=math.sqrt(self._grad_sq))
+        return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=self._grad_norm())
+
+    def _finish(self, name: str, module: nn.Module, step: int, lr: float, clip_coef: float) -> None:
+        """A module's backward is done: update it (full fine-tuning) or leave it (LoRA: frozen base)."""
+        if self.lora is None:
+            self._update(name, module, step, lr, clip_coef)
+
+    def _check_finite(self, step: int, where: str, grads: dict[str, torch.Tensor]) -> None:
+        """Record each gradient's norm; a non-finite one stops the step before anything is written.
+
+        The global norm is then the norm of all per-tensor norms, as clip_grad_norm_ computes it.
+        """
+        norms = [torch.linalg.vector_norm(g) for g in grads.values()]
+        if not torch.isfinite(torch.stack(norms)).all().item():  # one device sync per module
+            bad = next(k for k, g in grads.items() if not torch.isfinite(g).all())
+            raise NonFiniteLoss(f"step {step}: non-finite gradient in {where}{bad}; nothing of this step "
+                                "was committed (try a lower --lr)")
+        self._norms.extend(norms)
+
+    def _grad_norm(self) -> float:
+        return torch.linalg.vector_norm(torch.stack(self._norms)).item() if self._norms else 0.0
+
+    def _update_adapters(self, step: int, lr: float, max_grad_norm: float) -> None:
+        """AdamW (or the configured optimizer) on all resident adapters, after the whole backward."""
+        params = self.lora.params
+        grads = {k: p.grad.float() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+        for p in params.values():
+            p.grad = None
+        self._check_finite(step, "", grads)
+        if not self._apply:
+            return
+        coef = clip_coefficient(self._grad_norm(), max_grad_norm) if max_grad_norm else 1.0
+        if coef != 1.0:
+            for g in grads.values():
+                g.mul_(coef)
+        if self.optimizer.stateful and not self.lora.optim_state:
+            self.lora.optim_state = self.optimizer.init_state(params)
+        with torch.no_grad():
+            self.optimizer.update({k: p.data for k, p in params.items()}, grads, self.lora.optim_state, lr)
 
     def _update(self, name: str, module: nn.Module, step: int, lr: float, clip_coef: float) -> None:
         """Apply the optimizer to a module's accumulated gradients; write weights (and state) back.
@@ -272,12 +331,7 @@ class OffloadedModel:
         The cached tensors may be updated in place, so a failed step must drop the cache (discard_step).
         """
         grads = {k: p.grad.float() for k, p in module.named_parameters()}
-        sq = torch.stack([g.pow(2).sum() for g in grads.values()]).sum().item()  # one device sync
-        if not math.isfinite(sq):
-            bad = next(k for k, g in grads.items() if not torch.isfinite(g).all())
-            raise NonFiniteLoss(f"step {step}: non-finite gradient in {name}.{bad}; nothing of this step "
-                                "was committed (try a lower --lr)")
-        self._grad_sq += sq
+        self._check_finite(step, f"{name}.", grads)
         if not self._apply:
             return
         if clip_coef != 1.0:
@@ -311,3 +365,6 @@ class OffloadedModel:
     def discard_step(self) -> None:
         """After a failed step: forget cached weights that may hold its uncommitted updates."""
         self.cache.clear()
+        if self.lora is not None:
+            for p in self.lora.params.values():
+                p.grad = None

@@ -91,10 +91,19 @@ def run_command(command: str, s) -> int:
         out = prepare_meta(Path(s.src), Path(s.store), dtype=s.dtype, force=s.force, log=log)
         log(f"prepared store {out}")
     elif command == "export":
-        from slowllama.loader import export_meta
+        from slowllama.loader import export_store
 
-        out = export_meta(Path(s.store), Path(s.out), shards=s.shards, dtype=s.dtype, force=s.force, log=log)
+        out = export_store(Path(s.store), Path(s.out), s.format, shards=s.shards, dtype=s.dtype, force=s.force,
+                           log=log)
         log(f"exported {s.store} to {out}")
+    elif command == "fuse":
+        from slowllama.lora import fuse
+
+        if not s.adapter_path:
+            raise SlowllamaError("--adapter-path: required (the LoRA adapter folder to merge in)")
+        out = fuse(Path(s.store), Path(s.out), Path(s.adapter_path), shards=s.shards, dtype=s.dtype,
+                   force=s.force, log=log)
+        log(f"wrote {s.store} with the adapters of {s.adapter_path} merged in to {out}")
     elif command == "eval":
         from slowllama.train import run_eval
 

@@ -76,7 +76,8 @@ def generate_command(s, log) -> str:
 
     from slowllama.store import MANIFEST, Store
     from slowllama.tokenizer import load_tokenizer
-    from slowllama.train import make_engine
+    from slowllama.settings import resolve_device
+    from slowllama.train import adapter_state, make_engine
 
     if s.max_new_tokens < 0:
         raise SlowllamaError(f"--max-new-tokens: must be >= 0, got {s.max_new_tokens}")
@@ -90,7 +91,7 @@ def generate_command(s, log) -> str:
             log(f"{path} is a Meta folder: preparing a temporary store")
             path = prepare_meta(path, Path(tmp) / "store", log=log)
         store = Store.open(path)
-        engine = make_engine(store, s)
+        engine = make_engine(store, s, lora=adapter_state(store, s, resolve_device(s)[0]))
         tokenizer = load_tokenizer(store.path)
         sys.stdout.write(s.prompt)
         sys.stdout.flush()

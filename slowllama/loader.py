@@ -334,6 +334,14 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
     return out
 
 
+def export_store(store_path: Path, out: Path, fmt: Optional[str] = None, **kw) -> Path:
+    """Export in `fmt` (default: the source's format)."""
+    fmt = fmt or (Store.open(store_path).manifest.get("source") or {}).get("format", "meta")
+    if fmt != "meta":
+        raise SlowllamaError(f"--format: unknown format {fmt!r}")
+    return export_meta(store_path, out, **kw)
+
+
 def _params_of(args: ModelArgs) -> dict:
     d = args.to_dict()
     return {k: d[k] for k in ModelArgs.META_FIELDS if d.get(k) is not None and not (k == "use_scaled_rope" and not d[k])}

@@ -128,15 +128,16 @@ def lr_at(step: int, total: int, base: float, schedule: str = "constant", warmup
 
 
 def clip_coefficient(norm: float, max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_'s factor: max_norm / (norm + 1e-6), at most 1."""
-    return min(1.0, max_norm / (norm + 1e-6))
+    """torch.nn.utils.clip_grad_norm_'s factor: max_norm / (norm + 1e-6), at most 1, in fp32 as it computes it."""
+    coef = max_norm / (torch.tensor(norm, dtype=torch.float32) + 1e-6)
+    return float(torch.clamp(coef, max=1.0))
 
 
 def make_optimizer(s) -> "SGD | AdamW":
     """The optimizer of finetune's settings."""
     from slowllama.config import dtype_from_name
 
-    if s.optimizer == "sgd":
+    if s.optimizer == "sgd" or (s.optimizer == "auto" and not getattr(s, "lora_rank", 0)):
         return SGD()
     try:
         b1, b2 = (float(x) for x in str(s.adam_betas).split(","))

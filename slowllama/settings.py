@@ -67,12 +67,25 @@ class ExportSettings:
 
 
 @dataclass
+class FuseSettings:
+    store: str = opt(None, "the base store", positional=True)
+    out: str = opt(None, "the folder to write the merged model to", positional=True)
+    adapter_path: str = opt(None, "the LoRA adapter folder to merge in")
+    shards: Optional[int] = opt(None, "number of output shards (default: the source's)")
+    dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype)",
+                               choices=["bf16", "fp16", "fp32"])
+    force: bool = opt(False, "replace OUT if it exists")
+    debug: bool = opt(False, "show tracebacks of errors")
+
+
+@dataclass
 class EvalSettings(DeviceSettings):
     store: str = opt(None, "the store to evaluate", positional=True)
     data: str = opt(None, "text file (.txt) to evaluate on")
     seq_len: int = opt(128, "tokens per window")
     batch_size: int = opt(8, "windows per batch")
     json: bool = opt(False, "print the result as one JSON object on the last line")
+    adapter_path: Optional[str] = opt(None, "LoRA adapters to apply to the store")
 
 
 @dataclass
@@ -83,6 +96,7 @@ class GenerateSettings(DeviceSettings):
     temperature: float = opt(0.0, "sampling temperature; 0 is greedy")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     seed: int = opt(0, "seed of the sampler")
+    adapter_path: Optional[str] = opt(None, "LoRA adapters to apply to the store")
 
 
 @dataclass
@@ -94,8 +108,8 @@ class FinetuneSettings(DeviceSettings):
     accumulate: int = opt(1, "microbatches per step (one load and one write of each module per step)")
     seq_len: int = opt(128, "tokens per window")
     lr: float = opt(1e-4, "learning rate")
-    optimizer: str = opt("sgd", "sgd: torch.optim.SGD without momentum; adamw: torch.optim.AdamW",
-                         choices=["sgd", "adamw"])
+    optimizer: str = opt("auto", "sgd: torch.optim.SGD without momentum; adamw: torch.optim.AdamW; "
+                         "auto: sgd for full fine-tuning, adamw for LoRA", choices=["auto", "sgd", "adamw"])
     adam_betas: str = opt("0.9,0.999", "AdamW's beta1,beta2")
     adam_eps: float = opt(1e-8, "AdamW's eps")
     weight_decay: float = opt(0.0, "AdamW's decoupled weight decay")
@@ -118,6 +132,12 @@ class FinetuneSettings(DeviceSettings):
     val_data: Optional[str] = opt(None, "validation text for eval loss")
     prompt: Optional[str] = opt(None, "prompt whose greedy completion is shown at each eval")
     completion_tokens: int = opt(32, "tokens of the prompt completion")
+    lora_rank: int = opt(0, "train LoRA adapters of this rank on a read-only store instead of every weight (0: off)")
+    lora_alpha: Optional[float] = opt(None, "LoRA scale numerator: the update is (alpha / rank) B A (default: 2 x rank)")
+    lora_dropout: float = opt(0.0, "dropout on the input of the LoRA path")
+    lora_targets: str = opt("wq,wv", "comma-separated linears to adapt: wq,wk,wv,wo,w1,w2,w3")
+    adapter_path: Optional[str] = opt(None, "folder for the LoRA adapters (adapters.safetensors, adapter_config.json)")
+    save_every: int = opt(100, "LoRA: also keep a numbered snapshot of the adapters every N steps")
     log_every: int = opt(1, "print one line of metrics every N steps (0: none)")
     new_run: bool = opt(False, "start a new run from the store's current weights instead of resuming")
     json: bool = opt(False, "print one JSON object per step")
@@ -129,7 +149,8 @@ COMMANDS = {
     "export": (ExportSettings, "write a store back in the source's format"),
     "eval": (EvalSettings, "eval loss and perplexity of a store on a text file"),
     "generate": (GenerateSettings, "generate text from a store, streaming its modules"),
-    "finetune": (FinetuneSettings, "full fine-tuning of a store in place"),
+    "finetune": (FinetuneSettings, "fine-tune a store in place, or LoRA adapters on it"),
+    "fuse": (FuseSettings, "write a store with LoRA adapters merged in, in the source's format"),
 }
 
 

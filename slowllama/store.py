@@ -392,6 +392,17 @@ class StoreBuilder:
         size, digest = st.write_file(str(self.tmp / rel), tensors)
         self.files["modules"][name] = {"file": rel, "bytes": size, "xxh3": digest}
 
+    def link_module(self, name: str, store: "Store", kind: str = "modules") -> None:
+        """Take a module file of another store unchanged (a hard link where possible, else a copy)."""
+        info = store.file_info(name, kind)
+        dest = self.tmp / kind / Path(info["file"]).name
+        dest.parent.mkdir(exist_ok=True)
+        try:
+            os.link(store.path / info["file"], dest)
+        except OSError:
+            shutil.copyfile(store.path / info["file"], dest)
+        self.files.setdefault(kind, {})[name] = {**info, "file": f"{kind}/{dest.name}"}
+
     def copy_file(self, src: Path, name: str) -> None:
         shutil.copyfile(src, self.tmp / name)
 

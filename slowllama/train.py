@@ -7,13 +7,15 @@ import math
 import signal
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import asdict
 from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from slowllama.blackbox_model import EngineConfig, OffloadedModel
+from slowllama.blackbox_model import EngineConfig, LoRAState, OffloadedModel
+from slowllama.checkpoints import AdapterCheckpoint, StoreCheckpoint
 from slowllama.data import TokenData, count_windows, eval_batches, load_data, microbatches, step_windows
 from slowllama.errors import SlowllamaError
 from slowllama.generate import generate
@@ -23,20 +25,28 @@ from slowllama.settings import EvalSettings, FinetuneSettings, resolve_device
 from slowllama.store import Store
 from slowllama.tokenizer import load_tokenizer
 
-# settings that define a run: changing them on resume changes the result, so it is reported
-RUN_KEYS = ("data", "batch_size", "accumulate", "seq_len", "lr", "optimizer", "adam_betas", "adam_eps",
-            "weight_decay", "optim_dtype", "lr_schedule", "warmup_steps", "grad_clip", "clip_norm", "dropout",
-            "seed", "order", "steps", "master_weights", "rounding")
-
-
-def make_engine(store: Store, settings, optimizer=None, **config) -> OffloadedModel:
+def make_engine(store: Store, settings, optimizer=None, lora=None, **config) -> OffloadedModel:
     """The offloaded model with the device, dtype and memory budget of a command's settings."""
     device, dtype = resolve_device(settings)
     limit = physical_memory() // 2 if settings.max_memory == "auto" else parse_size(settings.max_memory, "--max-memory")
     if limit <= 0:
         raise SlowllamaError(f"--max-memory: must be positive, got {settings.max_memory!r}")
     cfg = EngineConfig(device=device, compute_dtype=dtype, budget_bytes=limit, **config)
-    return OffloadedModel(store, cfg, optimizer=optimizer)
+    return OffloadedModel(store, cfg, optimizer=optimizer, lora=lora)
+
+
+def adapter_state(store: Store, settings, device) -> "LoRAState | None":
+    """The LoRA adapters of --adapter-path, for eval and generate (None without one)."""
+    from slowllama.lora import AdapterFolder
+
+    if not getattr(settings, "adapter_path", None):
+        return None
+    folder = AdapterFolder(Path(settings.adapter_path))
+    if not folder.exists():
+        raise SlowllamaError(f"{folder.path}: no adapter_config.json (not a slowllama adapter folder)")
+    cfg = folder.load_config(store.args)
+    params = folder.load_params(store.args, cfg, device)
+    return LoRAState(cfg, {k: torch.nn.Parameter(v, requires_grad=False) for k, v in params.items()})
 
 
 def evaluate(engine: OffloadedModel, data: TokenData, seq_len: int, batch_size: int,
@@ -76,7 +86,7 @@ def run_eval(s: EvalSettings, log: Callable[[str], None]) -> dict:
     tokenizer = load_tokenizer(store.path)
     data = load_data(s.data, tokenizer)
     count_windows(data, s.seq_len)
-    engine = make_engine(store, s)
+    engine = make_engine(store, s, lora=adapter_state(store, s, resolve_device(s)[0]))
     return evaluate(engine, data, s.seq_len, s.batch_size)
 
 
@@ -94,6 +104,12 @@ def validate_finetune(s: FinetuneSettings) -> None:
         raise SlowllamaError(f"--log-every: must be >= 0, got {s.log_every}")
     if s.eval_every < 0:
         raise SlowllamaError(f"--eval-every: must be >= 0, got {s.eval_every}")
+    if s.lora_rank < 0:
+        raise SlowllamaError(f"--lora-rank: must be >= 0, got {s.lora_rank}")
+    if s.save_every < 1:
+        raise SlowllamaError(f"--save-every: must be at least 1, got {s.save_every}")
+    if s.lora_rank and s.master_weights != "none":
+        raise SlowllamaError("--master-weights: LoRA trains fp32 adapters; the base is never updated")
     if s.warmup_steps < 0:
         raise SlowllamaError(f"--warmup-steps: must be >= 0, got {s.warmup_steps}")
     if not (math.isfinite(s.grad_clip) and s.grad_clip >= 0):
@@ -129,33 +145,25 @@ class StoppedBySignal(SystemExit):
     pass
 
 
-def start_or_resume_run(store: Store, s: FinetuneSettings, log) -> dict:
-    """The run record in the manifest: where it started and the settings that define it."""
-    run = store.manifest.get("run")
-    wanted = {k: getattr(s, k) for k in RUN_KEYS}
-    if run is None or s.new_run:
-        run = {"start_step": store.step, "settings": wanted}
-        store.update_manifest({"run": run})
-        return run
-    changed = [f"{k} {run['settings'].get(k)!r} -> {wanted[k]!r}" for k in RUN_KEYS
-               if k != "steps" and run["settings"].get(k) != wanted[k]]
-    if changed:
-        log("resuming with changed settings (the result will differ from an uninterrupted run): " + ", ".join(changed))
-    run = {**run, "settings": wanted}
-    return run
-
-
 def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[dict], None]) -> dict:
-    """Full fine-tuning of the store in place; returns a summary. emit() receives each step's metrics."""
+    """Fine-tune: the store in place, or LoRA adapters on it (--lora-rank); returns the last step's metrics.
+
+    emit() receives each step's metrics.
+    """
     validate_finetune(s)
-    store = Store.open(s.store, writable=True, log=log)
+    lora = s.lora_rank > 0
+    store = Store.open(s.store, writable=not lora, log=log)
+    checkpoint = None
     try:
-        return _finetune(store, s, log, emit)
+        checkpoint = AdapterCheckpoint(store, s, resolve_device(s)[0], log) if lora else StoreCheckpoint(store)
+        return _finetune(store, checkpoint, s, log, emit)
     finally:
+        if isinstance(checkpoint, AdapterCheckpoint):
+            checkpoint.close()
         store.close()
 
 
-def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
+def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
     check_seq_len(s.seq_len, store.args)
     tokenizer = load_tokenizer(store.path)
     data = load_data(s.data, tokenizer)
@@ -164,10 +172,10 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
     val = load_data(s.val_data, tokenizer) if s.val_data else None
     if val is not None:
         count_windows(val, s.seq_len)
-    run = start_or_resume_run(store, s, log)
-    done = store.step - run["start_step"]
+    run, done = checkpoint.resume(s, log)
     if done >= s.steps:
-        log(f"{store.path}: the run has already finished {done} of {s.steps} steps; nothing to do")
+        log(f"{checkpoint.run_dir if s.lora_rank else store.path}: the run has already finished {done} of "
+            f"{s.steps} steps; nothing to do")
         return {"steps_done": done, "nothing_to_do": True}
     optimizer = make_optimizer(s)
     master = s.master_weights == "fp32" or any(store.manifest["files"].get("master", {}))
@@ -175,8 +183,8 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
         log(f"{store.path}: using the fp32 master weights the store already has")
     stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
     engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
-                         stochastic_rounding=stochastic)
-    (store.run_dir / "settings.json").write_text(json.dumps({"settings": asdict(s), "start_step": run["start_step"],
+                         stochastic_rounding=stochastic, lora=getattr(checkpoint, "lora", None))
+    (checkpoint.run_dir / "settings.json").write_text(json.dumps({"settings": asdict(s), "start_step": run["start_step"],
                                                              "resumed_at": done}, indent=1) + "\n")
     if done:
         log(f"resuming the run at step {done} of {s.steps}")
@@ -193,31 +201,32 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
 
     stop = StopRequest()
     last = {}
-    metrics_path = store.run_dir / "metrics.jsonl"
+    metrics_path = checkpoint.run_dir / "metrics.jsonl"
     with stop.installed(), tqdm(total=s.steps, initial=done, desc="finetune", unit="step", disable=None) as bar:
         for index in range(done, s.steps):
             number = index + 1  # 1-based step of the run
             inputs, targets = step_windows(data, index, s.batch_size * s.accumulate, s.seq_len, s.order, s.seed)
             batches = microbatches(inputs, targets, s.batch_size)
             read0, written0, t0 = store.bytes_read, store.bytes_written, time.perf_counter()
+            adapter0 = checkpoint.bytes_written
             if engine.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(engine.device)
             acts = Activations(engine.budget, store.scratch, engine.device)
             lr = lr_at(number, s.steps, s.lr, s.lr_schedule, s.warmup_steps)
-            store.begin_step(store.step + 1)
+            checkpoint.begin()
             try:
                 coef = 1.0
-                if s.grad_clip:
+                if s.grad_clip and not s.lora_rank:  # LoRA clips exactly inside the step
                     norm = run.get("grad_norm")
                     if s.clip_norm == "exact" or norm is None:  # norm pass: the gradient, no update
                         norm = engine.train_step(number, batches, lr, acts, update=False).grad_norm
                     coef = clip_coefficient(norm, s.grad_clip)
-                result = engine.train_step(number, batches, lr, acts, clip_coef=coef)
+                result = engine.train_step(number, batches, lr, acts, clip_coef=coef, max_grad_norm=s.grad_clip)
                 run = {**run, "grad_norm": result.grad_norm}
-                store.commit(store.step + 1, {"run": run})
+                checkpoint.commit(number, run)
             except BaseException:
                 engine.discard_step()
-                store.rollback()
+                checkpoint.rollback()
                 raise
             finally:
                 acts.clear()
@@ -226,6 +235,8 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
                     "tokens_per_second": result.tokens / seconds, "lr": lr, "grad_norm": result.grad_norm,
                     "bytes_read": store.bytes_read - read0, "bytes_written": store.bytes_written - written0,
                     "peak_rss_bytes": host_peak_rss()}
+            if s.lora_rank:
+                last["adapter_bytes_written"] = checkpoint.bytes_written - adapter0
             if engine.device.type == "cuda":
                 last["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(engine.device)
             with open(metrics_path, "a") as f:
@@ -241,7 +252,7 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
                 last.update(eval_and_show(number))
             if stop.signum is not None:
                 code = 130 if stop.signum == signal.SIGINT else 143
-                log(f"stopped after step {number} of {s.steps}; the store is committed. "
+                log(f"stopped after step {number} of {s.steps}; step {number} is saved. "
                     "Run the same command again to resume.")
                 raise StoppedBySignal(code)
     last.update(eval_and_show(s.steps))
