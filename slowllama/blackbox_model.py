@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -24,10 +23,11 @@ import torch.nn as nn
 
 from slowllama.config import ModelArgs
 from slowllama.errors import SlowllamaError
-from slowllama.memory import Activations, Budget, nbytes
+from slowllama.memory import Activations, Budget
 from slowllama.model import IGNORE_INDEX, build_module, cross_entropy_sum, module_names, rope_tables
 from slowllama.lora import LoRAConfig, block_params, inject
 from slowllama.optim import SGD, clip_coefficient, round_to
+from slowllama.pipeline import Key, Pipeline
 from slowllama.store import Store
 
 
@@ -41,48 +41,28 @@ class NonFiniteLoss(SlowllamaError):
     pass
 
 
-class ModuleCache:
-    """Module tensors in the store's dtype on the compute device, kept while the budget allows.
+def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, *, train: bool,
+                  stateful: bool = False, master: bool = False, lora: bool = False, batch_size: int = 1,
+                  seq_len: int = 1, microbatches: int = 1, lookahead: int = 2, write_queue: int = 2,
+                  head_chunk: int = 256 << 20) -> int:
+    """An upper estimate of the memory one module in flight needs, beyond what stays resident."""
+    from slowllama.config import model_param_count
 
-    Least recently used goes first: after the forward pass the last modules are the first the
-    backward pass needs, and after the backward pass the first are the first the next forward needs.
-    """
-
-    def __init__(self, store: Store, device: torch.device, budget: Budget):
-        self.store, self.device, self.budget = store, device, budget
-        self.entries: OrderedDict[tuple[str, str], dict[str, torch.Tensor]] = OrderedDict()
-
-    def get(self, name: str, kind: str = "modules") -> dict[str, torch.Tensor]:
-        key = (kind, name)
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            return self.entries[key]
-        tensors = {k: v.to(self.device) for k, v in self.store.read(name, kind).items()}
-        self._admit(key, tensors)
-        return tensors
-
-    def put(self, name: str, tensors: dict[str, torch.Tensor], kind: str = "modules") -> None:
-        """Replace the resident copy with updated tensors (kept only if the budget allows)."""
-        self.drop(name, kind)
-        self._admit((kind, name), tensors)
-
-    def drop(self, name: str, kind: str = "modules") -> None:
-        old = self.entries.pop((kind, name), None)
-        if old is not None:
-            self.budget.give(sum(nbytes(t) for t in old.values()))
-
-    def clear(self) -> None:
-        for kind, name in list(self.entries):
-            self.drop(name, kind)
-
-    def _admit(self, key, tensors) -> None:
-        n = sum(nbytes(t) for t in tensors.values())
-        while not self.budget.try_take(n):
-            if not self.entries:
-                return  # does not fit: used in flight only
-            old_key, old = self.entries.popitem(last=False)
-            self.budget.give(sum(nbytes(t) for t in old.values()))
-        self.entries[key] = tensors
+    es = torch.empty((), dtype=store_dtype).element_size()
+    ec = torch.empty((), dtype=compute_dtype).element_size()
+    counts = model_param_count(args)
+    p = max(counts["embeddings"], counts["block"], counts["head"])
+    per_module = p * (es + (8 if stateful else 0) + (4 if master else 0))
+    total = p * es + (p * ec if ec != es else 0) + lookahead * per_module
+    if train and not lora:
+        total += p * ec + 8 * p + (8 * p if stateful else 0) + (4 * p if master else 0)  # grads, fp32 grads + weights
+        total += write_queue * p * es
+    tokens = batch_size * seq_len
+    total += microbatches * tokens * args.dim * ec  # gradients w.r.t. the module's inputs
+    # one block run (and backward) on one microbatch: projections, FFN, attention probabilities
+    total += tokens * (12 * args.dim + 4 * args.hidden_dim) * max(ec, 4) + 2 * batch_size * args.n_heads * seq_len ** 2 * 4
+    total += min(head_chunk, tokens * microbatches * args.vocab_size * 12)
+    return int(total * 1.2)
 
 
 @dataclass
@@ -99,7 +79,12 @@ class EngineConfig:
     compute_dtype: torch.dtype
     dropout: float = 0.0
     seed: int = 0
-    budget_bytes: int = 1 << 62
+    device_budget: int = 1 << 62  # bytes for resident modules on the device (on cpu: in memory)
+    host_budget: int = 1 << 62  # bytes for resident modules in host memory (a GPU's host)
+    activation_budget: int = 1 << 62  # bytes for a step's cached activations on the device (on cpu: in memory)
+    host_activation_budget: int = 0  # ... and in host memory (a GPU's host), before the scratch folder
+    lookahead: int = 2  # modules read ahead of use (0: no prefetch)
+    write_queue: int = 2  # updated modules whose writes may be in flight (0: synchronous writes)
     head_chunk_bytes: int = 256 << 20  # logits of at most this many bytes at once (fp32)
     stochastic_rounding: bool = False  # for 16-bit stores without master weights
     master_weights: bool = False  # keep (and use) an fp32 master copy in the store
@@ -126,8 +111,12 @@ class OffloadedModel:
         self.args: ModelArgs = store.args
         self.names = module_names(self.args)
         self.device = cfg.device
-        self.budget = Budget(cfg.budget_bytes, "device")
-        self.cache = ModuleCache(store, cfg.device, self.budget)
+        self.device_budget = Budget(cfg.device_budget, "device")
+        self.host_budget = Budget(cfg.host_budget, "host") if cfg.device.type != "cpu" else self.device_budget
+        self.activation_budget = Budget(cfg.activation_budget, "activations")
+        self.host_activation_budget = Budget(cfg.host_activation_budget, "host activations")
+        self.pipe = Pipeline(store, cfg.device, self.device_budget, self.host_budget, cfg.lookahead, cfg.write_queue)
+        self.deferred = False  # updates stay resident until write_back() (a model that fits in memory)
         self.optimizer = optimizer or SGD()
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -137,9 +126,58 @@ class OffloadedModel:
             self._rope = {seqlen: rope_tables(self.args, 0, seqlen, device=self.device)}
         return self._rope[seqlen]
 
+    def activations(self) -> Activations:
+        """A cache for one step's module inputs, on the device, then the host, then the scratch folder."""
+        host = self.host_activation_budget if self.device.type != "cpu" else None
+        return Activations(self.activation_budget, self.store.scratch, self.device, host)
+
+    # ---- plans: the order of use the pipeline reads ahead by ------------------------------------
+    def _blocks(self) -> list[str]:
+        return [f"layers.{i}" for i in range(self.args.n_layers)]
+
+    def _with_state(self, name: str) -> list[Key]:
+        keys = [("modules", name)]
+        if self.lora is None:
+            if self.cfg.master_weights and self.store.dtype != torch.float32:
+                keys.append(("master", name))
+            if self.optimizer.stateful:
+                keys.append(("optim", name))
+        return keys
+
+    def eval_plan(self) -> list[Key]:
+        tied = [("modules", "tok_embeddings")] if self.args.tie_word_embeddings else []
+        return [("modules", n) for n in ["tok_embeddings"] + self._blocks() + ["head"]] + tied
+
+    def train_plan(self) -> list[Key]:
+        forward = [("modules", n) for n in ["tok_embeddings"] + self._blocks()]
+        backward = self._with_state("head")
+        if self.args.tie_word_embeddings:
+            backward.append(("modules", "tok_embeddings"))
+        for name in reversed(self._blocks()):
+            backward += self._with_state(name)
+        if self.lora is None:
+            backward += self._with_state("tok_embeddings")
+        return forward + backward
+
+    def fits_in_memory(self) -> bool:
+        """Whether every module, with its optimizer state and master weights, fits the resident budgets."""
+        from slowllama.config import model_param_count
+
+        total = sum(self.store.module_bytes(n) for n in self.names)
+        params = model_param_count(self.args)["total"]
+        if self.lora is None and self.optimizer.stateful:
+            total += params * 2 * torch.empty((), dtype=getattr(self.optimizer, "state_dtype", torch.float32)).element_size()
+        if self.cfg.master_weights and self.store.dtype != torch.float32:
+            total += 4 * params
+        room = self.device_budget.limit + (self.host_budget.limit if self.host_budget is not self.device_budget else 0)
+        return total * 1.1 <= room
+
+    def weights(self, name: str, kind: str = "modules") -> dict[str, torch.Tensor]:
+        return self.pipe.get((kind, name))
+
     def module(self, name: str, train: bool = False, grad: bool = False) -> nn.Module:
-        """Build module `name` around its (cached or freshly read) weights, in the compute dtype."""
-        tensors = self.cache.get(name)
+        """Build module `name` around its (resident or freshly read) weights, in the compute dtype."""
+        tensors = self.weights(name)
         m = build_module(self.args, name, dropout=self.cfg.dropout if train else 0.0)
         m.load_state_dict({k: v.to(self.cfg.compute_dtype) for k, v in tensors.items()}, assign=True)
         m.requires_grad_(grad and self.lora is None)
@@ -190,6 +228,7 @@ class OffloadedModel:
 
     def loss_sum(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
         """Summed cross-entropy and number of targets over microbatches (no gradients): eval's core."""
+        self.pipe.set_plan(self.eval_plan())
         hs = self.forward_hidden([x for x, _ in batches], None)
         head, weight = self.head()
         total, count = 0.0, 0
@@ -221,6 +260,7 @@ class OffloadedModel:
         """
         self._norms: list[torch.Tensor] = []
         self._apply = update
+        self.pipe.set_plan(self.train_plan())
         n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
         if n_targets == 0:
             raise SlowllamaError(f"step {step}: no targets carry loss in this batch")
@@ -338,13 +378,13 @@ class OffloadedModel:
             for g in grads.values():
                 g.mul_(clip_coef)
         master = self.cfg.master_weights and self.store.dtype != torch.float32
-        if master and self.store.has(name, "master"):
-            weights = self.cache.get(name, "master")
+        if master and self.pipe.has(("master", name)):
+            weights = self.weights(name, "master")
         else:
-            weights = {k: v.float() for k, v in self.cache.get(name).items()}
+            weights = {k: v.float() for k, v in self.weights(name).items()}
         state = {}
         if self.optimizer.stateful:
-            state = (self.cache.get(name, "optim") if self.store.has(name, "optim")
+            state = (self.weights(name, "optim") if self.pipe.has(("optim", name))
                      else self.optimizer.init_state(weights))
         self.optimizer.update(weights, grads, state, lr)
         gen = None
@@ -359,12 +399,16 @@ class OffloadedModel:
             self._keep(name, "optim", state)
 
     def _keep(self, name: str, kind: str, tensors: dict[str, torch.Tensor]) -> None:
-        self.cache.put(name, tensors, kind)
-        self.store.write(name, tensors, kind=kind)
+        self.pipe.put((kind, name), tensors, persist=not self.deferred)
+
+    def write_back(self) -> None:
+        """Make the store hold every update so far (queue what is resident and newer, wait for all writes)."""
+        self.pipe.write_dirty()
+        self.pipe.flush()
 
     def discard_step(self) -> None:
-        """After a failed step: forget cached weights that may hold its uncommitted updates."""
-        self.cache.clear()
+        """After a failed step: forget resident weights that may hold its uncommitted updates."""
+        self.pipe.discard()
         if self.lora is not None:
             for p in self.lora.params.values():
                 p.grad = None

@@ -56,7 +56,7 @@ class StoreCheckpoint:
         self.store.begin_step(self.store.step + 1)
 
     def commit(self, number: int, run: dict) -> None:
-        self.store.commit(self.store.step + 1, {"run": run})
+        self.store.commit(run["start_step"] + number, {"run": run})
 
     def rollback(self) -> None:
         self.store.rollback()

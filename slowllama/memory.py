@@ -81,43 +81,44 @@ def nbytes(t: torch.Tensor) -> int:
 class Activations:
     """The inputs of each module for each microbatch, kept for the backward pass.
 
-    Held on the compute device while the budget allows; beyond it, written to the scratch folder
-    as raw bytes and read back when the backward pass needs them.
+    Held on the compute device while its budget allows, then in host memory (a GPU's host budget),
+    then written to the scratch folder as raw bytes and read back when the backward pass needs them.
     """
 
-    def __init__(self, budget: Budget, scratch: Path, device: torch.device):
-        self.budget, self.scratch, self.device = budget, Path(scratch), device
-        self.held: dict[tuple, torch.Tensor] = {}
+    def __init__(self, budget: Budget, scratch: Path, device: torch.device, host_budget: Optional[Budget] = None):
+        self.budget, self.scratch, self.device, self.host_budget = budget, Path(scratch), device, host_budget
+        self.held: dict[tuple, tuple[torch.Tensor, Budget]] = {}
         self.spilled: dict[tuple, tuple[Path, torch.dtype, tuple]] = {}
         self.bytes_spilled = 0
 
     def put(self, key: tuple, t: torch.Tensor) -> None:
         n = nbytes(t)
         if self.budget.try_take(n):
-            self.held[key] = t
+            self.held[key] = (t, self.budget)
+            return
+        if self.host_budget is not None and self.host_budget.try_take(n):
+            self.held[key] = (t.to("cpu"), self.host_budget)
             return
         self.scratch.mkdir(parents=True, exist_ok=True)
         path = self.scratch / ("act_" + "_".join(map(str, key)) + ".bin")
-        raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        raw.tofile(path)
+        t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tofile(path)
         self.spilled[key] = (path, t.dtype, tuple(t.shape))
         self.bytes_spilled += n
 
     def get(self, key: tuple) -> torch.Tensor:
         if key in self.held:
-            return self.held[key]
+            return self.held[key][0].to(self.device)
         path, dtype, shape = self.spilled[key]
         raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
         return raw.view(dtype).view(shape).to(self.device)
 
     def pop(self, key: tuple) -> torch.Tensor:
         if key in self.held:
-            t = self.held.pop(key)
-            self.budget.give(nbytes(t))
-            return t
+            t, budget = self.held.pop(key)
+            budget.give(nbytes(t))
+            return t.to(self.device)
         t = self.get(key)
-        path = self.spilled.pop(key)[0]
-        path.unlink(missing_ok=True)
+        self.spilled.pop(key)[0].unlink(missing_ok=True)
         return t
 
     def clear(self) -> None:

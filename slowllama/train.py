@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from slowllama.blackbox_model import EngineConfig, LoRAState, OffloadedModel
+from slowllama.blackbox_model import EngineConfig, LoRAState, OffloadedModel, working_bytes
 from slowllama.checkpoints import AdapterCheckpoint, StoreCheckpoint
 from slowllama.data import TokenData, count_windows, eval_batches, load_data, microbatches, step_windows
 from slowllama.errors import SlowllamaError
@@ -25,14 +25,56 @@ from slowllama.settings import EvalSettings, FinetuneSettings, resolve_device
 from slowllama.store import Store
 from slowllama.tokenizer import load_tokenizer
 
-def make_engine(store: Store, settings, optimizer=None, lora=None, **config) -> OffloadedModel:
-    """The offloaded model with the device, dtype and memory budget of a command's settings."""
+def make_engine(store: Store, settings, optimizer=None, lora=None, *, train: bool = False, batch_size: int = 1,
+                seq_len: int = 1, microbatches: int = 1, activations: int = 0, **config) -> OffloadedModel:
+    """The offloaded model with the device, dtype and memory budgets of a command's settings.
+
+    Each budget (--max-memory; --max-gpu-memory on a GPU) is split into the working set of the module
+    in flight (an estimate from the shapes), the step's cached activations (up to half of the rest)
+    and resident modules. A budget below the working set is refused, naming the minimum.
+    `activations`: bytes of activations the pass would like to keep (default: a training step's).
+    """
     device, dtype = resolve_device(settings)
-    limit = physical_memory() // 2 if settings.max_memory == "auto" else parse_size(settings.max_memory, "--max-memory")
-    if limit <= 0:
-        raise SlowllamaError(f"--max-memory: must be positive, got {settings.max_memory!r}")
-    cfg = EngineConfig(device=device, compute_dtype=dtype, budget_bytes=limit, **config)
+    master = config.get("master_weights", False)
+    stateful = bool(optimizer is not None and optimizer.stateful)
+    work = working_bytes(store.args, store.dtype, dtype, train=train, stateful=stateful, master=master,
+                         lora=lora is not None, batch_size=batch_size, seq_len=seq_len, microbatches=microbatches)
+    acts = activations or (store.args.n_layers * microbatches * batch_size * seq_len * store.args.dim * dtype.itemsize
+                           if train else 0)
+    host = budget_setting(settings.max_memory, "--max-memory", physical_memory() // 2)
+    if device.type == "cpu":
+        free = host - work
+        if free < 0:
+            raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(work)} this model "
+                                 f"and step need in flight")
+        act = min(acts, free // 2)
+        limits = dict(device_budget=free - act, activation_budget=act)
+    else:
+        gpu = budget_setting(getattr(settings, "max_gpu_memory", "auto"), "--max-gpu-memory", device_memory(device))
+        free = gpu - work
+        if free < 0:
+            raise SlowllamaError(f"--max-gpu-memory: {format_size(gpu)} is below the {format_size(work)} this model "
+                                 f"and step need in flight")
+        act = min(acts, free // 2)
+        host_act = min(acts - act, host // 2)
+        limits = dict(device_budget=free - act, activation_budget=act, host_budget=host - host_act,
+                      host_activation_budget=host_act)
+    cfg = EngineConfig(device=device, compute_dtype=dtype, **limits, **config)
     return OffloadedModel(store, cfg, optimizer=optimizer, lora=lora)
+
+
+def budget_setting(value, flag: str, auto: int) -> int:
+    size = auto if value in (None, "auto") else parse_size(value, flag)
+    if size <= 0:
+        raise SlowllamaError(f"{flag}: must be positive, got {value!r}")
+    return size
+
+
+def device_memory(device: torch.device) -> int:
+    """Default GPU budget: 90% of the device's memory (unified memory on mps: half of the host's)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
+    return physical_memory() // 2
 
 
 def adapter_state(store: Store, settings, device) -> "LoRAState | None":
@@ -56,8 +98,8 @@ def evaluate(engine: OffloadedModel, data: TokenData, seq_len: int, batch_size: 
     total, count = 0.0, 0
     batches = list(eval_batches(data, seq_len, batch_size))
     # several batches share one pass over the modules, as many as their activations fit the budget
-    per_batch = batch_size * seq_len * engine.args.dim * 4 * 2
-    group = max(1, min(len(batches), engine.budget.free // max(per_batch, 1)))
+    per_batch = eval_activation_bytes(engine.args, data, seq_len) // n_windows * batch_size
+    group = max(1, min(len(batches), engine.activation_budget.limit // max(per_batch, 1)))
     with tqdm(total=n_windows, desc="eval", unit="win", disable=None if progress else True, leave=False) as bar:
         for first in range(0, len(batches), group):
             part = batches[first:first + group]
@@ -66,6 +108,11 @@ def evaluate(engine: OffloadedModel, data: TokenData, seq_len: int, batch_size: 
             bar.update(sum(x.shape[0] for x, _ in part))
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700)), "tokens": count}
+
+
+def eval_activation_bytes(args, data: TokenData, seq_len: int) -> int:
+    """Hidden states of all eval windows at once (fp32, and a second copy in flight)."""
+    return count_windows(data, seq_len) * seq_len * args.dim * 4 * 2
 
 
 def check_seq_len(seq_len: int, engine_or_args) -> None:
@@ -86,7 +133,8 @@ def run_eval(s: EvalSettings, log: Callable[[str], None]) -> dict:
     tokenizer = load_tokenizer(store.path)
     data = load_data(s.data, tokenizer)
     count_windows(data, s.seq_len)
-    engine = make_engine(store, s, lora=adapter_state(store, s, resolve_device(s)[0]))
+    engine = make_engine(store, s, lora=adapter_state(store, s, resolve_device(s)[0]), batch_size=s.batch_size,
+                         seq_len=s.seq_len, activations=eval_activation_bytes(store.args, data, s.seq_len))
     return evaluate(engine, data, s.seq_len, s.batch_size)
 
 
@@ -183,7 +231,12 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
         log(f"{store.path}: using the fp32 master weights the store already has")
     stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
     engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
-                         stochastic_rounding=stochastic, lora=getattr(checkpoint, "lora", None))
+                         stochastic_rounding=stochastic, lora=getattr(checkpoint, "lora", None), train=True,
+                         batch_size=s.batch_size, seq_len=s.seq_len, microbatches=s.accumulate)
+    commit_every = 1
+    if not s.lora_rank and engine.fits_in_memory():
+        engine.deferred, commit_every = True, s.save_every
+        log(f"the model fits in memory: it stays resident and the store is written every {commit_every} steps")
     (checkpoint.run_dir / "settings.json").write_text(json.dumps({"settings": asdict(s), "start_step": run["start_step"],
                                                              "resumed_at": done}, indent=1) + "\n")
     if done:
@@ -211,7 +264,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
             adapter0 = checkpoint.bytes_written
             if engine.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(engine.device)
-            acts = Activations(engine.budget, store.scratch, engine.device)
+            acts = engine.activations()
             lr = lr_at(number, s.steps, s.lr, s.lr_schedule, s.warmup_steps)
             checkpoint.begin()
             try:
@@ -223,7 +276,9 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
                     coef = clip_coefficient(norm, s.grad_clip)
                 result = engine.train_step(number, batches, lr, acts, clip_coef=coef, max_grad_norm=s.grad_clip)
                 run = {**run, "grad_norm": result.grad_norm}
-                checkpoint.commit(number, run)
+                if number % commit_every == 0 or number == s.steps or stop.signum is not None:
+                    engine.write_back()
+                    checkpoint.commit(number, run)
             except BaseException:
                 engine.discard_step()
                 checkpoint.rollback()

@@ -1,0 +1,364 @@
+"""The load/store pipeline: modules read ahead of their use, kept resident by budget, written back in the background.
+
+Each pass over the model declares the order in which it will use modules (a plan of (kind, name)
+keys: weights, then optimizer state and master weights where the update needs them; the plan
+repeats, so the end of one step looks ahead into the next). A reader thread loads the next modules
+of the plan while the current one computes: the file is read straight into a host buffer (pinned
+on cuda), checked against the manifest's checksum, and copied to the device on a copy stream.
+
+Modules stay resident, on the device first, then in host memory, as far as the budgets allow. When
+room is needed, the resident module whose next use lies farthest ahead goes first (Belady's rule:
+optimal for a known order). With the zigzag of forward and backward passes, the last modules of
+the forward pass are the first of the backward pass and the last of the backward pass the first of
+the next forward pass, so those are never read twice.
+
+Updated modules are copied back into host buffers (async on cuda) and written to the store by a
+writer thread through a bounded queue; flush() waits until every write is durable, which a step's
+commit requires. With deferred writes (a model that stays resident), updates only mark modules
+dirty, and write_dirty() queues them at a commit point.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from slowllama.memory import Budget, nbytes
+from slowllama.store import Store
+
+Key = tuple[str, str]  # (kind, name): kind is "modules", "optim" or "master"
+
+
+def tensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(nbytes(t) for t in tensors.values())
+
+
+class BufferPool:
+    """Pinned host buffers for reads and write-backs on cuda (fast async copies).
+
+    Pinning is slow, so released buffers are kept for reuse, by exact size; all of them count
+    against the host budget until trimmed. A buffer goes back to the pool only when nothing can use
+    it any more: its copy to the device is done, its write is done, or the host-resident module it
+    held was evicted (the compute only ever sees device copies of those).
+    """
+
+    def __init__(self, budget: Budget, pin: bool):
+        self.budget, self.pin = budget, pin
+        self.free: dict[int, list[torch.Tensor]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> torch.Tensor:
+        with self.lock:
+            bucket = self.free.get(n)
+            if bucket:
+                return bucket.pop()
+        self.budget.take(n)
+        return torch.empty(n, dtype=torch.uint8, pin_memory=self.pin)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self.lock:
+            self.free.setdefault(buf.numel(), []).append(buf)
+
+    def trim(self, need: int) -> int:
+        """Release kept buffers until `need` bytes are freed (or none is left); returns the bytes freed."""
+        freed = 0
+        with self.lock:
+            for size in sorted(self.free, reverse=True):
+                while self.free[size] and freed < need:
+                    self.free[size].pop()
+                    self.budget.give(size)
+                    freed += size
+        return freed
+
+
+@dataclass
+class Entry:
+    tensors: dict[str, torch.Tensor]  # on the device (tier "device") or in host memory (tier "host")
+    tier: str
+    counted: int  # bytes this entry holds of its tier's budget (0 when a pool buffer, counted by the pool, backs it)
+    buffer: Optional[torch.Tensor] = None  # the pool buffer behind host tensors
+    dirty: bool = False  # newer than the store's copy
+
+
+class Pipeline:
+    def __init__(self, store: Store, device: torch.device, device_budget: Budget, host_budget: Budget,
+                 lookahead: int = 2, write_queue: int = 2):
+        self.store, self.device = store, device
+        self.cuda = device.type == "cuda"
+        self.split = device.type != "cpu"  # device memory apart from host memory
+        self.device_budget = device_budget
+        self.host_budget = host_budget if self.split else device_budget
+        self.pool = BufferPool(self.host_budget, pin=True) if self.cuda else None
+        self.lookahead = lookahead
+        self.entries: dict[Key, Entry] = {}
+        self.loading: dict[Key, Future] = {}
+        self.staged: dict[Key, tuple[dict, object]] = {}  # host-resident modules already copied to the device
+        self.writing: dict[Key, Future] = {}
+        self.plan: list[Key] = []
+        self.pos = 0
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-read")
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-write")
+        self.writes: deque[Future] = deque()
+        self.write_queue = write_queue
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.h2d_bytes = self.d2h_bytes = 0
+        self.read_wait = self.write_wait = 0.0  # seconds the compute thread waited on reads / writes
+
+    # ---- the plan ---------------------------------------------------------------------------
+    def set_plan(self, plan: list[Key]) -> None:
+        """The order in which the coming passes (repeating) will ask for modules."""
+        self.plan, self.pos = list(plan), 0
+
+    def _distance(self, key: Key) -> int:
+        """How far ahead in the cyclic plan `key` is needed next (len(plan) if never)."""
+        n = len(self.plan)
+        for d in range(n):
+            if self.plan[(self.pos + d) % n] == key:
+                return d
+        return n
+
+    def _advance(self, key: Key) -> None:
+        """Move past `key` in the plan (asking again for the key just used does not move)."""
+        n = len(self.plan)
+        if n and self.plan[(self.pos - 1) % n] == key:
+            return
+        d = self._distance(key)
+        if d < n:
+            self.pos = (self.pos + d + 1) % n
+
+    def has(self, key: Key) -> bool:
+        """Whether `key` exists: resident (perhaps newer than the store) or in the store."""
+        return key in self.entries or self.store.has(key[1], key[0])
+
+    # ---- loading ----------------------------------------------------------------------------
+    def get(self, key: Key) -> dict[str, torch.Tensor]:
+        """The tensors of `key` on the device, in the store's dtypes; waits for its read if needed."""
+        self._advance(key)
+        self._collect()
+        entry = self.entries.get(key)
+        if entry is None:
+            t0 = time.perf_counter()
+            future = self.loading.pop(key, None) or self.reader.submit(self._load, key)
+            loaded = future.result()
+            self.read_wait += time.perf_counter() - t0
+            entry = self._admit(key, *loaded)
+        staged = self.staged.pop(key, None)
+        self._prefetch()
+        if entry.tier == "device":
+            return entry.tensors
+        if staged is not None:
+            tensors, event = staged
+            self._wait(event, tensors)
+            return tensors
+        self.h2d_bytes += tensors_bytes(entry.tensors)
+        return {k: v.to(self.device, non_blocking=self.cuda) for k, v in entry.tensors.items()}
+
+    def _collect(self) -> None:
+        """Admit finished reads, so that the memory they hold is counted and can be evicted."""
+        for key in [k for k, f in self.loading.items() if f.done()]:
+            self._admit(key, *self.loading.pop(key).result())
+
+    def _prefetch(self) -> None:
+        """Start on the next modules of the plan: read those not resident, stage host-resident ones."""
+        n = len(self.plan)
+        for d in range(min(self.lookahead, n)):
+            key = self.plan[(self.pos + d) % n]
+            entry = self.entries.get(key)
+            if entry is not None:
+                if entry.tier == "host" and key not in self.staged:
+                    self.staged[key] = self._copy_to_device(entry.tensors)
+            elif key not in self.loading and self.store.has(key[1], key[0]):
+                self.loading[key] = self.reader.submit(self._load, key)
+
+    def _load(self, key: Key):
+        """Reader thread: file -> host buffer -> the device (on the copy stream) when there is room."""
+        kind, name = key
+        pending = self.writing.get(key)
+        if pending is not None:
+            pending.result()  # a deferred write of this very module must land first
+        if not self.cuda:  # plain memory: the read buffer becomes the module's tensors
+            host = self.store.read(name, kind)
+            return host, None, None, "device" if not self.split else "host"
+        holder = {}
+
+        def alloc(n: int) -> torch.Tensor:
+            holder["buf"] = self.pool.take(n)
+            return holder["buf"]
+
+        host = self.store.read(name, kind, alloc=alloc)
+        buf = holder["buf"]
+        if self.device_budget.free < tensors_bytes(host):
+            return host, buf, None, "host"
+        dev, event = self._copy_to_device(host)
+        return dev, buf, event, "device"
+
+    def _copy_to_device(self, host: dict[str, torch.Tensor]):
+        """Start copying host tensors to the device on the copy stream; returns (tensors, event)."""
+        self.h2d_bytes += tensors_bytes(host)
+        if not self.cuda:
+            return {k: v.to(self.device) for k, v in host.items()}, None
+        with torch.cuda.stream(self.copy_stream):
+            dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return dev, event
+
+    def _wait(self, event, tensors: dict[str, torch.Tensor]) -> None:
+        """Make the compute stream wait for a copy, and own the copied tensors from now on."""
+        if event is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for t in tensors.values():
+            t.record_stream(current)
+
+    def _admit(self, key: Key, tensors, buf, event, tier) -> Entry:
+        self._wait(event, tensors)
+        if buf is not None and tier == "device":
+            event.synchronize()  # the host buffer goes back to the pool: the copy must have read it
+            self.pool.give(buf)
+            buf = None
+        if buf is not None:  # a pinned host-resident module: its buffer is counted by the pool
+            entry = Entry(tensors, tier, 0, buffer=buf)
+        else:
+            size = tensors_bytes(tensors)
+            (self.device_budget if tier == "device" else self.host_budget).take(size)
+            entry = Entry(tensors, tier, size)
+        self.entries[key] = entry
+        self._fit()
+        return entry
+
+    def _fit(self) -> None:
+        """Evict residents, the farthest next use first, until both budgets hold (dirty ones are written first)."""
+        budgets = [("device", self.device_budget)] + ([("host", self.host_budget)] if self.split else [])
+        for tier, budget in budgets:
+            while budget.used > budget.limit:
+                if tier == "host" and self.pool is not None and self.pool.trim(budget.used - budget.limit):
+                    continue
+                victims = [k for k, e in self.entries.items() if e.tier == tier]
+                if not victims:
+                    break
+                self._evict(max(victims, key=self._distance))
+
+    def _evict(self, key: Key) -> None:
+        """Drop a resident module (the caller may still hold its tensors: memory is freed when it lets go)."""
+        entry = self.entries.pop(key)
+        if entry.dirty:
+            self._write(key, entry.tensors)
+        staged = self.staged.pop(key, None)
+        if staged is not None and staged[1] is not None:
+            staged[1].synchronize()  # a copy from its host buffer is in flight
+        self._release(entry)
+
+    def _release(self, entry: Entry) -> None:
+        budget = self.device_budget if entry.tier == "device" else self.host_budget
+        budget.give(entry.counted)
+        if entry.buffer is not None:
+            self.pool.give(entry.buffer)
+
+    # ---- updates and writes -----------------------------------------------------------------
+    def put(self, key: Key, tensors: dict[str, torch.Tensor], persist: bool) -> None:
+        """The new version of `key` (device tensors): kept if it fits; written to the store now if persist,
+        else marked dirty (written at the next write_dirty or when evicted)."""
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self._release(old)
+        size = tensors_bytes(tensors)
+        self.device_budget.take(size)
+        self.entries[key] = Entry(tensors, "device", size, dirty=not persist)
+        self.staged.pop(key, None)
+        if persist:
+            self._write(key, tensors)
+        self._fit()
+
+    def _write(self, key: Key, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy to a host buffer (async on cuda) and queue the write; waits while the queue is full."""
+        buf, event, host = None, None, tensors
+        if self.cuda:
+            size = tensors_bytes(tensors)
+            buf = self.pool.take(size)
+            host, off = {}, 0
+            for k, t in tensors.items():
+                host[k] = buf[off:off + nbytes(t)].view(t.dtype).view(t.shape)
+                off += nbytes(t)
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                for k, t in tensors.items():
+                    host[k].copy_(t, non_blocking=True)
+                    t.record_stream(self.copy_stream)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            self.d2h_bytes += size
+        elif self.split:  # mps: a plain copy to host memory
+            host = {k: t.to("cpu") for k, t in tensors.items()}
+            self.d2h_bytes += tensors_bytes(tensors)
+        t0 = time.perf_counter()
+        while len(self.writes) >= self.write_queue:
+            self.writes.popleft().result()
+        self.write_wait += time.perf_counter() - t0
+        future = self.writer.submit(self._write_job, key, host, buf, event)
+        self.writes.append(future)
+        self.writing[key] = future
+
+    def _write_job(self, key: Key, host, buf, event) -> None:
+        try:
+            if event is not None:
+                event.synchronize()
+            self.store.write(key[1], host, kind=key[0])
+        finally:
+            if buf is not None:
+                self.pool.give(buf)
+
+    def write_dirty(self) -> None:
+        """Queue the write of every resident module newer than the store (deferred commits)."""
+        for key, entry in self.entries.items():
+            if entry.dirty:
+                self._write(key, entry.tensors)
+                entry.dirty = False
+
+    def flush(self) -> None:
+        """Wait until every queued write is in the store; raises the first write's error."""
+        t0 = time.perf_counter()
+        try:
+            while self.writes:
+                self.writes.popleft().result()
+        finally:
+            self.writing.clear()
+            self.write_wait += time.perf_counter() - t0
+
+    def discard(self) -> None:
+        """Forget everything resident, staged and in flight (after a failed step: it may hold uncommitted updates)."""
+        for future in list(self.writes) + list(self.loading.values()):
+            try:
+                result = future.result()
+            except Exception:
+                continue
+            if isinstance(result, tuple):
+                _, buf, event, _ = result
+                if event is not None:
+                    event.synchronize()
+                if buf is not None:
+                    self.pool.give(buf)
+        self.writes.clear()
+        self.writing.clear()
+        self.loading.clear()
+        self.staged.clear()
+        for key in list(self.entries):
+            self._release(self.entries.pop(key))
+
+    def resident(self) -> dict[str, int]:
+        """Bytes of modules resident per tier."""
+        out = {"device": 0, "host": 0}
+        for e in self.entries.values():
+            out[e.tier] += tensors_bytes(e.tensors)
+        return out
+
+    def close(self) -> None:
+        self.reader.shutdown(wait=True)
+        self.writer.shutdown(wait=True)
