@@ -105,6 +105,8 @@ def plan_routes(src: Path, layouts: list[dict], args: ModelArgs) -> dict[str, Op
             seen[key] = layout["file"]
             meta = hf.meta_key(key, args.n_layers)
             if meta is None and hf.is_hf_extra(key):
+                if dtype not in st.TORCH_DTYPES:
+                    raise SlowllamaError(f"{path}: tensor {key!r} has dtype {dtype}, which slowllama cannot keep")
                 routes[key] = None
                 continue
             if meta == "output.weight" and args.tie_word_embeddings:
@@ -250,7 +252,7 @@ class OutShard:
     tensors: list  # [(hf key, torch dtype, shape)] in file order
 
 
-def _source_dtypes(store: Store) -> dict[str, torch.dtype]:
+def source_dtypes(store: Store) -> dict[str, torch.dtype]:
     """Each weight's dtype in the source checkpoint, by HF key (the store's dtype where unknown)."""
     source = store.manifest.get("source") or {}
     out = {}
@@ -260,11 +262,9 @@ def _source_dtypes(store: Store) -> dict[str, torch.dtype]:
                 out[key] = st.TORCH_DTYPES.get(d, store.dtype)
     elif source.get("shards"):  # Meta: every shard holds every key
         for key, d, _ in source["shards"][0]["keys"]:
-            if key in ("rope.freqs",):
-                continue
             try:
                 out[hf.hf_key(key)] = dtype_from_name(d)
-            except SlowllamaError:
+            except SlowllamaError:  # rope.freqs: not a weight, not in HF's format
                 continue
     return out
 
@@ -290,7 +290,7 @@ def plan_export(store: Store, shards: Optional[int], max_shard_size: Optional[st
     else:
         from slowllama.loader import expected_shapes
 
-        dtypes, full = _source_dtypes(store), expected_shapes(args)
+        dtypes, full = source_dtypes(store), expected_shapes(args)
         tensors = [(hf.hf_key(m), out_dtype or dtypes.get(hf.hf_key(m), store.dtype), full[m])
                    for m in hf.hf_order(args)]
     sizes = [element_size(d) * _numel(s) for _, d, s in tensors]
@@ -428,7 +428,7 @@ def _write_config(store: Store, tmp: Path, args: ModelArgs, source: dict, out_dt
         _write_json(tmp / "config.json", config)
         return
     tok = load_tokenizer(store.path)
-    dtypes = _source_dtypes(store)
+    dtypes = source_dtypes(store)
     main = out_dtype or dtypes.get("model.embed_tokens.weight", store.dtype)
     _write_json(tmp / "config.json", hf.config_from_args(args, str(main).replace("torch.", ""), tok.bos_id, tok.eos_id))
 

@@ -334,10 +334,10 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
         keys = [(k, dtype_from_name(d) if d in ("fp32", "bf16", "fp16") else store.dtype)
                 for k, d, _ in src_shards[0]["keys"]]
     else:
-        from slowllama.hf_checkpoint import _source_dtypes
+        from slowllama.hf_checkpoint import source_dtypes
         from slowllama.hf import hf_key
 
-        dtypes = _source_dtypes(store)  # by HF name, for a store prepared from Hugging Face
+        dtypes = source_dtypes(store)  # by HF name, for a store prepared from Hugging Face
         keys = [(k, dtypes.get(hf_key(k), store.dtype)) for k in full]
         if args.tie_word_embeddings:  # Meta's checkpoints always carry the output matrix
             keys.append(("output.weight", dtypes.get("model.embed_tokens.weight", store.dtype)))

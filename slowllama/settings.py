@@ -61,7 +61,7 @@ class ExportSettings:
     store: str = opt(None, "the store to export", positional=True)
     out: str = opt(None, "the folder to write", positional=True)
     format: Optional[str] = opt(None, "output format (default: the source's)", choices=["hf", "meta"])
-    shards: Optional[int] = opt(None, "number of output shards (default: the source's)")
+    shards: Optional[int] = opt(None, "number of output shards (default: the source's; hf: files of about equal size)")
     max_shard_size: Optional[str] = opt(None, "hf: largest output shard, e.g. 2G (default: the source's shards, "
                                         "else 5G)")
     dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype)",

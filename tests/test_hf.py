@@ -125,6 +125,34 @@ def test_resharded_export_loads_in_transformers(hf_model, tmp_path):
         for f in files)
     x = random_tokens(512)
     assert_close(logits(load_hf(tmp_path / "out"), x), logits(model, x))
+    # --dtype: the source's files in bf16, with the index and config.json saying so
+    out = export(store, tmp_path / "bf16", dtype="bf16", **quiet)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in folder.iterdir())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert total == sum(t.numel() * 2 for t in model.state_dict().values())
+    exported, expected = load_hf(out).state_dict(), model.state_dict()
+    for key, t in expected.items():
+        assert torch.equal(exported[key], t.to(torch.bfloat16).float()), key
+
+
+def test_tied_checkpoint_that_also_stores_lm_head(hf_model, tmp_path):
+    # some tied checkpoints carry lm_head.weight too: accepted as a copy of the embeddings, and written back
+    from safetensors.torch import load_file, save_file
+
+    folder, model = hf_model("llama3.2-tied-128k")
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"]["model.norm.weight"]
+    sd = load_file(str(shard))
+    sd["lm_head.weight"] = model.model.embed_tokens.weight.detach().clone()
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    index["weight_map"]["lm_head.weight"] = shard.name
+    (src / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    store = prepare(src, tmp_path / "store", **quiet)
+    assert list(Store.open(store).read("head")) == ["norm.weight"]
+    assert_folders_identical(src, export(store, tmp_path / "out", **quiet))
 
 
 def test_tied_embeddings_stay_tied_through_training_and_export(hf_model, tmp_path):

@@ -110,3 +110,13 @@ def test_meta_export_of_a_rope_scaling_params_json_cannot_express(hf_model, tmp_
     assert_one_line_error(run_cli("export", tmp_path / "store", tmp_path / "out", "--format", "meta"),
                           "--format meta", "rope scaling", "--format hf")
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_checkpoint_whose_lm_head_differs(hf_model, tmp_path):
+    import torch
+
+    folder, _ = hf_model("llama3.2-tied-128k")
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    rewrite_shard(src, "model.norm.weight", lambda sd: sd.update({"lm_head.weight": torch.zeros(128256, 32)}))
+    prepare_fails(src, tmp_path, "'lm_head.weight' differs from the embeddings", "tie_word_embeddings true")
