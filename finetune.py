@@ -1,11 +1,11 @@
 """Fine-tune a model with slowllama, the way the original slowllama's finetune.py did.
 
     python finetune.py                          # the built-in tiny model on test_data/alice.txt
-    python finetune.py MODEL [finetune flags]   # MODEL: a slowllama store, or a Meta folder
+    python finetune.py MODEL [finetune flags]   # MODEL: a slowllama store, a Meta or a Hugging Face folder
 
 With no arguments it writes a small random Llama to ./tiny, prepares ./tiny-store from it (afresh
 each time), prints the greedy completion of the prompt, fine-tunes with AdamW and prints the
-completion again. With MODEL, a Meta folder is prepared into ./<name>-store first (once); the flags
+completion again. With MODEL, a Meta or Hugging Face folder is prepared into ./<name>-store first (once); the flags
 are those of `slowllama finetune` (default data: test_data/alice.txt).
 """
 

@@ -2,7 +2,7 @@
 
     python test_gen.py MODEL_DIR [device]
 
-MODEL_DIR may be a slowllama store or a Meta folder (prepared into a temporary store first).
+MODEL_DIR may be a slowllama store, a Meta or a Hugging Face folder (prepared into a temporary store first).
 """
 
 import sys

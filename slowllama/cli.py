@@ -86,15 +86,15 @@ def run_command(command: str, s) -> int:
                          n_layers=s.layers, dim=s.dim)
         log(f"wrote a tiny random Llama to {out}")
     elif command == "prepare":
-        from slowllama.loader import prepare_meta
+        from slowllama.loader import prepare
 
-        out = prepare_meta(Path(s.src), Path(s.store), dtype=s.dtype, force=s.force, log=log)
+        out = prepare(Path(s.src), Path(s.store), dtype=s.dtype, force=s.force, log=log)
         log(f"prepared store {out}")
     elif command == "export":
-        from slowllama.loader import export_store
+        from slowllama.loader import export
 
-        out = export_store(Path(s.store), Path(s.out), s.format, shards=s.shards, dtype=s.dtype, force=s.force,
-                           log=log)
+        out = export(Path(s.store), Path(s.out), format=s.format, shards=s.shards, max_shard_size=s.max_shard_size,
+                     dtype=s.dtype, force=s.force, log=log)
         log(f"exported {s.store} to {out}")
     elif command == "fuse":
         from slowllama.lora import fuse

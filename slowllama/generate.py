@@ -43,7 +43,7 @@ def generate(model: OffloadedModel, tokenizer: Tokenizer, prompt: str, max_new_t
         logits = _forward(model, torch.tensor([chunk], device=model.device), pos, caches)
         pos += len(chunk)
         next_id = sample(logits[0, -1], temperature, top_p, generator)
-        if next_id == tokenizer.eos_id:
+        if next_id in tokenizer.stop_ids:  # EOS, or another end-of-turn id named by generation_config.json
             break
         out_ids.append(next_id)
         text = tokenizer.decode(out_ids)
@@ -68,7 +68,7 @@ def _forward(model: OffloadedModel, tokens: torch.Tensor, start: int, caches: li
 def generate_command(s, log) -> str:
     """`slowllama generate`: print the prompt and its continuation as it is produced.
 
-    STORE may also be a Meta folder: it is then prepared into a temporary store first.
+    STORE may also be a Meta or Hugging Face folder: it is then prepared into a temporary store first.
     """
     import sys
     import tempfile
@@ -85,11 +85,12 @@ def generate_command(s, log) -> str:
         raise SlowllamaError(f"--top-p: must be in (0, 1], got {s.top_p}")
     path = Path(s.store)
     with tempfile.TemporaryDirectory(prefix="slowllama-") as tmp:
-        if path.is_dir() and not (path / MANIFEST).exists() and (path / "params.json").exists():
-            from slowllama.loader import prepare_meta
+        if path.is_dir() and not (path / MANIFEST).exists() and (
+                (path / "params.json").exists() or (path / "config.json").exists()):
+            from slowllama.loader import prepare
 
-            log(f"{path} is a Meta folder: preparing a temporary store")
-            path = prepare_meta(path, Path(tmp) / "store", log=log)
+            log(f"{path} is a checkpoint folder: preparing a temporary store")
+            path = prepare(path, Path(tmp) / "store", log=log)
         store = Store.open(path)
         engine = make_engine(store, s, lora=adapter_state(store, s, resolve_device(s)[0]))
         tokenizer = load_tokenizer(store.path)

@@ -1,4 +1,5 @@
-"""Meta checkpoints <-> store: streaming prepare (shard by shard) and export (one output shard at a time).
+"""Checkpoints <-> store: format detection, and Meta's format: streaming prepare (shard by shard) and
+export (one output shard at a time). Hugging Face folders: slowllama.hf_checkpoint.
 
 Meta's consolidated.NN.pth shards each hold a slice of every large tensor (model parallelism):
 column-parallel weights are cut along dim 0, row-parallel ones along dim 1, norms are replicated.
@@ -23,7 +24,7 @@ from slowllama.config import ModelArgs, dtype_from_name, dtype_name, read_json
 from slowllama.errors import SlowllamaError
 from slowllama.model import join_key, module_names, module_shapes, split_key
 from slowllama.store import Store, StoreBuilder, check_free_space, element_size, fsync_dir
-from slowllama.tokenizer import TOKENIZER_FILES, Tokenizer
+from slowllama.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 
 SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 KNOWN_EXTRAS = {"rope.freqs"}  # non-weight keys Meta's checkpoints carry; kept and restored as they are
@@ -121,6 +122,62 @@ def resolve_vocab(args: ModelArgs, tok: Tokenizer, first_shard: dict, n: int, sr
     args.vocab_size = vocab
 
 
+META_FILES = "params.json, tokenizer.model, consolidated.NN.pth"
+
+
+def detect_format(src: Path) -> str:
+    """'meta' or 'hf', by the files in the folder."""
+    from slowllama.hf_checkpoint import EXPECTED, is_hf_folder
+    from slowllama.store import MANIFEST
+
+    src = Path(src)
+    if not src.is_dir():
+        raise SlowllamaError(f"{src}: no such folder")
+    if (src / MANIFEST).is_file():
+        raise SlowllamaError(f"{src}: is a slowllama store already, not a checkpoint folder")
+    if (src / "params.json").is_file() or any(SHARD_RE.match(p.name) for p in src.iterdir()):
+        return "meta"
+    if is_hf_folder(src):
+        return "hf"
+    raise SlowllamaError(f"{src}: neither a Meta Llama folder (expected {META_FILES}) nor a Hugging Face "
+                         f"folder (expected {EXPECTED})")
+
+
+def prepare(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
+            log: Callable[[str], None] = print) -> Path:
+    """Stream a Meta or Hugging Face folder (detected by its files) into a new store."""
+    if detect_format(src) == "hf":
+        from slowllama.hf_checkpoint import prepare_hf
+
+        return prepare_hf(src, dest, dtype=dtype, force=force, log=log)
+    return prepare_meta(src, dest, dtype=dtype, force=force, log=log)
+
+
+def export(store_path: Path, out: Path, format: Optional[str] = None, shards: Optional[int] = None,
+           max_shard_size: Optional[str] = None, dtype: Optional[str] = None, force: bool = False,
+           log: Callable[[str], None] = print) -> Path:
+    """Write a store as a Meta or Hugging Face folder (default: the format it was prepared from)."""
+    fmt = format or (Store.open(store_path).manifest.get("source") or {}).get("format", "meta")
+    if fmt == "hf":
+        from slowllama.hf_checkpoint import export_hf
+
+        return export_hf(store_path, out, shards=shards, max_shard_size=max_shard_size, dtype=dtype, force=force,
+                         log=log)
+    if fmt != "meta":
+        raise SlowllamaError(f"--format: unknown format {fmt!r} (choose from hf, meta)")
+    if max_shard_size is not None:
+        raise SlowllamaError("--max-shard-size: applies to --format hf (Meta's shards are cuts of every tensor; "
+                             "use --shards)")
+    return export_meta(store_path, out, shards=shards, dtype=dtype, force=force, log=log)
+
+
+def resolve_store_dtype(dtype: Optional[str], source_dtype: torch.dtype, where: str) -> torch.dtype:
+    store_dtype = dtype_from_name(dtype, "--dtype") if dtype else source_dtype
+    if store_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise SlowllamaError(f"{where}: weights of dtype {source_dtype} are not supported (use --dtype)")
+    return store_dtype
+
+
 def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
                  log: Callable[[str], None] = print) -> Path:
     """Stream a Meta folder into a new store. Peak memory: about one shard (mapped) plus one tensor."""
@@ -129,9 +186,7 @@ def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool
         raise SlowllamaError(f"{src}: no such folder")
     params, args = read_meta_params(src)
     shards = shard_files(src)
-    tok = Tokenizer(src / "tokenizer.model") if (src / "tokenizer.model").exists() else None
-    if tok is None:
-        raise SlowllamaError(f"{src}: no tokenizer.model")
+    tok = load_tokenizer(src)
     if dest.exists() and not force:
         raise SlowllamaError(f"{dest}: already exists (use --force to replace it)")
 
@@ -139,10 +194,7 @@ def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool
     first = load_shard(shards[0])
     resolve_vocab(args, tok, first, n, src)
     full = expected_shapes(args)
-    source_dtype = first["tok_embeddings.weight"].dtype
-    store_dtype = dtype_from_name(dtype, "--dtype") if dtype else source_dtype
-    if store_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise SlowllamaError(f"{shards[0]}: weights of dtype {source_dtype} are not supported (use --dtype)")
+    store_dtype = resolve_store_dtype(dtype, first["tok_embeddings.weight"].dtype, str(shards[0]))
 
     # layout of every key from the first shard; each later shard must agree
     layout, extras = {}, {}
@@ -185,12 +237,14 @@ def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool
                 del sd
         for name, writer in tqdm(writers.items(), desc="checksum", disable=None, leave=False):
             builder.finish_module(name or "extras", writer)
-        builder.copy_file(src / "tokenizer.model", "tokenizer.model")
+        tok_files = tokenizer_files(src)
+        for name in tok_files:
+            builder.copy_file(src / name, name)
         manifest = {
             "model": args.to_dict(),
             "dtype": dtype_name(store_dtype),
             "source": {"format": "meta", "params": params, "shards": shard_records,
-                       "split_dims": layout, "tokenizer_files": ["tokenizer.model"]},
+                       "split_dims": layout, "tokenizer_files": tok_files},
         }
         return builder.finish(manifest)
     except BaseException:
@@ -216,7 +270,7 @@ def store_from_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, dest: Pa
             builder.copy_file(Path(tokenizer), Path(tokenizer).name)
             files = [Path(tokenizer).name]
         manifest = {"model": args.to_dict(), "dtype": dtype_name(dtype),
-                    "source": source or {"format": "meta", "params": _params_of(args), "tokenizer_files": files}}
+                    "source": source or {"format": "meta", "params": meta_params(args), "tokenizer_files": files}}
         return builder.finish(manifest)
     except BaseException:
         builder.abort()
@@ -265,27 +319,37 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
         raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
     args = store.args
     source = store.manifest.get("source") or {}
-    if source.get("format", "meta") != "meta":
-        raise SlowllamaError(f"{store.path}: the source format is {source.get('format')!r}; "
-                             "use --format to choose the output format")
-    src_shards = source.get("shards")
+    from_meta = source.get("format", "meta") == "meta"
+    src_shards = source.get("shards") if from_meta else None
     n = shards or (len(src_shards) if src_shards else 1)
     if n < 1:
         raise SlowllamaError(f"--shards: must be at least 1, got {n}")
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else None
+    params = source.get("params") if from_meta else None
+    params = params or meta_params(args)  # refuses what params.json cannot express, before anything is written
+    full = expected_shapes(args)
 
     # key order and dtypes of the source's shard 0 (all shards hold the same keys)
     if src_shards:
         keys = [(k, dtype_from_name(d) if d in ("fp32", "bf16", "fp16") else store.dtype)
                 for k, d, _ in src_shards[0]["keys"]]
     else:
-        keys = [(k, store.dtype) for k in expected_shapes(args)]
+        from slowllama.hf_checkpoint import source_dtypes
+        from slowllama.hf import hf_key
+
+        dtypes = source_dtypes(store)  # by HF name, for a store prepared from Hugging Face
+        keys = [(k, dtypes.get(hf_key(k), store.dtype)) for k in full]
+        if args.tie_word_embeddings:  # Meta's checkpoints always carry the output matrix
+            keys.append(("output.weight", dtypes.get("model.embed_tokens.weight", store.dtype)))
+    if args.tie_word_embeddings:
+        full["output.weight"] = full["tok_embeddings.weight"]
     split_dims = source.get("split_dims") or {k: meta_split_dim(k, args) for k, _ in keys}
-    full = expected_shapes(args)
 
     plan = []  # (key, module, local, dim, dtype)
     for key, src_dtype in keys:
         module, local = split_key(key)
+        if key == "output.weight" and args.tie_word_embeddings:
+            module, local = "tok_embeddings", "weight"
         dim = split_dims.get(key) if key in full else None
         if dim is not None and full[key][dim] % n:
             raise SlowllamaError(f"--shards {n}: {key!r} of size {full[key][dim]} along dim {dim} "
@@ -316,9 +380,8 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
                 torch.save(tensors, path)
                 del tensors
                 bar.update(1)
-        params = source.get("params") or _params_of(args)
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-        for name in source.get("tokenizer_files", ["tokenizer.model"]):
+        for name in source.get("tokenizer_files") or ["tokenizer.model"]:
             if (store.path / name).exists():
                 shutil.copyfile(store.path / name, tmp / name)
         for p in tmp.iterdir():
@@ -334,14 +397,46 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
     return out
 
 
-def export_store(store_path: Path, out: Path, fmt: Optional[str] = None, **kw) -> Path:
-    """Export in `fmt` (default: the source's format)."""
-    fmt = fmt or (Store.open(store_path).manifest.get("source") or {}).get("format", "meta")
-    if fmt != "meta":
-        raise SlowllamaError(f"--format: unknown format {fmt!r}")
-    return export_meta(store_path, out, **kw)
+# (multiple_of, ffn_dim_multiplier) of Meta's releases, tried first so that their params.json come back
+FFN_CANDIDATES = [(256, None), (256, 1.0), (256, 1.3), (1024, 1.3), (4096, 1.3), (256, 1.5), (1024, 1.5),
+                  (1024, 1.0), (4096, 1.0)]
+LLAMA3_DEFAULT_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192}
 
 
-def _params_of(args: ModelArgs) -> dict:
+def meta_params(args: ModelArgs) -> dict:
+    """params.json for a model: Meta's fields only. A feed-forward width given explicitly (HF's
+    intermediate_size) becomes multiple_of / ffn_dim_multiplier that reproduce it; a rope scaling other
+    than Llama 3.1's defaults (use_scaled_rope) and anything else params.json cannot say is refused."""
+    from slowllama.model import rope_scaling_of
+
     d = args.to_dict()
-    return {k: d[k] for k in ModelArgs.META_FIELDS if d.get(k) is not None and not (k == "use_scaled_rope" and not d[k])}
+    out = {k: d[k] for k in ModelArgs.META_FIELDS if d.get(k) is not None}
+    if args.kv_heads == args.n_heads:
+        out.pop("n_kv_heads", None)
+    if args.hidden_dim_override:
+        out.pop("ffn_dim_multiplier", None)
+        out.update(_ffn_fields(args))
+    scaling = rope_scaling_of(args)
+    if scaling:
+        numbers = {k: scaling.get(k) for k in LLAMA3_DEFAULT_SCALING}
+        if numbers != LLAMA3_DEFAULT_SCALING:
+            raise SlowllamaError(f"--format meta: Meta's params.json cannot express this llama3 rope scaling "
+                                 f"({numbers}; use_scaled_rope means {LLAMA3_DEFAULT_SCALING}); export --format hf")
+        out["use_scaled_rope"] = True
+    if not out.get("use_scaled_rope"):
+        out.pop("use_scaled_rope", None)
+    return out
+
+
+def _ffn_fields(args: ModelArgs) -> dict:
+    """multiple_of and ffn_dim_multiplier for which Meta's formula gives args.hidden_dim_override."""
+    want = args.hidden_dim_override
+    base = int(2 * (4 * args.dim) / 3)
+    exact = (want + 0.5) / base  # int(exact * base) == want, whatever the rounding of the product
+    for multiple_of, mult in FFN_CANDIDATES + [(1, exact)]:
+        fields = {"multiple_of": multiple_of, **({"ffn_dim_multiplier": mult} if mult is not None else {})}
+        trial = ModelArgs(dim=args.dim, n_heads=args.n_heads, **fields)
+        if trial.hidden_dim == want:
+            return fields
+    raise SlowllamaError(f"--format meta: no multiple_of / ffn_dim_multiplier gives the feed-forward width {want}")

@@ -239,7 +239,7 @@ def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] 
     The merged modules go to a temporary store beside OUT (unchanged modules are hard-linked), which
     is exported like any store and then removed.
     """
-    from slowllama.loader import export_store
+    from slowllama.loader import export
     from slowllama.model import module_names
     from slowllama.store import Store, StoreBuilder, check_free_space
 
@@ -263,12 +263,13 @@ def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] 
                                                          store.dtype))
             else:
                 builder.link_module(name, store)
-        for f in store.manifest.get("source", {}).get("tokenizer_files", ["tokenizer.model"]):
-            if (store.path / f).exists():
+        source = store.manifest.get("source") or {}
+        for f in list(source.get("files") or []) + list(source.get("tokenizer_files") or ["tokenizer.model"]):
+            if (store.path / f).exists():  # config.json, tokenizer files...: what export copies from a store
                 builder.copy_file(store.path / f, f)
         manifest = {k: v for k, v in store.manifest.items() if k not in ("files", "step", "run", "format", "version")}
         fused = builder.finish(manifest)
-        return export_store(fused, out, shards=shards, dtype=dtype, force=force, log=log)
+        return export(fused, out, shards=shards, dtype=dtype, force=force, log=log)
     finally:
         builder.abort()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slowllama.config import ModelArgs
+from slowllama.errors import SlowllamaError
 
 
 class RMSNorm(nn.Module):
@@ -47,7 +48,13 @@ def _llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tens
 
 
 def rope_scaling_of(args: ModelArgs) -> Optional[dict]:
+    """The "llama3" scaling dict of a model, or None for plain RoPE."""
     if args.rope_scaling:
+        rope_type = args.rope_scaling.get("rope_type", args.rope_scaling.get("type", "default"))
+        if rope_type == "default":
+            return None
+        if rope_type != "llama3":
+            raise SlowllamaError(f"rope scaling type {rope_type!r} is not supported (supported: llama3)")
         return args.rope_scaling
     if args.use_scaled_rope:  # Meta's params.json flag: the "llama3" scaling with its default numbers
         return {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -6,7 +6,8 @@ spaces to a multiple of 8), then the raw tensor bytes. We write the format ourse
 module is read straight into one (optionally pinned) buffer, hashed on the way in and out, and so
 that prepare can place each checkpoint slice into its spot in a preallocated file. The files are
 ordinary safetensors files: the `safetensors` library reads them (a test checks it).
-Only store.py calls this module.
+store.py calls this module for module files; hf_checkpoint.py for the layout of Hugging Face shards
+(read_layout) and to write them tensor by tensor (write_streamed).
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ def element_size(dtype: torch.dtype) -> int:
 def layout(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Optional[dict] = None):
     """The header bytes and each tensor's (begin, end) offset inside the data section, in spec order."""
     header, offsets, pos = {}, {}, 0
+    if metadata:  # first, as the safetensors library writes it (so our HF shards match its bytes)
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for key, (dtype, shape) in specs.items():
         nbytes = element_size(dtype) * int(np.prod(shape, dtype=np.int64))
         header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         offsets[key] = (pos, pos + nbytes)
         pos += nbytes
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text, offsets, pos
@@ -75,8 +76,11 @@ def write_file(path: str, tensors: dict[str, torch.Tensor], metadata: Optional[d
     return len(head) + data_len, h.hexdigest()
 
 
-def read_header(f, path: str) -> tuple[dict, int]:
-    """Parse the header of an open file; returns (header without metadata, start of the data section)."""
+def read_header(f, path: str, metadata: Optional[dict] = None) -> tuple[dict, int]:
+    """Parse the header of an open file; returns (header without metadata, start of the data section).
+
+    metadata: a dict that receives the file's __metadata__ entries, if the caller wants them.
+    """
     raw = f.read(8)
     if len(raw) < 8:
         raise SlowllamaError(f"{path}: truncated (no safetensors header)")
@@ -92,7 +96,9 @@ def read_header(f, path: str) -> tuple[dict, int]:
         raise SlowllamaError(f"{path}: not a safetensors file (bad header)") from None
     if not isinstance(header, dict):
         raise SlowllamaError(f"{path}: not a safetensors file (bad header)")
-    header.pop("__metadata__", None)
+    found = header.pop("__metadata__", None)
+    if metadata is not None and isinstance(found, dict):
+        metadata.update(found)
     return header, 8 + n
 
 
@@ -183,3 +189,51 @@ class SliceWriter:
             size = f.tell()
             os.fsync(f.fileno())
         return size, h.hexdigest()
+
+
+def read_layout(path: str) -> tuple[list[tuple[str, str, list[int]]], dict]:
+    """The tensors of a safetensors file as (name, dtype name, shape) in the order of their data, and its metadata.
+
+    Checks that every tensor lies inside the file, so a truncated download is named here.
+    """
+    metadata: dict = {}
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise SlowllamaError(f"{path}: file missing") from None
+    with f:
+        header, start = read_header(f, path, metadata)
+        size = os.fstat(f.fileno()).st_size
+    entries = []
+    for key, info in header.items():
+        try:
+            dtype, (begin, end), shape = info["dtype"], info["data_offsets"], [int(s) for s in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise SlowllamaError(f"{path}: bad header entry for {key!r}") from None
+        if start + end > size:
+            raise SlowllamaError(f"{path}: tensor {key!r} lies outside the file (truncated)")
+        entries.append((begin, key, dtype, shape))
+    entries.sort()
+    return [(key, dtype, shape) for _, key, dtype, shape in entries], metadata
+
+
+def write_streamed(path: str, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Optional[dict],
+                   produce: Callable[[str], torch.Tensor], fsync: bool = True) -> int:
+    """Write a safetensors file tensor by tensor, in spec order; produce(key) supplies each one (peak: one tensor).
+
+    The header is laid out as the safetensors library lays it out (metadata first, compact JSON, padded
+    with spaces), so a file with the same tensors, order and metadata comes out byte-identical.
+    """
+    head, _, data_len = layout(specs, metadata)
+    with open(path, "wb") as f:
+        f.write(head)
+        for key, (dtype, shape) in specs.items():
+            t = produce(key)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{key}: produced {t.dtype} {list(t.shape)}, planned {dtype} {list(shape)}")
+            f.write(tensor_bytes(t.cpu()))
+            del t
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    return len(head) + data_len

@@ -46,7 +46,9 @@ class InitTinySettings:
 
 @dataclass
 class PrepareSettings:
-    src: str = opt(None, "a Meta Llama folder (params.json, tokenizer.model, consolidated.NN.pth)", positional=True)
+    src: str = opt(None, "a Meta Llama folder (params.json, tokenizer.model, consolidated.NN.pth) or a Hugging Face "
+                   "folder (config.json, *.safetensors, tokenizer.json or tokenizer.model), told apart by their files",
+                   positional=True)
     store: str = opt(None, "the store folder to create", positional=True)
     dtype: Optional[str] = opt(None, "dtype of the stored weights (default: the source's)",
                                choices=["bf16", "fp16", "fp32"])
@@ -58,8 +60,10 @@ class PrepareSettings:
 class ExportSettings:
     store: str = opt(None, "the store to export", positional=True)
     out: str = opt(None, "the folder to write", positional=True)
-    format: Optional[str] = opt(None, "output format (default: the source's)", choices=["meta"])
-    shards: Optional[int] = opt(None, "number of output shards (default: the source's)")
+    format: Optional[str] = opt(None, "output format (default: the source's)", choices=["hf", "meta"])
+    shards: Optional[int] = opt(None, "number of output shards (default: the source's; hf: files of about equal size)")
+    max_shard_size: Optional[str] = opt(None, "hf: largest output shard, e.g. 2G (default: the source's shards, "
+                                        "else 5G)")
     dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype)",
                                choices=["bf16", "fp16", "fp32"])
     force: bool = opt(False, "replace OUT if it exists")
@@ -90,7 +94,7 @@ class EvalSettings(DeviceSettings):
 
 @dataclass
 class GenerateSettings(DeviceSettings):
-    store: str = opt(None, "the store (or a Meta folder) to generate from", positional=True)
+    store: str = opt(None, "the store (or a Meta or Hugging Face folder) to generate from", positional=True)
     prompt: str = opt("", "text to continue")
     max_new_tokens: int = opt(64, "tokens to generate")
     temperature: float = opt(0.0, "sampling temperature; 0 is greedy")
@@ -145,8 +149,8 @@ class FinetuneSettings(DeviceSettings):
 
 COMMANDS = {
     "init-tiny": (InitTinySettings, "write a small random Llama in Meta format (no download needed)"),
-    "prepare": (PrepareSettings, "stream a Meta checkpoint into a store (one file per module)"),
-    "export": (ExportSettings, "write a store back in the source's format"),
+    "prepare": (PrepareSettings, "stream a Meta or Hugging Face checkpoint into a store (one file per module)"),
+    "export": (ExportSettings, "write a store as a Meta or Hugging Face folder (default: the source's format)"),
     "eval": (EvalSettings, "eval loss and perplexity of a store on a text file"),
     "generate": (GenerateSettings, "generate text from a store, streaming its modules"),
     "finetune": (FinetuneSettings, "fine-tune a store in place, or LoRA adapters on it"),

@@ -2,7 +2,8 @@
 
 Layout of a store folder:
     manifest.json                 model args, store dtype, source layout, file table, step, run state
-    tokenizer.model (or the source's tokenizer files)
+    tokenizer.model (or the source's tokenizer files: tokenizer.json, tokenizer_config.json, ...)
+    config.json, generation_config.json, model.safetensors.index.json   (a Hugging Face source's, verbatim)
     modules/<name>@<gen>.safetensors  weights of tok_embeddings, layers.N, head (and extras)
     optim/<name>@<gen>.safetensors    optimizer state of a module (AdamW moments, step)
     master/<name>@<gen>.safetensors   fp32 master weights of a 16-bit store (optional)

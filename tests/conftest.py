@@ -51,3 +51,28 @@ def assert_one_line_error(proc, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizers(tmp_path_factory) -> dict:
+    """Tokenizer folders trained on alice.txt: 'spm' (tokenizer.model) and 'json' (Llama 3 style tokenizer.json)."""
+    from hf_models import train_sentencepiece, train_tokenizer_json
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    train_sentencepiece(root / "spm")
+    train_tokenizer_json(root / "json")
+    return {"spm": root / "spm", "json": root / "json"}
+
+
+@pytest.fixture(scope="session")
+def hf_model(tmp_path_factory, hf_tokenizers):
+    """hf_model(name) -> (folder, transformers model): a tiny Hugging Face checkpoint, built once per session."""
+    from hf_models import build_hf_model
+
+    root, cache = tmp_path_factory.mktemp("hf"), {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = (root / name, build_hf_model(name, root / name, hf_tokenizers))
+        return cache[name]
+    return get
