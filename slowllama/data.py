@@ -12,17 +12,16 @@ cross record boundaries; or padded, one window of T+1 positions per record (pad 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
 
-from slowllama.chat import assistant_spans, chat_template, completion_spans
 from slowllama.errors import SlowllamaError
 from slowllama.model import IGNORE_INDEX
-from slowllama.records import Record, read_records
+from slowllama.records import read_text
+from slowllama.sequences import Example, load_examples
 from slowllama.tokenizer import Tokenizer
 
 
@@ -38,116 +37,11 @@ class TokenData:
         return self.tokens.numel()
 
 
-class Example(NamedTuple):
-    """One record as a sequence: labels before masking (the tokens) and which positions carry loss."""
-    tokens: torch.Tensor  # (n,) int64
-    labels: torch.Tensor  # (n,) int64
-    trainable: torch.Tensor  # (n,) bool
-
-    def masked_labels(self) -> torch.Tensor:
-        return torch.where(self.trainable, self.labels, IGNORE_INDEX)
-
-
-def read_text(path: Path) -> str:
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SlowllamaError(f"{path}: data file not found") from None
-    except IsADirectoryError:
-        raise SlowllamaError(f"{path}: is a folder, not a data file") from None
-    except OSError as e:
-        raise SlowllamaError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise SlowllamaError(f"{path}: not UTF-8 text (bad byte at offset {e.start}, line {line})") from None
-    if not text.strip():
-        raise SlowllamaError(f"{path}: empty data file")
-    return text
-
-
 def load_text(path: Path, tokenizer: Tokenizer) -> TokenData:
     """A .txt file as one sequence: [BOS] + encode(text) + [EOS], every token a target."""
     ids = tokenizer.encode(read_text(path), bos=True, eos=True)
     tokens = torch.tensor(ids, dtype=torch.long)
     return TokenData(tokens, tokens.clone(), str(path))
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def tokenize_record(record: Record, tokenizer: Tokenizer, template, mask_prompt: bool = True) -> Example:
-    """A record as [BOS] + tokens + [EOS], with the completion / assistant positions marked trainable.
-
-    A span of characters maps to tokens through the tokenization of the whole text: the tokens that
-    the text up to the span's start shares with it are prompt, the next ones up to the span's end
-    (found the same way) carry loss; a token straddling the start belongs to the completion.
-    template: (render, encode, name) from chat.chat_template, used by chat records only.
-    """
-    encode = tokenizer.encode
-    if record.kind == "text":
-        text, spans = record.text, [(0, len(record.text))]
-    elif record.kind == "completion":
-        text, spans = completion_spans(record.prompt, record.completion)
-    else:
-        render, encode, _ = template()
-        text, spans = assistant_spans(record.messages, render, record.where)
-    if not mask_prompt:
-        spans = [(0, len(text))]
-    ids = encode(text)
-
-    def token_index(c: int) -> int:
-        return len(ids) if c >= len(text) else _common_prefix(encode(text[:c]), ids)
-
-    trainable = [False] * len(ids)
-    for a, b in spans:
-        for i in range(token_index(a), token_index(b)):
-            trainable[i] = True
-    # a template may write BOS / EOS itself; else add them. BOS is never a target; an added EOS is
-    # trained when the loss reaches the end of the text (the model learns to stop there)
-    if not ids or ids[0] != tokenizer.bos_id:
-        ids, trainable = [tokenizer.bos_id] + ids, [False] + trainable
-    trainable[0] = False
-    if ids[-1] != tokenizer.eos_id or len(ids) == 1:
-        ids, trainable = ids + [tokenizer.eos_id], trainable + [any(b >= len(text) for _, b in spans)]
-    tokens = torch.tensor(ids, dtype=torch.long)
-    return Example(tokens, tokens.clone(), torch.tensor(trainable, dtype=torch.bool))
-
-
-def load_examples(path: Path, tokenizer: Tokenizer, mask_prompt: bool = True, skip_bad_lines: bool = False,
-                  log: Optional[Callable[[str], None]] = None) -> list[Example]:
-    """A data file as sequences: a .txt file is one (every token a target), a .jsonl file one per record."""
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        raise SlowllamaError(f"{path}: a .json file; slowllama reads JSON lines (.jsonl, one record per line) "
-                             "or plain text")
-    if path.suffix.lower() != ".jsonl":
-        data = load_text(path, tokenizer)
-        return [Example(data.tokens, data.labels, torch.ones(len(data), dtype=torch.bool))]
-    records = read_records(path, read_text(path), skip_bad_lines, log)
-    cache = []
-
-    def template():  # built on first use: only chat records need it (and jinja2, for a model's template)
-        if not cache:
-            cache.append(chat_template(tokenizer))
-        return cache[0]
-
-    examples = [tokenize_record(r, tokenizer, template, mask_prompt) for r in records]
-    if log:
-        kinds = ", ".join(f"{n} {k}" for k, n in Counter(r.kind for r in records).items())
-        n_tokens = sum(len(e.tokens) for e in examples)
-        n_targets = sum(int(e.trainable.sum()) for e in examples)
-        how = f", chats rendered with {cache[0][2]}" if cache else ""
-        log(f"{path}: {len(records)} records ({kinds}), {n_tokens} tokens, {n_targets} of them with loss{how}")
-    return examples
 
 
 def pack(examples: list[Example], source: str) -> TokenData:
@@ -165,7 +59,7 @@ def pad_id(tokenizer: Tokenizer) -> int:
 
 
 def pad(examples: list[Example], seq_len: int, pad_token: int, source: str,
-        log: Optional[Callable[[str], None]] = None) -> TokenData:
+        notes: Optional[list[str]] = None) -> TokenData:
     """One window of seq_len + 1 positions per sequence: longer ones truncated, shorter ones padded."""
     n = seq_len + 1
     tokens = torch.full((len(examples), n), pad_token, dtype=torch.long)
@@ -175,15 +69,16 @@ def pad(examples: list[Example], seq_len: int, pad_token: int, source: str,
         k = min(n, len(e.tokens))
         truncated += len(e.tokens) > n
         tokens[row, :k], labels[row, :k] = e.tokens[:k], e.masked_labels()[:k]
-    if truncated and log:
-        log(f"{source}: {truncated} of {len(examples)} records are longer than --seq-len + 1 = {n} tokens "
-            "and were truncated (--pack keeps them whole)")
+    if truncated and notes is not None:
+        notes.append(f"{source}: {truncated} of {len(examples)} records are longer than --seq-len + 1 = {n} "
+                     "tokens and were truncated (--pack keeps them whole)")
     return TokenData(tokens.reshape(-1), labels.reshape(-1), source, window=n)
 
 
 def layout(examples: list[Example], seq_len: int, packed: bool, tokenizer: Tokenizer, source: str,
-           log: Optional[Callable[[str], None]] = None) -> TokenData:
-    data = pack(examples, source) if packed else pad(examples, seq_len, pad_id(tokenizer), source, log)
+           notes: Optional[list[str]] = None) -> TokenData:
+    """Packed or padded, checked to hold at least one window with a target."""
+    data = pack(examples, source) if packed else pad(examples, seq_len, pad_id(tokenizer), source, notes)
     window_starts(data, seq_len, aligned=True)  # raises if no window has a target
     return data
 
@@ -192,10 +87,13 @@ def load_data(path: Path, tokenizer: Tokenizer, seq_len: Optional[int] = None, p
               mask_prompt: bool = True, skip_bad_lines: bool = False,
               log: Optional[Callable[[str], None]] = None) -> TokenData:
     """A .txt or .jsonl file, packed (or padded to seq_len + 1 per record), checked to hold one window."""
-    examples = load_examples(path, tokenizer, mask_prompt, skip_bad_lines, log)
-    if seq_len is None:
-        return pack(examples, str(path))
-    return layout(examples, seq_len, packed, tokenizer, str(path), log)
+    notes = []
+    examples = load_examples(path, tokenizer, mask_prompt, skip_bad_lines, notes)
+    data = pack(examples, str(path)) if seq_len is None else layout(examples, seq_len, packed, tokenizer,
+                                                                     str(path), notes)
+    for line in notes if log else ():
+        log(line)
+    return data
 
 
 def split_seed(seed: int) -> int:
@@ -222,30 +120,38 @@ def split_windows(data: TokenData, seq_len: int, fraction: float, seed: int) -> 
     def part(idx, name):
         rows = torch.tensor(idx) * w
         pick = (rows[:, None] + torch.arange(w)).reshape(-1)
-        return TokenData(data.tokens[pick], data.labels[pick], f"{data.source} ({name})", window=w)
+        out = TokenData(data.tokens[pick], data.labels[pick], f"{data.source} ({name})", window=w)
+        window_starts(out, seq_len, aligned=True)  # raises if none of its windows has a target
+        return out
 
     return part(train, "training split"), part(val, "validation split")
 
 
 def load_train_val(s, tokenizer: Tokenizer, log: Callable[[str], None]) -> tuple[TokenData, Optional[TokenData]]:
-    """finetune's training and validation data from its settings (data, val_data or val_split, pack, ...)."""
-    examples = load_examples(s.data, tokenizer, s.mask_prompt, s.skip_bad_lines, log)
+    """finetune's training and validation data from its settings (data, val_data or val_split, pack, ...).
+
+    val_split holds out records (of a file with at least two), else windows of the one sequence.
+    """
+    notes = []
+    examples = load_examples(s.data, tokenizer, s.mask_prompt, s.skip_bad_lines, notes)
     val = None
     if s.val_data:
-        val = load_data(s.val_data, tokenizer, s.seq_len, s.pack, s.mask_prompt, s.skip_bad_lines, log)
+        val = load_data(s.val_data, tokenizer, s.seq_len, s.pack, s.mask_prompt, s.skip_bad_lines, notes.append)
     if s.val_split and len(examples) >= 2:
         train_idx, val_idx = split_indices(len(examples), s.val_split, s.seed, f"records in {s.data}")
-        log(f"{s.data}: {len(val_idx)} of {len(examples)} records held out for validation "
-            f"(--val-split {s.val_split}, seed {s.seed})")
+        notes.append(f"{s.data}: {len(val_idx)} of {len(examples)} records held out for validation "
+                     f"(--val-split {s.val_split}, seed {s.seed})")
         val = layout([examples[i] for i in val_idx], s.seq_len, s.pack, tokenizer,
-                     f"{s.data} (validation split)", log)
+                     f"{s.data} (validation split)", notes)
         examples = [examples[i] for i in train_idx]
-    data = layout(examples, s.seq_len, s.pack, tokenizer, str(s.data), log)
+    data = layout(examples, s.seq_len, s.pack, tokenizer, str(s.data), notes)
     if s.val_split and val is None:  # one sequence (a .txt file): split its windows
         data, val = split_windows(data, s.seq_len, s.val_split, s.seed)
         n_val = count_windows(val, s.seq_len)
-        log(f"{s.data}: {n_val} of {n_val + count_windows(data, s.seq_len)} windows held out for validation "
-            f"(--val-split {s.val_split}, seed {s.seed})")
+        notes.append(f"{s.data}: {n_val} of {n_val + count_windows(data, s.seq_len)} windows held out for "
+                     f"validation (--val-split {s.val_split}, seed {s.seed})")
+    for line in notes:
+        log(line)
     return data, val
 
 
@@ -297,8 +203,10 @@ def window_starts(data: TokenData, seq_len: int, aligned: bool) -> Optional[torc
             cum = torch.cat([torch.zeros(1, dtype=torch.long), has.long().cumsum(0)])  # targets in labels[:i]
             starts = starts[cum[starts + w] - cum[starts + 1] > 0]
             if starts.numel() == 0:
-                raise SlowllamaError(f"{data.source}: no window of --seq-len {seq_len} has a token with loss "
-                                     "(prompts longer than a window? try a larger --seq-len or --no-mask-prompt)")
+                why = (f"records cut to --seq-len + 1 = {w} tokens before their completions? use a larger "
+                       "--seq-len or --pack" if data.window else "prompts longer than a window? use a larger "
+                       "--seq-len or --no-mask-prompt")
+                raise SlowllamaError(f"{data.source}: no window of --seq-len {seq_len} has a token with loss ({why})")
         data.starts_cache[key] = starts
     return data.starts_cache[key]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from slowllama.errors import SlowllamaError
 
@@ -25,6 +25,27 @@ class Record:
     prompt: str = ""
     completion: str = ""
     messages: list[dict] = field(default_factory=list)  # [{"role", "content"}], roles in ROLES
+
+
+def read_text(path: Path) -> str:
+    """A data file's text (UTF-8, not empty)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SlowllamaError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise SlowllamaError(f"{path}: is a folder, not a data file") from None
+    except OSError as e:
+        raise SlowllamaError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise SlowllamaError(f"{path}: not UTF-8 text (bad byte at offset {e.start}, line {line})") from None
+    if not text.strip():
+        raise SlowllamaError(f"{path}: empty data file")
+    return text
 
 
 class BadLine(ValueError):
@@ -77,8 +98,11 @@ def parse_record(obj, where: str) -> Record:
 
 
 def read_records(path: Path, text: str, skip_bad_lines: bool = False,
-                 log: Optional[Callable[[str], None]] = None) -> list[Record]:
-    """The records of a .jsonl file's text; a bad line raises SlowllamaError naming path:line unless skipped."""
+                 notes: Optional[list[str]] = None) -> list[Record]:
+    """The records of a .jsonl file's text; a bad line raises SlowllamaError naming path:line unless skipped.
+
+    notes receives the line to log about skipped lines (the caller logs it once the data is usable).
+    """
     records, bad = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -94,8 +118,8 @@ def read_records(path: Path, text: str, skip_bad_lines: bool = False,
             if not skip_bad_lines:
                 raise SlowllamaError(f"{where}: {e} (--skip-bad-lines leaves such lines out)") from None
             bad.append(f"line {number}: {e}")
-    if bad and log:
-        log(f"{path}: skipped {len(bad)} bad line{'s' if len(bad) > 1 else ''} (first: {bad[0]})")
+    if bad and notes is not None:
+        notes.append(f"{path}: skipped {len(bad)} bad line{'s' if len(bad) > 1 else ''} (first: {bad[0]})")
     if not records:
         raise SlowllamaError(f"{path}: no usable records" + (f" ({len(bad)} bad lines skipped)" if bad else ""))
     return records
