@@ -42,9 +42,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def tokenize_record(record: Record, tokenizer: Tokenizer, template, mask_prompt: bool = True) -> Example:
     """A record as [BOS] + tokens + [EOS], with the completion / assistant positions marked trainable.
 
-    A span of characters maps to tokens through the tokenization of the whole text: the tokens that
-    the text up to the span's start shares with it are prompt, the next ones up to the span's end
-    (found the same way) carry loss; a token straddling the start belongs to the completion.
+    The whole text is tokenized once (the tokens the model sees). A character offset c maps to the
+    number of leading tokens that the tokenization of text[:c] shares with it, so the tokens of a
+    span [a, b) are those from offset a's token to offset b's: a token straddling a span's start
+    carries loss, one straddling its end does not.
     template: (render, encode, name) from chat.chat_template, used by chat records only.
     """
     encode = tokenizer.encode
