@@ -1,9 +1,9 @@
 """Training and evaluation data: tokens, labels, windows and the batches of each step.
 
 A .txt file is one sequence [BOS] + encode(text) + [EOS]. A .jsonl file holds records (records.py),
-each tokenized as its own sequence [BOS] + tokens + [EOS] (sequences.py). Each position has a label (the token
-itself, or IGNORE_INDEX where no loss is wanted: prompts, padding). A window of T+1 positions
-starting at i gives inputs tokens[i:i+T] and targets labels[i+1:i+T+1].
+each tokenized as its own sequence [BOS] + tokens + [EOS] (sequences.py). Each position has a label
+(the token itself, or IGNORE_INDEX where no loss is wanted: prompts, padding). A window of T+1
+positions starting at i gives inputs tokens[i:i+T] and targets labels[i+1:i+T+1].
 
 Layouts: packed (default), the sequences one after the other in one stream, cut into windows that
 cross record boundaries; or padded, one window of T+1 positions per record (pad id, label IGNORE).
