@@ -20,7 +20,7 @@ from slowllama.store import Store
 RUN_KEYS = ("data", "batch_size", "accumulate", "seq_len", "lr", "optimizer", "adam_betas", "adam_eps",
             "weight_decay", "optim_dtype", "lr_schedule", "warmup_steps", "grad_clip", "clip_norm", "dropout",
             "seed", "order", "steps", "master_weights", "rounding", "lora_rank", "lora_alpha", "lora_dropout",
-            "lora_targets")
+            "lora_targets", "pack", "mask_prompt", "val_split")
 
 
 def run_settings(s) -> dict:

@@ -6,10 +6,10 @@ import argparse
 import dataclasses
 import json
 import sys
-import typing
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
+from slowllama.config_file import read_config, setting_type
 from slowllama.errors import SlowllamaError
 from slowllama.settings import COMMANDS
 
@@ -21,31 +21,41 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _field_type(cls, f: dataclasses.Field):
-    hint = typing.get_type_hints(cls)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+def default_text(f: dataclasses.Field) -> str:
+    """The default as --help shows it; a help text that explains a None default already says it."""
+    if f.default is None:
+        return "" if "default" in f.metadata.get("help", "") else " (default: none)"
+    if isinstance(f.default, bool):
+        return f" (default: {'on' if f.default else 'off'})"
+    return f" (default: {f.default})"
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        typ = _field_type(cls, f)
+        typ = setting_type(cls, f)
         kwargs = dict(help=meta.get("help", ""))
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         if meta.get("positional"):
-            parser.add_argument(f.name.upper(), type=typ, **kwargs)
+            # optional here so that a config file can give it; settings_from checks it is given
+            parser.add_argument(f.name.upper(), type=typ, nargs="?", default=argparse.SUPPRESS,
+                                help=f"{kwargs['help']} (or {f.name} = ... in the -c/--config file)",
+                                **({"choices": kwargs["choices"]} if "choices" in kwargs else {}))
             continue
         flags = [f"--{f.name.replace('_', '-')}"] + ([meta["short"]] if meta.get("short") else [])
         if typ is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                dest=f.name, help=f"{kwargs['help']} (default: {'on' if f.default else 'off'})")
+                                dest=f.name, help=kwargs["help"] + default_text(f))
         else:
             parser.add_argument(*flags, type=typ, default=argparse.SUPPRESS, dest=f.name,
-                                metavar=meta.get("metavar") or f.name.upper(),
-                                help=f"{kwargs['help']} (default: {f.default})",
+                                metavar=meta.get("metavar") or (
+                                    "{" + ",".join(kwargs["choices"]) + "}" if "choices" in kwargs else f.name.upper()),
+                                help=kwargs["help"] + default_text(f),
                                 **({"choices": kwargs["choices"]} if "choices" in kwargs else {}))
+    parser.add_argument("-c", "--config", metavar="FILE", default=None,
+                        help="TOML file of settings, keys named as the flags (batch_size = 8 or batch-size = 8); "
+                        "the command line overrides it (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from(cls, namespace: argparse.Namespace):
-    values = {}
+def settings_from(cls, namespace: argparse.Namespace, command: str = ""):
+    """The command's settings: dataclass defaults < config file (-c) < command line."""
+    config = getattr(namespace, "config", None)
+    values = read_config(Path(config), cls, command) if config else {}
     for f in dataclasses.fields(cls):
         key = f.name.upper() if f.metadata.get("positional") else f.name
         if hasattr(namespace, key):
             values[f.name] = getattr(namespace, key)
+        if f.metadata.get("positional") and values.get(f.name) is None:
+            raise SlowllamaError(f"{f.name.upper()}: required (on the command line, or as {f.name} in a "
+                                 "-c/--config file)")
     return cls(**values)
 
 
@@ -120,6 +135,10 @@ def run_command(command: str, s) -> int:
         from slowllama.train import finetune
 
         finetune(s, log, emit_json if s.json else (lambda m: None))
+    elif command == "plot":
+        from slowllama.plots import plot_command
+
+        log(f"wrote {plot_command(s, log)}")
     return 0
 
 
@@ -129,7 +148,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     cls = COMMANDS[ns.command][0]
     debug = getattr(ns, "debug", False)
     try:
-        s = settings_from(cls, ns)
+        s = settings_from(cls, ns, ns.command)
+        debug = getattr(s, "debug", debug)
         return run_command(ns.command, s)
     except SlowllamaError as e:
         if debug:

@@ -31,6 +31,25 @@ class DeviceSettings:
     debug: bool = opt(False, "show tracebacks of errors")
 
 
+DATA_HELP = ("a .txt file (one sequence) or a .jsonl file of records: {\"text\"}, {\"prompt\", \"completion\"} "
+             "or {\"messages\": [{\"role\", \"content\"}, ...]}")
+
+
+def pack_opt():
+    return opt(True, "pack records into one stream cut into windows that cross record boundaries; --no-pack: "
+               "one window per record, padded (or truncated) to --seq-len + 1")
+
+
+def mask_prompt_opt():
+    return opt(True, "loss only on completion / assistant tokens of prompt/completion and chat records "
+               "(text records have no prompt)")
+
+
+def skip_bad_lines_opt():
+    return opt(False, "leave out .jsonl lines that are not valid records (counted in the log) instead of "
+               "stopping at the first")
+
+
 @dataclass
 class InitTinySettings:
     out: str = opt(None, "folder to write the tiny Meta-format model to", positional=True)
@@ -85,9 +104,12 @@ class FuseSettings:
 @dataclass
 class EvalSettings(DeviceSettings):
     store: str = opt(None, "the store to evaluate", positional=True)
-    data: str = opt(None, "text file (.txt) to evaluate on")
+    data: str = opt(None, "data to evaluate on: " + DATA_HELP)
     seq_len: int = opt(128, "tokens per window")
     batch_size: int = opt(8, "windows per batch")
+    pack: bool = pack_opt()
+    mask_prompt: bool = mask_prompt_opt()
+    skip_bad_lines: bool = skip_bad_lines_opt()
     json: bool = opt(False, "print the result as one JSON object on the last line")
     adapter_path: Optional[str] = opt(None, "LoRA adapters to apply to the store")
 
@@ -106,7 +128,10 @@ class GenerateSettings(DeviceSettings):
 @dataclass
 class FinetuneSettings(DeviceSettings):
     store: str = opt(None, "the store to fine-tune (updated in place)", positional=True)
-    data: str = opt(None, "training data (.txt)")
+    data: str = opt(None, "training data: " + DATA_HELP)
+    pack: bool = pack_opt()
+    mask_prompt: bool = mask_prompt_opt()
+    skip_bad_lines: bool = skip_bad_lines_opt()
     steps: int = opt(100, "total number of steps of the run; a finished run does nothing")
     batch_size: int = opt(4, "windows per microbatch")
     accumulate: int = opt(1, "microbatches per step (one load and one write of each module per step)")
@@ -129,11 +154,15 @@ class FinetuneSettings(DeviceSettings):
     rounding: str = opt("auto", "rounding of updated 16-bit weights: stochastic (auto, when no master copy) "
                         "or nearest", choices=["auto", "stochastic", "nearest"])
     dropout: float = opt(0.0, "dropout probability (embeddings, attention, residual and FFN outputs)")
-    seed: int = opt(0, "seed of data order and dropout")
+    seed: int = opt(0, "seed of data order, dropout and --val-split")
     order: str = opt("random", "random: window starts drawn uniformly; sequential: eval's windows in order",
                      choices=["random", "sequential"])
-    eval_every: int = opt(50, "evaluate (val loss, prompt completion) every N steps; 0: only at the end")
-    val_data: Optional[str] = opt(None, "validation text for eval loss")
+    eval_every: int = opt(50, "evaluate (eval loss, prompt completion) every N steps and at the end; 0: only at "
+                          "the end")
+    val_data: Optional[str] = opt(None, "validation data (.txt or .jsonl, read like --data) for eval_loss and "
+                                  "eval_ppl")
+    val_split: float = opt(0.0, "hold out this fraction of --data's records (of its windows for a single "
+                           "sequence) for validation, drawn with --seed; 0: none")
     prompt: Optional[str] = opt(None, "prompt whose greedy completion is shown at each eval")
     completion_tokens: int = opt(32, "tokens of the prompt completion")
     lora_rank: int = opt(0, "train LoRA adapters of this rank on a read-only store instead of every weight (0: off)")
@@ -147,14 +176,22 @@ class FinetuneSettings(DeviceSettings):
     json: bool = opt(False, "print one JSON object per step")
 
 
+@dataclass
+class PlotSettings:
+    run: str = opt(None, "a store, or its run/ folder, whose metrics.jsonl to plot", positional=True)
+    out: Optional[str] = opt(None, "the PNG to write (default: loss.png beside metrics.jsonl)")
+    debug: bool = opt(False, "show tracebacks of errors")
+
+
 COMMANDS = {
     "init-tiny": (InitTinySettings, "write a small random Llama in Meta format (no download needed)"),
     "prepare": (PrepareSettings, "stream a Meta or Hugging Face checkpoint into a store (one file per module)"),
     "export": (ExportSettings, "write a store as a Meta or Hugging Face folder (default: the source's format)"),
-    "eval": (EvalSettings, "eval loss and perplexity of a store on a text file"),
+    "eval": (EvalSettings, "eval loss and perplexity of a store on a .txt or .jsonl file"),
     "generate": (GenerateSettings, "generate text from a store, streaming its modules"),
     "finetune": (FinetuneSettings, "fine-tune a store in place, or LoRA adapters on it"),
     "fuse": (FuseSettings, "write a store with LoRA adapters merged in, in the source's format"),
+    "plot": (PlotSettings, "plot the train and eval loss of a store's run (needs matplotlib)"),
 }
 
 

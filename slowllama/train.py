@@ -16,11 +16,12 @@ from tqdm import tqdm
 
 from slowllama.blackbox_model import EngineConfig, LoRAState, OffloadedModel, working_bytes
 from slowllama.checkpoints import AdapterCheckpoint, StoreCheckpoint
-from slowllama.data import TokenData, count_windows, eval_batches, load_data, microbatches, step_windows
+from slowllama.data import TokenData, count_windows, eval_batches, load_data, load_train_val, microbatches, step_windows
 from slowllama.errors import SlowllamaError
 from slowllama.generate import generate
 from slowllama.memory import Activations, format_size, host_peak_rss, parse_size, physical_memory
 from slowllama.optim import SCHEDULES, clip_coefficient, lr_at, make_optimizer
+from slowllama.plots import plot_run
 from slowllama.settings import EvalSettings, FinetuneSettings, resolve_device
 from slowllama.store import Store
 from slowllama.tokenizer import load_tokenizer
@@ -125,14 +126,13 @@ def check_seq_len(seq_len: int, engine_or_args) -> None:
 
 def run_eval(s: EvalSettings, log: Callable[[str], None]) -> dict:
     if not s.data:
-        raise SlowllamaError("--data: required (a .txt file)")
+        raise SlowllamaError("--data: required (a .txt or .jsonl file)")
     if s.batch_size < 1:
         raise SlowllamaError(f"--batch-size: must be at least 1, got {s.batch_size}")
     store = Store.open(s.store)
     check_seq_len(s.seq_len, store.args)
     tokenizer = load_tokenizer(store.path)
-    data = load_data(s.data, tokenizer)
-    count_windows(data, s.seq_len)
+    data = load_data(s.data, tokenizer, s.seq_len, s.pack, s.mask_prompt, s.skip_bad_lines, log)
     engine = make_engine(store, s, lora=adapter_state(store, s, resolve_device(s)[0]), batch_size=s.batch_size,
                          seq_len=s.seq_len, activations=eval_activation_bytes(store.args, data, s.seq_len))
     return evaluate(engine, data, s.seq_len, s.batch_size)
@@ -140,7 +140,11 @@ def run_eval(s: EvalSettings, log: Callable[[str], None]) -> dict:
 
 def validate_finetune(s: FinetuneSettings) -> None:
     if not s.data:
-        raise SlowllamaError("--data: required (a .txt file)")
+        raise SlowllamaError("--data: required (a .txt or .jsonl file)")
+    if s.val_data and s.val_split:
+        raise SlowllamaError("--val-data and --val-split: give one of them, not both")
+    if not (0.0 <= s.val_split < 1.0):
+        raise SlowllamaError(f"--val-split: must be a fraction in [0, 1), got {s.val_split}")
     for name in ("steps", "batch_size", "accumulate", "seq_len"):
         if getattr(s, name) < 1:
             raise SlowllamaError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(s, name)}")
@@ -214,12 +218,7 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[di
 def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
     check_seq_len(s.seq_len, store.args)
     tokenizer = load_tokenizer(store.path)
-    data = load_data(s.data, tokenizer)
-    if s.order == "sequential" or len(data) < s.seq_len + 1:
-        count_windows(data, s.seq_len)
-    val = load_data(s.val_data, tokenizer) if s.val_data else None
-    if val is not None:
-        count_windows(val, s.seq_len)
+    data, val = load_train_val(s, tokenizer, log)
     run, done = checkpoint.resume(s, log)
     if done >= s.steps:
         log(f"{checkpoint.run_dir if s.lora_rank else store.path}: the run has already finished {done} of "
@@ -245,7 +244,8 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
     def eval_and_show(step: int) -> dict:
         out = {}
         if val is not None:
-            out = evaluate(engine, val, s.seq_len, s.batch_size, progress=False)
+            result = evaluate(engine, val, s.seq_len, s.batch_size, progress=False)
+            out = {"eval_loss": result["eval_loss"], "eval_ppl": result["eval_ppl"], "eval_tokens": result["tokens"]}
             log(f"step {step}: eval loss {out['eval_loss']:.4f}, ppl {out['eval_ppl']:.2f}")
         if s.prompt:
             text = generate(engine, tokenizer, s.prompt, s.completion_tokens)
@@ -294,23 +294,23 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
                 last["adapter_bytes_written"] = checkpoint.bytes_written - adapter0
             if engine.device.type == "cuda":
                 last["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(engine.device)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-            emit(last)
             bar.set_postfix_str(f"loss {result.loss:.4f}, {last['tokens_per_second']:.0f} tok/s, {seconds:.2f} s/step")
             bar.update(1)
             if s.log_every and number % s.log_every == 0:
                 log(f"step {number}: loss {result.loss:.4f}, lr {lr:.3g}, {last['tokens_per_second']:.0f} tok/s, "
                     f"{seconds:.2f} s/step, read {format_size(last['bytes_read'])}, "
                     f"written {format_size(last['bytes_written'])}")
-            if s.eval_every and number % s.eval_every == 0 and number < s.steps:
+            if (s.eval_every and number % s.eval_every == 0) or number == s.steps:
                 last.update(eval_and_show(number))
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            emit(last)
             if stop.signum is not None:
                 code = 130 if stop.signum == signal.SIGINT else 143
                 log(f"stopped after step {number} of {s.steps}; step {number} is saved. "
                     "Run the same command again to resume.")
                 raise StoppedBySignal(code)
-    last.update(eval_and_show(s.steps))
+    plot_run(checkpoint.run_dir, log)
     log(f"done: {s.steps} steps, last loss {last.get('loss', float('nan')):.4f}, peak RSS "
         f"{format_size(host_peak_rss())}")
     return last
