@@ -38,7 +38,11 @@ def module_seed(run_seed: int, step: int, micro: int, module_index: int) -> int:
 
 
 class NonFiniteLoss(SlowllamaError):
-    pass
+    """A NaN or infinite loss or gradient. `untouched`: no weight had been updated yet in this step."""
+
+    def __init__(self, message: str, untouched: bool):
+        super().__init__(message)
+        self.untouched = untouched
 
 
 def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, *, train: bool,
@@ -260,6 +264,7 @@ class OffloadedModel:
         """
         self._norms: list[torch.Tensor] = []
         self._apply = update
+        self._touched = False  # some weight of this step updated (resident copies may hold it)
         self.pipe.set_plan(self.train_plan())
         n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
         if n_targets == 0:
@@ -285,7 +290,7 @@ class OffloadedModel:
         del hs
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"step {step}: the loss is {loss}; nothing of this step was written "
-                                "(try a lower --lr)")
+                                "(try a lower --lr)", untouched=not self._touched)
         # a tied output projection's gradient joins the embeddings' own at their update
         tied_grad = tied.grad if tied is not None else None
         del tied
@@ -339,7 +344,7 @@ class OffloadedModel:
         if not torch.isfinite(torch.stack(norms)).all().item():  # one device sync per module
             bad = next(k for k, g in grads.items() if not torch.isfinite(g).all())
             raise NonFiniteLoss(f"step {step}: non-finite gradient in {where}{bad}; nothing of this step "
-                                "was committed (try a lower --lr)")
+                                "was committed (try a lower --lr)", untouched=not self._touched)
         self._norms.extend(norms)
 
     def _grad_norm(self) -> float:
@@ -358,6 +363,7 @@ class OffloadedModel:
         if coef != 1.0:
             for g in grads.values():
                 g.mul_(coef)
+        self._touched = True
         if self.optimizer.stateful and not self.lora.optim_state:
             self.lora.optim_state = self.optimizer.init_state(params)
         with torch.no_grad():
@@ -377,6 +383,7 @@ class OffloadedModel:
         if clip_coef != 1.0:
             for g in grads.values():
                 g.mul_(clip_coef)
+        self._touched = True
         master = self.cfg.master_weights and self.store.dtype != torch.float32
         if master and self.pipe.has(("master", name)):
             weights = self.weights(name, "master")

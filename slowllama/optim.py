@@ -137,7 +137,7 @@ def make_optimizer(s) -> "SGD | AdamW":
     """The optimizer of finetune's settings."""
     from slowllama.config import dtype_from_name
 
-    if s.optimizer == "sgd" or (s.optimizer == "auto" and not getattr(s, "lora_rank", 0)):
+    if s.optimizer == "sgd":
         return SGD()
     try:
         b1, b2 = (float(x) for x in str(s.adam_betas).split(","))

@@ -8,13 +8,13 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from slowllama.blackbox_model import EngineConfig, LoRAState, OffloadedModel, working_bytes
+from slowllama.blackbox_model import EngineConfig, LoRAState, NonFiniteLoss, OffloadedModel, working_bytes
 from slowllama.checkpoints import AdapterCheckpoint, StoreCheckpoint
 from slowllama.data import TokenData, count_windows, eval_batches, load_data, load_train_val, microbatches, step_windows
 from slowllama.errors import SlowllamaError
@@ -204,6 +204,8 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[di
     """
     validate_finetune(s)
     lora = s.lora_rank > 0
+    if s.optimizer == "auto":  # recorded as what it resolves to
+        s = replace(s, optimizer="adamw" if lora else "sgd")
     store = Store.open(s.store, writable=not lora, log=log)
     checkpoint = None
     try:
@@ -255,6 +257,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
     stop = StopRequest()
     last = {}
     metrics_path = checkpoint.run_dir / "metrics.jsonl"
+    committed = done
     with stop.installed(), tqdm(total=s.steps, initial=done, desc="finetune", unit="step", disable=None) as bar:
         for index in range(done, s.steps):
             number = index + 1  # 1-based step of the run
@@ -279,6 +282,15 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
                 if number % commit_every == 0 or number == s.steps or stop.signum is not None:
                     engine.write_back()
                     checkpoint.commit(number, run)
+                    committed = number
+            except NonFiniteLoss as e:
+                if e.untouched and committed < number - 1:  # resident weights are those of the last good step
+                    engine.write_back()
+                    checkpoint.commit(number - 1, run)
+                else:
+                    engine.discard_step()
+                    checkpoint.rollback()
+                raise
             except BaseException:
                 engine.discard_step()
                 checkpoint.rollback()

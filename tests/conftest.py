@@ -43,14 +43,19 @@ def run_cli(*args, check=None, env=None, timeout=300, **kw):
 
 
 def assert_one_line_error(proc, *fragments):
-    """A user error: non-zero exit, one line on stderr naming the problem, no traceback."""
+    """A user error: non-zero exit, one error line on stderr naming the problem, no traceback.
+
+    Progress and information lines may come before it (a run that fails at step 2 has run step 1);
+    the error itself is the one and last line that says "error".
+    """
     assert proc.returncode != 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+        assert fragment in errors[0], errors[0]
+    return errors[0]
 
 
 @pytest.fixture(scope="session")

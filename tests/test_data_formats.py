@@ -13,7 +13,6 @@ from slowllama.data import (count_windows, eval_batches, load_train_val, pack, p
                             step_windows, window)
 from slowllama.errors import SlowllamaError
 from slowllama.loader import prepare_meta
-from slowllama.memory import Activations
 from slowllama.model import IGNORE_INDEX, cross_entropy_sum
 from slowllama.sequences import load_examples
 from slowllama.settings import FinetuneSettings
@@ -149,9 +148,10 @@ def one_sgd_step(src, folder, data, seq_len=64):
     store = Store.open(prepare_meta(src, folder, log=quiet), writable=True, log=quiet)
     engine = OffloadedModel(store, EngineConfig(torch.device("cpu"), torch.float32))
     x, y = step_windows(data, 0, 2, seq_len, "sequential", 0)
-    acts = Activations(engine.budget, store.scratch, engine.device)
+    acts = engine.activations()
     store.begin_step(1)
     result = engine.train_step(1, [(x, y)], 0.05, acts)
+    engine.write_back()
     store.commit(1)
     acts.clear()
     store.close()
