@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from slowllama.config import ModelArgs
 from slowllama.errors import SlowllamaError
+from slowllama.faults import fault_point
 from slowllama.memory import Activations, Budget, nbytes
 from slowllama.model import IGNORE_INDEX, build_module, cross_entropy_sum, module_names, rope_tables
 from slowllama.optim import SGD, round_to
@@ -155,6 +156,7 @@ class OffloadedModel:
         With `acts`, the input of every block (and of the head) is kept there under (level, microbatch).
         """
         with torch.no_grad():
+            fault_point("forward.module")
             emb = self.module("tok_embeddings", train)
             hs = []
             for k, tokens in enumerate(batches):
@@ -163,6 +165,7 @@ class OffloadedModel:
             del emb
             cos, sin = self.rope(batches[0].shape[1])
             for i in range(self.args.n_layers):
+                fault_point("forward.module")
                 block = self.module(f"layers.{i}", train)
                 for k in range(len(hs)):
                     if acts is not None:
@@ -211,6 +214,7 @@ class OffloadedModel:
         hs = self.forward_hidden([x for x, _ in batches], acts, train=True, step=step)
 
         # head: norm + output + loss, with autograd, in chunks of tokens
+        fault_point("backward.module")
         head, tied = self.head(train=True, grad=True)
         grads, loss = [], 0.0
         for k, (h, (_, y)) in enumerate(zip(hs, batches)):
@@ -237,6 +241,7 @@ class OffloadedModel:
 
         for i in reversed(range(L)):
             name = f"layers.{i}"
+            fault_point("backward.module")
             block = self.module(name, train=True, grad=True)
             cos, sin = self.rope(batches[0][0].shape[1])
             for k in range(len(batches)):
@@ -250,6 +255,7 @@ class OffloadedModel:
             if on_module_done:
                 on_module_done(name)
 
+        fault_point("backward.module")
         emb = self.module("tok_embeddings", train=True, grad=True)
         for k, (x, _) in enumerate(batches):
             self._seed(step, k, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 import typing
@@ -111,6 +112,12 @@ def run_command(command: str, s) -> int:
         from slowllama.train import finetune
 
         finetune(s, log, emit_json if s.json else (lambda m: None))
+    elif command == "verify":
+        from slowllama.verify import verify_store
+
+        summary = verify_store(Path(s.store), log=print)
+        if s.json:
+            emit_json(summary)
     return 0
 
 
@@ -132,6 +139,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"slowllama {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk outside the paths that say so themselves
+        if debug or e.errno != errno.ENOSPC:
+            raise
+        print(f"slowllama {ns.command}: error: {e.filename or ''}: disk full ({e.strerror})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -123,6 +123,13 @@ class FinetuneSettings(DeviceSettings):
     json: bool = opt(False, "print one JSON object per step")
 
 
+@dataclass
+class VerifySettings:
+    store: str = opt(None, "the store to check", positional=True)
+    json: bool = opt(False, "print the summary as one JSON object")
+    debug: bool = opt(False, "show tracebacks of errors")
+
+
 COMMANDS = {
     "init-tiny": (InitTinySettings, "write a small random Llama in Meta format (no download needed)"),
     "prepare": (PrepareSettings, "stream a Meta checkpoint into a store (one file per module)"),
@@ -130,6 +137,7 @@ COMMANDS = {
     "eval": (EvalSettings, "eval loss and perplexity of a store on a text file"),
     "generate": (GenerateSettings, "generate text from a store, streaming its modules"),
     "finetune": (FinetuneSettings, "full fine-tuning of a store in place"),
+    "verify": (VerifySettings, "check every file of a store: sizes, checksums, shapes, no links outside it"),
 }
 
 

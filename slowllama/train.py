@@ -104,16 +104,26 @@ def validate_finetune(s: FinetuneSettings) -> None:
         raise SlowllamaError(f"--lr-schedule: unknown schedule {s.lr_schedule!r}")
 
 
-class StopRequest:
-    """SIGINT / SIGTERM: finish or roll back the step in progress, then stop with 130 / 143."""
+class StopNow(KeyboardInterrupt):
+    def __init__(self, code: int):
+        super().__init__()
+        self.code = code
 
-    def __init__(self):
+
+class StopRequest:
+    """SIGINT / SIGTERM: finish the step in progress, then stop with 130 / 143; a second one stops at once."""
+
+    def __init__(self, log: Callable[[str], None] = print):
         self.signum: Optional[int] = None
+        self.log = log
 
     def __call__(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop now (the step is rolled back at next start)
-            raise KeyboardInterrupt
+        code = 130 if signum == signal.SIGINT else 143
+        if self.signum is not None:  # the second: stop now, rolling the step in progress back
+            raise StopNow(code)
         self.signum = signum
+        self.log(f"{signal.Signals(signum).name}: stopping once the step in progress is committed "
+                 "(send it again to stop at once, losing that step)")
 
     @contextmanager
     def installed(self):
@@ -145,12 +155,26 @@ def start_or_resume_run(store: Store, s: FinetuneSettings, log) -> dict:
     return run
 
 
+def check_disk_for_steps(store: Store, s: FinetuneSettings, engine: OffloadedModel, optimizer, master: bool) -> None:
+    """Refuse to start when the disk cannot hold one step's new files and spilled activations."""
+    elsize = torch.empty((), dtype=engine.cfg.compute_dtype).element_size()
+    acts = store.args.n_layers * s.batch_size * s.accumulate * s.seq_len * store.args.dim * elsize
+    resident = sum(int(info["bytes"]) for info in store.manifest["files"]["modules"].values())  # cached modules
+    spill = min(acts, max(0, acts + resident - engine.budget.limit))
+    state = getattr(optimizer, "state_dtype", torch.float32)
+    store.check_step_space(2 * state.itemsize if optimizer.stateful else 0,
+                           4 if master and store.dtype != torch.float32 else 0, spill)
+
+
 def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[dict], None]) -> dict:
     """Full fine-tuning of the store in place; returns a summary. emit() receives each step's metrics."""
     validate_finetune(s)
     store = Store.open(s.store, writable=True, log=log)
     try:
         return _finetune(store, s, log, emit)
+    except KeyboardInterrupt as e:  # a second Ctrl-C: the step in progress was rolled back
+        log(f"interrupted: the store is at step {store.step}, committed; run the same command again to resume")
+        raise StoppedBySignal(getattr(e, "code", 130)) from None
     finally:
         store.close()
 
@@ -164,18 +188,19 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
     val = load_data(s.val_data, tokenizer) if s.val_data else None
     if val is not None:
         count_windows(val, s.seq_len)
-    run = start_or_resume_run(store, s, log)
+    optimizer = make_optimizer(s)
+    master = s.master_weights == "fp32" or any(store.manifest["files"].get("master", {}))
+    stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
+    engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
+                         stochastic_rounding=stochastic)
+    run = start_or_resume_run(store, s, log)  # only now: bad flags above leave the store as it was
     done = store.step - run["start_step"]
     if done >= s.steps:
         log(f"{store.path}: the run has already finished {done} of {s.steps} steps; nothing to do")
         return {"steps_done": done, "nothing_to_do": True}
-    optimizer = make_optimizer(s)
-    master = s.master_weights == "fp32" or any(store.manifest["files"].get("master", {}))
     if master and s.master_weights != "fp32":
         log(f"{store.path}: using the fp32 master weights the store already has")
-    stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
-    engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
-                         stochastic_rounding=stochastic)
+    check_disk_for_steps(store, s, engine, optimizer, master)
     (store.run_dir / "settings.json").write_text(json.dumps({"settings": asdict(s), "start_step": run["start_step"],
                                                              "resumed_at": done}, indent=1) + "\n")
     if done:
@@ -191,7 +216,7 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
             log(f"step {step}: {json.dumps(s.prompt + text, ensure_ascii=False)}")
         return out
 
-    stop = StopRequest()
+    stop = StopRequest(log)
     last = {}
     metrics_path = store.run_dir / "metrics.jsonl"
     with stop.installed(), tqdm(total=s.steps, initial=done, desc="finetune", unit="step", disable=None) as bar:
