@@ -19,6 +19,7 @@ import errno
 import os
 import signal
 import sys
+import time
 
 ENV = "SLOWLLAMA_FAULTS"
 ACTIONS = ("kill", "enospc", "fill", "sigint", "sigterm", "wait")
@@ -66,8 +67,29 @@ def act(action: str, name: str) -> None:
     elif action in ("sigint", "sigterm"):
         os.kill(os.getpid(), signal.SIGINT if action == "sigint" else signal.SIGTERM)
     elif action == "wait":
+        wait_for_signal(name)
+
+
+def wait_for_signal(name: str) -> None:
+    """Say so on stderr, then wait until SIGINT or SIGTERM has reached this process's own handler."""
+    got = []
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(signum, frame):
+        got.append(signum)
+        handler = old[signum]
+        if callable(handler):
+            handler(signum, frame)
+
+    for sig in old:
+        signal.signal(sig, note)
+    try:
         print(f"fault: waiting at {name}", file=sys.stderr, flush=True)
-        signal.pause()
+        while not got:  # handlers run in the main thread, between two of these sleeps
+            time.sleep(0.01)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def fill_disk(path: str) -> None:

@@ -82,16 +82,26 @@ def write_json_atomic(path: Path, obj, fault: str = "") -> None:
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Hold SIGINT / SIGTERM until the block is done (a commit is never cut in half by a Ctrl-C)."""
+    """Hold SIGINT / SIGTERM until the block is done (a commit is never cut in half by a Ctrl-C).
+
+    Python runs signal handlers in the main thread between bytecodes, whichever thread the signal
+    reached: swapping the handlers for a recorder holds them all.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    got = []
+    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in got:
+            if callable(old[signum]):
+                old[signum](signum, None)
+            elif old[signum] == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def check_free_space(folder: Path, needed: int, what: str, detail: str = "") -> None:
@@ -411,11 +421,13 @@ class Store:
         self._require_writable()
         try:
             write_json_atomic(self.path / JOURNAL, {"step": step, "pid": os.getpid(), "time": time.time()})
+            fault_point("store.begin_step")
         except OSError as e:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / JOURNAL).unlink()
             if e.errno == errno.ENOSPC:
                 raise disk_full_error(e, str(self.path / JOURNAL)) from None
             raise
-        fault_point("store.begin_step")
 
     def write(self, name: str, tensors: dict[str, torch.Tensor], kind: str = "modules",
               gen: Optional[int] = None) -> dict:
@@ -476,11 +488,11 @@ class Store:
                 self._committed(manifest, pending)  # renamed, but the folder's fsync failed
                 raise
             self._committed(manifest, pending)
-        for rel in old_files:
+            for rel in old_files:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / rel).unlink()
             with contextlib.suppress(FileNotFoundError):
-                (self.path / rel).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self.path / JOURNAL).unlink()
+                (self.path / JOURNAL).unlink()
 
     def _committed(self, manifest: dict, pending: dict) -> None:
         self.manifest = manifest

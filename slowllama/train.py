@@ -193,6 +193,7 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
     stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
     engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
                          stochastic_rounding=stochastic)
+    check_disk_for_steps(store, s, engine, optimizer, master)
     run = start_or_resume_run(store, s, log)  # only now: bad flags above leave the store as it was
     done = store.step - run["start_step"]
     if done >= s.steps:
@@ -200,7 +201,6 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
         return {"steps_done": done, "nothing_to_do": True}
     if master and s.master_weights != "fp32":
         log(f"{store.path}: using the fp32 master weights the store already has")
-    check_disk_for_steps(store, s, engine, optimizer, master)
     (store.run_dir / "settings.json").write_text(json.dumps({"settings": asdict(s), "start_step": run["start_step"],
                                                              "resumed_at": done}, indent=1) + "\n")
     if done:
