@@ -143,10 +143,8 @@ def start_or_resume_run(store: Store, s: FinetuneSettings, log) -> dict:
     """The run record in the manifest: where it started and the settings that define it."""
     run = store.manifest.get("run")
     wanted = {k: getattr(s, k) for k in RUN_KEYS}
-    if run is None or s.new_run:
-        run = {"start_step": store.step, "settings": wanted}
-        store.update_manifest({"run": run})
-        return run
+    if run is None or s.new_run:  # recorded by the first step's commit
+        return {"start_step": store.step, "settings": wanted}
     changed = [f"{k} {run['settings'].get(k)!r} -> {wanted[k]!r}" for k in RUN_KEYS
                if k != "steps" and run["settings"].get(k) != wanted[k]]
     if changed:
@@ -188,19 +186,19 @@ def _finetune(store: Store, s: FinetuneSettings, log, emit) -> dict:
     val = load_data(s.val_data, tokenizer) if s.val_data else None
     if val is not None:
         count_windows(val, s.seq_len)
-    optimizer = make_optimizer(s)
-    master = s.master_weights == "fp32" or any(store.manifest["files"].get("master", {}))
-    stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
-    engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
-                         stochastic_rounding=stochastic)
-    check_disk_for_steps(store, s, engine, optimizer, master)
-    run = start_or_resume_run(store, s, log)  # only now: bad flags above leave the store as it was
+    run = start_or_resume_run(store, s, log)
     done = store.step - run["start_step"]
     if done >= s.steps:
         log(f"{store.path}: the run has already finished {done} of {s.steps} steps; nothing to do")
         return {"steps_done": done, "nothing_to_do": True}
+    optimizer = make_optimizer(s)
+    master = s.master_weights == "fp32" or any(store.manifest["files"].get("master", {}))
     if master and s.master_weights != "fp32":
         log(f"{store.path}: using the fp32 master weights the store already has")
+    stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
+    engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
+                         stochastic_rounding=stochastic)
+    check_disk_for_steps(store, s, engine, optimizer, master)
     (store.run_dir / "settings.json").write_text(json.dumps({"settings": asdict(s), "start_step": run["start_step"],
                                                              "resumed_at": done}, indent=1) + "\n")
     if done:
