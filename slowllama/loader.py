@@ -22,7 +22,7 @@ from tqdm import tqdm
 from slowllama.config import ModelArgs, dtype_from_name, dtype_name, read_json
 from slowllama.errors import SlowllamaError
 from slowllama.model import join_key, module_names, module_shapes, split_key
-from slowllama.store import Store, StoreBuilder, check_free_space, element_size, fsync_dir
+from slowllama.store import Store, StoreBuilder, check_free_space, check_output_folder, element_size, fsync_dir
 from slowllama.tokenizer import TOKENIZER_FILES, Tokenizer
 
 SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -132,8 +132,7 @@ def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool
     tok = Tokenizer(src / "tokenizer.model") if (src / "tokenizer.model").exists() else None
     if tok is None:
         raise SlowllamaError(f"{src}: no tokenizer.model")
-    if dest.exists() and not force:
-        raise SlowllamaError(f"{dest}: already exists (use --force to replace it)")
+    check_output_folder(dest, force, (src,))
 
     n = len(shards)
     first = load_shard(shards[0])
@@ -261,36 +260,11 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
     """Write a Meta folder from a store: the source's shard count, keys and dtypes unless told otherwise."""
     store = Store.open(store_path)
     out = Path(out)
-    if out.exists() and not force:
-        raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
+    check_output_folder(out, force, (store.path,))
     args = store.args
-    source = store.manifest.get("source") or {}
-    if source.get("format", "meta") != "meta":
-        raise SlowllamaError(f"{store.path}: the source format is {source.get('format')!r}; "
-                             "use --format to choose the output format")
-    src_shards = source.get("shards")
-    n = shards or (len(src_shards) if src_shards else 1)
-    if n < 1:
-        raise SlowllamaError(f"--shards: must be at least 1, got {n}")
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else None
-
-    # key order and dtypes of the source's shard 0 (all shards hold the same keys)
-    if src_shards:
-        keys = [(k, dtype_from_name(d) if d in ("fp32", "bf16", "fp16") else store.dtype)
-                for k, d, _ in src_shards[0]["keys"]]
-    else:
-        keys = [(k, store.dtype) for k in expected_shapes(args)]
-    split_dims = source.get("split_dims") or {k: meta_split_dim(k, args) for k, _ in keys}
+    source, n, plan, tokenizer_files = export_plan(store, shards, out_dtype)
     full = expected_shapes(args)
-
-    plan = []  # (key, module, local, dim, dtype)
-    for key, src_dtype in keys:
-        module, local = split_key(key)
-        dim = split_dims.get(key) if key in full else None
-        if dim is not None and full[key][dim] % n:
-            raise SlowllamaError(f"--shards {n}: {key!r} of size {full[key][dim]} along dim {dim} "
-                                 f"does not split into {n} equal parts")
-        plan.append((key, module or "extras", local, dim, out_dtype or src_dtype))
 
     total = sum(element_size(dt) * _numel(full.get(k) or ()) for k, _, _, _, dt in plan)
     check_free_space(out.parent, total + (16 << 20), str(out))
@@ -318,9 +292,8 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
                 bar.update(1)
         params = source.get("params") or _params_of(args)
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-        for name in source.get("tokenizer_files", ["tokenizer.model"]):
-            if (store.path / name).exists():
-                shutil.copyfile(store.path / name, tmp / name)
+        for name in tokenizer_files:
+            shutil.copyfile(store.path / name, tmp / name)
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
@@ -332,6 +305,61 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def export_plan(store: Store, shards: Optional[int] = None, out_dtype=None):
+    """What export writes: (source record, shard count, plan, tokenizer files), from the manifest's source record.
+
+    The plan holds (key, module, local key, split dim, dtype) of every tensor, in the source's key order.
+    A malformed record (a hand-edited manifest) is an error naming the field.
+    """
+    source = store.manifest.get("source") or {}
+    if not isinstance(source, dict):
+        raise SlowllamaError(f"{store.path / 'manifest.json'}: field 'source' must be an object")
+    fmt = source.get("format", "meta")
+    if fmt != "meta":
+        raise SlowllamaError(f"{store.path / 'manifest.json'}: the source format is {fmt!r}; "
+                             "use --format to choose the output format")
+    src_shards = source.get("shards")
+    n = shards if shards is not None else (len(src_shards) if isinstance(src_shards, list) and src_shards else 1)
+    if n < 1:
+        raise SlowllamaError(f"--shards: must be at least 1, got {n}")
+    try:
+        plan = _plan(store, source, n, out_dtype, expected_shapes(store.args))
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+        raise SlowllamaError(f"{store.path / 'manifest.json'}: field 'source' is malformed ({type(e).__name__}: "
+                             f"{str(e)[:80]})") from None
+    tokenizer_files = source.get("tokenizer_files", ["tokenizer.model"])
+    for name in tokenizer_files if isinstance(tokenizer_files, list) else [tokenizer_files]:
+        if not isinstance(name, str) or Path(name).name != name or not (store.path / name).is_file() \
+                or (store.path / name).is_symlink():
+            raise SlowllamaError(f"{store.path}: tokenizer file {name!r} is not a file of the store")
+    return source, n, plan, tokenizer_files
+
+
+def _plan(store: Store, source: dict, n: int, out_dtype, full: dict) -> list[tuple]:
+    src_shards = source.get("shards")
+    if src_shards:  # key order and dtypes of the source's shard 0 (all shards hold the same keys)
+        keys = [(k, dtype_from_name(d) if d in ("fp32", "bf16", "fp16") else store.dtype)
+                for k, d, _ in src_shards[0]["keys"]]
+    else:
+        keys = [(k, store.dtype) for k in full]
+    split_dims = source.get("split_dims") or {k: meta_split_dim(k, store.args) for k, _ in keys}
+    params = source.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise TypeError("'params' is not an object")
+    extras = set(store.read("extras")) if store.has("extras") else set()
+    plan = []
+    for key, src_dtype in keys:
+        module, local = split_key(key)
+        if key not in full and not (module == "" and key in extras):
+            raise KeyError(f"{key!r} is not in the store")
+        dim = split_dims.get(key) if key in full else None
+        if dim is not None and full[key][dim] % n:
+            raise SlowllamaError(f"--shards {n}: {key!r} of size {full[key][dim]} along dim {dim} "
+                                 f"does not split into {n} equal parts")
+        plan.append((key, module or "extras", local, dim, out_dtype or src_dtype))
+    return plan
 
 
 def _params_of(args: ModelArgs) -> dict:

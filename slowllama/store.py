@@ -115,6 +115,21 @@ def check_free_space(folder: Path, needed: int, what: str, detail: str = "") -> 
                              f"{f' ({detail})' if detail else ''}, {free / 2**30:.2f} GiB free")
 
 
+def check_output_folder(out: Path, force: bool, inputs: tuple = ()) -> None:
+    """Refuse an output folder that exists (without --force), is not a folder, or overlaps an input folder."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
+        if out.is_symlink() or not out.is_dir():
+            raise SlowllamaError(f"{out}: not a folder (--force replaces only a folder)")
+    real = Path(os.path.realpath(out))
+    for src in inputs:
+        src_real = Path(os.path.realpath(src))
+        if real == src_real or src_real in real.parents or real in src_real.parents:
+            raise SlowllamaError(f"{out}: overlaps {src}, which it is made from (choose another folder)")
+
+
 def disk_full_error(e: OSError, what: str) -> SlowllamaError:
     return SlowllamaError(f"{what}: disk full ({e.strerror}); the store stays at its last committed step")
 
@@ -161,11 +176,12 @@ class StoreLock:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
             if pid == str(os.getpid()):
                 return  # this process writes it (eval and generation inside finetune)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise SlowllamaError(f"{self.path.parent}: a finetune (pid {pid or '?'}) is writing this store; "
-                                     "read it when that run has stopped") from None
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SlowllamaError(f"{self.path.parent}: a finetune (pid {pid or '?'}) is writing this store; "
+                                 "read it when that run has stopped") from None
+        except OSError:
+            return  # not a lock file a writer could hold (verify reports a lock that is not a file)
         finally:
             os.close(fd)
 
@@ -550,6 +566,17 @@ class Store:
         for name in self._expected_shapes:
             if name not in self.manifest["files"].get("modules", {}):
                 problems.append(f"{self.path / MANIFEST}: no file for module {name!r}")
+        source = self.manifest.get("source")
+        names = source.get("tokenizer_files", ["tokenizer.model"]) if isinstance(source, dict) else ["tokenizer.model"]
+        for name in names if isinstance(names, list) else [names]:
+            path = self.path / str(name)
+            if not isinstance(name, str) or Path(name).name != name or path.is_symlink() or not path.is_file():
+                problems.append(f"{path}: the tokenizer file is missing, a link, or not a file of the store")
+        for rel in ("lock", "scratch", "run"):
+            path = self.path / rel
+            if path.exists() and not path.is_symlink() and path.is_dir() != (rel != "lock"):
+                problems.append(f"{path}: a {'folder' if rel == 'lock' else 'file'} where slowllama keeps its "
+                                f"{'lock file' if rel == 'lock' else 'folder'}")
         referenced = {info["file"] for kind in self.manifest["files"].values() for info in kind.values()}
         for kind in KINDS:
             folder = self.path / kind

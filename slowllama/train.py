@@ -94,6 +94,8 @@ def validate_finetune(s: FinetuneSettings) -> None:
         raise SlowllamaError(f"--log-every: must be >= 0, got {s.log_every}")
     if s.eval_every < 0:
         raise SlowllamaError(f"--eval-every: must be >= 0, got {s.eval_every}")
+    if s.completion_tokens < 0:
+        raise SlowllamaError(f"--completion-tokens: must be >= 0, got {s.completion_tokens}")
     if s.warmup_steps < 0:
         raise SlowllamaError(f"--warmup-steps: must be >= 0, got {s.warmup_steps}")
     if not (math.isfinite(s.grad_clip) and s.grad_clip >= 0):

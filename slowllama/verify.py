@@ -20,6 +20,12 @@ def verify_store(path: Path, log: Callable[[str], None] = print) -> dict:
     """
     store = Store.open(path)  # the manifest: format, fields, paths inside the store, model args, dtype
     problems, leftovers = store.layout_problems()
+    try:
+        from slowllama.loader import export_plan
+
+        export_plan(store)  # the source record export will read
+    except SlowllamaError as e:
+        problems.append(str(e))
     entries = [(kind, name) for kind, files in store.manifest["files"].items() for name in files]
     total = 0
     for kind, name in tqdm(entries, desc="verify", unit="file", disable=None, leave=False):
