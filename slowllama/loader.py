@@ -69,7 +69,8 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
                                  "which weights_only refuses)") from None
         raise SlowllamaError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SlowllamaError(f"{path}: not a PyTorch checkpoint or truncated ({str(e).splitlines()[0][:120]})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]  # EOFError() of an empty file says nothing
+        raise SlowllamaError(f"{path}: not a PyTorch checkpoint or truncated ({reason})") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise SlowllamaError(f"{path}: not a state dict of named tensors")
     return sd
