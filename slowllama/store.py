@@ -395,9 +395,9 @@ class Store:
 
     def _check_shapes(self, name: str, kind: str, tensors: dict, path: Path) -> None:
         """Refuse a file whose tensors are not the module's (a store edited outside slowllama)."""
-        if name not in self._expected_shapes:
+        if name not in self.expected_shapes or kind not in KINDS:
             return  # extras: the source's own keys
-        expected = self._expected_shapes[name]
+        expected = self.expected_shapes[name]
         for key, t in tensors.items():
             weight = key if kind != "optim" else key.rsplit(".", 1)[0]
             if kind == "optim" and key == "step":
@@ -413,7 +413,8 @@ class Store:
             raise SlowllamaError(f"{path}: tensor {missing[0]!r} missing")
 
     @functools.cached_property
-    def _expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+    def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """{module name: {weight name: shape}} of the model the manifest describes."""
         from slowllama.model import module_names, module_shapes
 
         return {name: module_shapes(self.args, name) for name in module_names(self.args)}
@@ -546,48 +547,12 @@ class Store:
         from slowllama.memory import format_size
 
         modules = sum(int(info["bytes"]) for name, info in self.manifest["files"]["modules"].items()
-                      if name in self._expected_shapes)
+                      if name in self.expected_shapes)
         weights = modules // element_size(self.dtype)
         parts = {"module files": modules, "optimizer state": weights * optim_bytes_per_weight,
                  "master weights": weights * master_bytes_per_weight, "spilled activations": spill_bytes}
         detail = ", ".join(f"{what} {format_size(n)}" for what, n in parts.items() if n)
         check_free_space(self.path, sum(parts.values()) + (1 << 20), f"{self.path}: one finetune step", detail)
-
-    def layout_problems(self) -> tuple[list[str], list[str]]:
-        """What is wrong with the store's folders, and the files no manifest entry names (leftovers).
-
-        Problems: a symbolic link among the store's own paths or module files, a module of the model
-        without a file. Leftovers are files an interrupted step left; the next writable open removes them.
-        """
-        problems, leftovers = [], []
-        for rel in OWN_PATHS:
-            if (self.path / rel).is_symlink():
-                problems.append(f"{self.path / rel}: a symbolic link; a store's own files must lie inside it")
-        for name in self._expected_shapes:
-            if name not in self.manifest["files"].get("modules", {}):
-                problems.append(f"{self.path / MANIFEST}: no file for module {name!r}")
-        source = self.manifest.get("source")
-        names = source.get("tokenizer_files", ["tokenizer.model"]) if isinstance(source, dict) else ["tokenizer.model"]
-        for name in names if isinstance(names, list) else [names]:
-            path = self.path / str(name)
-            if not isinstance(name, str) or Path(name).name != name or path.is_symlink() or not path.is_file():
-                problems.append(f"{path}: the tokenizer file is missing, a link, or not a file of the store")
-        for rel in ("lock", "scratch", "run"):
-            path = self.path / rel
-            if path.exists() and not path.is_symlink() and path.is_dir() != (rel != "lock"):
-                problems.append(f"{path}: a {'folder' if rel == 'lock' else 'file'} where slowllama keeps its "
-                                f"{'lock file' if rel == 'lock' else 'folder'}")
-        referenced = {info["file"] for kind in self.manifest["files"].values() for info in kind.values()}
-        for kind in KINDS:
-            folder = self.path / kind
-            if not folder.is_dir() or folder.is_symlink():
-                continue
-            for f in sorted(folder.iterdir()):
-                if f.is_symlink():
-                    problems.append(f"{f}: a symbolic link; module files must be plain files inside the store")
-                elif f"{kind}/{f.name}" not in referenced:
-                    leftovers.append(str(f))
-        return problems, leftovers
 
     def verify_all(self, progress=None) -> list[str]:
         """Check the size and checksum of every file the manifest names; returns the problems found."""

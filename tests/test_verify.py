@@ -173,3 +173,17 @@ def test_readers_refuse_a_store_a_finetune_is_writing(command, store, tmp_path, 
         os.close(fd)
     # once it is gone (its lock released), they read the store, its pid still in the file
     assert slowllama(capsys, "verify", store).returncode == 0
+
+
+def test_a_reader_overtaken_by_a_finetune_says_so(store, capsys):
+    # eval/export opened the store at step 0; a finetune started since then and committed step 1,
+    # removing step 0's files: the reader stops with a line that says what happened
+    from slowllama.errors import SlowllamaError
+    from slowllama.store import Store
+
+    reader = Store.open(store)
+    r = slowllama(capsys, "finetune", store, "--data", ALICE, "--seq-len", 16, "--batch-size", 2, "--steps", 1,
+                  "--device", "cpu", "--log-every", 0)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(SlowllamaError, match="moved from step 0 to 1 while it was read"):
+        reader.read("head")
