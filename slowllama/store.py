@@ -549,10 +549,10 @@ class Store:
         modules = sum(int(info["bytes"]) for name, info in self.manifest["files"]["modules"].items()
                       if name in self.expected_shapes)
         weights = modules // element_size(self.dtype)
-        parts = {"module files": modules, "optimizer state": weights * optim_bytes_per_weight,
+        parts = {"new module files": modules, "optimizer state": weights * optim_bytes_per_weight,
                  "master weights": weights * master_bytes_per_weight, "spilled activations": spill_bytes}
         detail = ", ".join(f"{what} {format_size(n)}" for what, n in parts.items() if n)
-        check_free_space(self.path, sum(parts.values()) + (1 << 20), f"{self.path}: one finetune step", detail)
+        check_free_space(self.path, sum(parts.values()) + (1 << 20), "a training step", detail)
 
     def verify_all(self, progress=None) -> list[str]:
         """Check the size and checksum of every file the manifest names; returns the problems found."""
