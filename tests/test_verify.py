@@ -6,7 +6,6 @@ import os
 import shutil
 
 import pytest
-import torch
 import xxhash
 
 from conftest import ALICE, assert_one_line_error
