@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from slowllama.config import ModelArgs
 from slowllama.errors import SlowllamaError
+from slowllama.faults import fault_point
 from slowllama.memory import Activations, Budget
 from slowllama.model import IGNORE_INDEX, build_module, cross_entropy_sum, module_names, rope_tables
 from slowllama.lora import LoRAConfig, block_params, inject
@@ -213,6 +214,7 @@ class OffloadedModel:
         With `acts`, the input of every block (and of the head) is kept there under (level, microbatch).
         """
         with torch.no_grad():
+            fault_point("forward.module")
             emb = self.module("tok_embeddings", train)
             hs = []
             for k, tokens in enumerate(batches):
@@ -221,6 +223,7 @@ class OffloadedModel:
             del emb
             cos, sin = self.rope(batches[0].shape[1])
             for i in range(self.args.n_layers):
+                fault_point("forward.module")
                 block = self.module(f"layers.{i}", train)
                 for k in range(len(hs)):
                     if acts is not None:
@@ -274,6 +277,7 @@ class OffloadedModel:
         hs = self.forward_hidden([x for x, _ in batches], acts, train=True, step=step)
 
         # head: norm + output + loss, with autograd, in chunks of tokens
+        fault_point("backward.module")
         head, tied = self.head(train=True, grad=self.lora is None)
         grads, loss = [], 0.0
         for k, (h, (_, y)) in enumerate(zip(hs, batches)):
@@ -300,6 +304,7 @@ class OffloadedModel:
 
         for i in reversed(range(L)):
             name = f"layers.{i}"
+            fault_point("backward.module")
             block = self.module(name, train=True, grad=True)
             cos, sin = self.rope(batches[0][0].shape[1])
             for k in range(len(batches)):
@@ -317,6 +322,7 @@ class OffloadedModel:
         if self.lora is not None:
             self._update_adapters(step, lr, max_grad_norm)
             return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=self._grad_norm())
+        fault_point("backward.module")
         emb = self.module("tok_embeddings", train=True, grad=True)
         for k, (x, _) in enumerate(batches):
             self._seed(step, k, 0)

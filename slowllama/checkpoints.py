@@ -45,10 +45,8 @@ class StoreCheckpoint:
         """The run record (manifest "run") and how many of its steps are done."""
         run = self.store.manifest.get("run")
         wanted = run_settings(s)
-        if run is None or s.new_run:
-            run = {"start_step": self.store.step, "settings": wanted}
-            self.store.update_manifest({"run": run})
-            return run, 0
+        if run is None or s.new_run:  # recorded by the first step's commit
+            return {"start_step": self.store.step, "settings": wanted}, 0
         report_changes(run["settings"], wanted, log)
         return {**run, "settings": wanted}, self.store.step - run["start_step"]
 

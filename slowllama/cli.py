@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 from pathlib import Path
@@ -139,6 +140,12 @@ def run_command(command: str, s) -> int:
         from slowllama.plots import plot_command
 
         log(f"wrote {plot_command(s, log)}")
+    elif command == "verify":
+        from slowllama.verify import verify_store
+
+        summary = verify_store(Path(s.store), log=print)
+        if s.json:
+            emit_json(summary)
     return 0
 
 
@@ -161,6 +168,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"slowllama {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk outside the paths that say so themselves
+        if debug or e.errno != errno.ENOSPC:
+            raise
+        print(f"slowllama {ns.command}: error: {e.filename or ''}: disk full ({e.strerror})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

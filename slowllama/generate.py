@@ -83,6 +83,8 @@ def generate_command(s, log) -> str:
         raise SlowllamaError(f"--max-new-tokens: must be >= 0, got {s.max_new_tokens}")
     if not 0 < s.top_p <= 1:
         raise SlowllamaError(f"--top-p: must be in (0, 1], got {s.top_p}")
+    if not 0 <= s.temperature < float("inf"):
+        raise SlowllamaError(f"--temperature: must be a number >= 0 (0: greedy), got {s.temperature}")
     path = Path(s.store)
     with tempfile.TemporaryDirectory(prefix="slowllama-") as tmp:
         if path.is_dir() and not (path / MANIFEST).exists() and (

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from slowllama.config import ModelArgs, dtype_from_name, dtype_name, read_json
 from slowllama.errors import SlowllamaError
 from slowllama.model import join_key, module_names, module_shapes, split_key
-from slowllama.store import Store, StoreBuilder, check_free_space, element_size, fsync_dir
+from slowllama.store import Store, StoreBuilder, check_free_space, check_output_folder, element_size, fsync_dir
 from slowllama.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 
 SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -70,7 +70,8 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
                                  "which weights_only refuses)") from None
         raise SlowllamaError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SlowllamaError(f"{path}: not a PyTorch checkpoint or truncated ({str(e).splitlines()[0][:120]})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]  # EOFError() of an empty file says nothing
+        raise SlowllamaError(f"{path}: not a PyTorch checkpoint or truncated ({reason})") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise SlowllamaError(f"{path}: not a state dict of named tensors")
     return sd
@@ -187,8 +188,7 @@ def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool
     params, args = read_meta_params(src)
     shards = shard_files(src)
     tok = load_tokenizer(src)
-    if dest.exists() and not force:
-        raise SlowllamaError(f"{dest}: already exists (use --force to replace it)")
+    check_output_folder(dest, force, (src,))
 
     n = len(shards)
     first = load_shard(shards[0])
@@ -315,46 +315,10 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
     """Write a Meta folder from a store: the source's shard count, keys and dtypes unless told otherwise."""
     store = Store.open(store_path)
     out = Path(out)
-    if out.exists() and not force:
-        raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
+    check_output_folder(out, force, (store.path,))
     args = store.args
-    source = store.manifest.get("source") or {}
-    from_meta = source.get("format", "meta") == "meta"
-    src_shards = source.get("shards") if from_meta else None
-    n = shards or (len(src_shards) if src_shards else 1)
-    if n < 1:
-        raise SlowllamaError(f"--shards: must be at least 1, got {n}")
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else None
-    params = source.get("params") if from_meta else None
-    params = params or meta_params(args)  # refuses what params.json cannot express, before anything is written
-    full = expected_shapes(args)
-
-    # key order and dtypes of the source's shard 0 (all shards hold the same keys)
-    if src_shards:
-        keys = [(k, dtype_from_name(d) if d in ("fp32", "bf16", "fp16") else store.dtype)
-                for k, d, _ in src_shards[0]["keys"]]
-    else:
-        from slowllama.hf_checkpoint import source_dtypes
-        from slowllama.hf import hf_key
-
-        dtypes = source_dtypes(store)  # by HF name, for a store prepared from Hugging Face
-        keys = [(k, dtypes.get(hf_key(k), store.dtype)) for k in full]
-        if args.tie_word_embeddings:  # Meta's checkpoints always carry the output matrix
-            keys.append(("output.weight", dtypes.get("model.embed_tokens.weight", store.dtype)))
-    if args.tie_word_embeddings:
-        full["output.weight"] = full["tok_embeddings.weight"]
-    split_dims = source.get("split_dims") or {k: meta_split_dim(k, args) for k, _ in keys}
-
-    plan = []  # (key, module, local, dim, dtype)
-    for key, src_dtype in keys:
-        module, local = split_key(key)
-        if key == "output.weight" and args.tie_word_embeddings:
-            module, local = "tok_embeddings", "weight"
-        dim = split_dims.get(key) if key in full else None
-        if dim is not None and full[key][dim] % n:
-            raise SlowllamaError(f"--shards {n}: {key!r} of size {full[key][dim]} along dim {dim} "
-                                 f"does not split into {n} equal parts")
-        plan.append((key, module or "extras", local, dim, out_dtype or src_dtype))
+    source, n, plan, full, params, tokenizer_files = export_plan(store, shards, out_dtype)
 
     total = sum(element_size(dt) * _numel(full.get(k) or ()) for k, _, _, _, dt in plan)
     check_free_space(out.parent, total + (16 << 20), str(out))
@@ -381,9 +345,8 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
                 del tensors
                 bar.update(1)
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-        for name in source.get("tokenizer_files") or ["tokenizer.model"]:
-            if (store.path / name).exists():
-                shutil.copyfile(store.path / name, tmp / name)
+        for name in tokenizer_files:
+            shutil.copyfile(store.path / name, tmp / name)
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
@@ -395,6 +358,71 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def export_plan(store: Store, shards: Optional[int] = None, out_dtype=None):
+    """What a Meta export writes: (source record, shard count, plan, full shapes, params.json, tokenizer files).
+
+    The plan holds (key, module, local key, split dim, dtype) of every tensor, in the source's key order
+    (a store prepared from Hugging Face: Meta's order, its dtypes). A malformed source record (a
+    hand-edited manifest) is an error naming the field; so is what params.json cannot express.
+    """
+    source = store.manifest.get("source") or {}
+    if not isinstance(source, dict):
+        raise SlowllamaError(f"{store.path / 'manifest.json'}: field 'source' must be an object")
+    from_meta = source.get("format", "meta") == "meta"
+    src_shards = source.get("shards") if from_meta else None
+    n = shards if shards is not None else (len(src_shards) if isinstance(src_shards, list) and src_shards else 1)
+    if n < 1:
+        raise SlowllamaError(f"--shards: must be at least 1, got {n}")
+    full = expected_shapes(store.args)
+    try:
+        plan = _plan(store, source, src_shards, n, out_dtype, full)
+        params = source.get("params") if from_meta else None
+        if params is not None and not isinstance(params, dict):
+            raise TypeError("'params' is not an object")
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+        raise SlowllamaError(f"{store.path / 'manifest.json'}: field 'source' is malformed ({type(e).__name__}: "
+                             f"{str(e)[:80]})") from None
+    params = params or meta_params(store.args)  # refuses what params.json cannot express, before anything is written
+    tokenizer_files = source.get("tokenizer_files", ["tokenizer.model"])
+    for name in tokenizer_files if isinstance(tokenizer_files, list) else [tokenizer_files]:
+        if not isinstance(name, str) or Path(name).name != name or not (store.path / name).is_file() \
+                or (store.path / name).is_symlink():
+            raise SlowllamaError(f"{store.path}: tokenizer file {name!r} is not a file of the store")
+    return source, n, plan, full, params, tokenizer_files
+
+
+def _plan(store: Store, source: dict, src_shards, n: int, out_dtype, full: dict) -> list[tuple]:
+    args = store.args
+    if src_shards:  # key order and dtypes of the source's shard 0 (all shards hold the same keys)
+        keys = [(k, dtype_from_name(d) if d in ("fp32", "bf16", "fp16") else store.dtype)
+                for k, d, _ in src_shards[0]["keys"]]
+    else:
+        from slowllama.hf import hf_key
+        from slowllama.hf_checkpoint import source_dtypes
+
+        dtypes = source_dtypes(store)  # by HF name, for a store prepared from Hugging Face
+        keys = [(k, dtypes.get(hf_key(k), store.dtype)) for k in full]
+        if args.tie_word_embeddings:  # Meta's checkpoints always carry the output matrix
+            keys.append(("output.weight", dtypes.get("model.embed_tokens.weight", store.dtype)))
+    if args.tie_word_embeddings:
+        full["output.weight"] = full["tok_embeddings.weight"]
+    split_dims = source.get("split_dims") or {k: meta_split_dim(k, args) for k, _ in keys}
+    extras = set(store.read("extras")) if store.has("extras") else set()
+    plan = []
+    for key, src_dtype in keys:
+        module, local = split_key(key)
+        if key == "output.weight" and args.tie_word_embeddings:
+            module, local = "tok_embeddings", "weight"
+        if key not in full and not (module == "" and key in extras):
+            raise KeyError(f"{key!r} is not in the store")
+        dim = split_dims.get(key) if key in full else None
+        if dim is not None and full[key][dim] % n:
+            raise SlowllamaError(f"--shards {n}: {key!r} of size {full[key][dim]} along dim {dim} "
+                                 f"does not split into {n} equal parts")
+        plan.append((key, module or "extras", local, dim, out_dtype or src_dtype))
+    return plan
 
 
 # (multiple_of, ffn_dim_multiplier) of Meta's releases, tried first so that their params.json come back

@@ -114,6 +114,8 @@ def read_file(path: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
         f = open(path, "rb", buffering=0)
     except FileNotFoundError:
         raise SlowllamaError(f"{path}: module file missing") from None
+    except OSError as e:
+        raise SlowllamaError(f"{path}: cannot read ({e.strerror})") from None
     with f:
         size = os.fstat(f.fileno()).st_size
         if expect is not None and size != expect[0]:

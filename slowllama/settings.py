@@ -183,6 +183,13 @@ class PlotSettings:
     debug: bool = opt(False, "show tracebacks of errors")
 
 
+@dataclass
+class VerifySettings:
+    store: str = opt(None, "the store to check", positional=True)
+    json: bool = opt(False, "print the summary as one JSON object")
+    debug: bool = opt(False, "show tracebacks of errors")
+
+
 COMMANDS = {
     "init-tiny": (InitTinySettings, "write a small random Llama in Meta format (no download needed)"),
     "prepare": (PrepareSettings, "stream a Meta or Hugging Face checkpoint into a store (one file per module)"),
@@ -192,6 +199,7 @@ COMMANDS = {
     "finetune": (FinetuneSettings, "fine-tune a store in place, or LoRA adapters on it"),
     "fuse": (FuseSettings, "write a store with LoRA adapters merged in, in the source's format"),
     "plot": (PlotSettings, "plot the train and eval loss of a store's run (needs matplotlib)"),
+    "verify": (VerifySettings, "check every file of a store: sizes, checksums, shapes, no links outside it"),
 }
 
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -36,6 +38,7 @@ import torch
 
 from slowllama.config import ModelArgs, dtype_from_name
 from slowllama.errors import SlowllamaError
+from slowllama.faults import fault_point
 from slowllama import safetensors_io as st
 
 FORMAT = "slowllama-store"
@@ -43,6 +46,8 @@ VERSION = 1
 KINDS = ("modules", "optim", "master")  # weights, optimizer state, fp32 master weights
 MANIFEST = "manifest.json"
 JOURNAL = "journal.json"
+# paths a writer creates or writes through: none may be a symbolic link (it would lead the writes outside)
+OWN_PATHS = (MANIFEST, JOURNAL, "lock", *KINDS, "scratch", "run", "run/settings.json", "run/metrics.jsonl")
 
 
 def fsync_dir(path: Path) -> None:
@@ -53,26 +58,77 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to path by tmp file + fsync + rename + fsync of the folder: all or nothing."""
+def write_json_atomic(path: Path, obj, fault: str = "") -> None:
+    """Write JSON to path by tmp file + fsync + rename + fsync of the folder: all or nothing.
+
+    fault: prefix of the fault points just before and after the rename (crash tests).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if fault:
+            fault_point(f"{fault}.before_rename")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     os.replace(tmp, path)
+    if fault:
+        fault_point(f"{fault}.after_rename")
     fsync_dir(path.parent)
 
 
-def check_free_space(folder: Path, needed: int, what: str) -> None:
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT / SIGTERM until the block is done (a commit is never cut in half by a Ctrl-C).
+
+    Python runs signal handlers in the main thread between bytecodes, whichever thread the signal
+    reached: swapping the handlers for a recorder holds them all.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in got:
+            if callable(old[signum]):
+                old[signum](signum, None)
+            elif old[signum] == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+def check_free_space(folder: Path, needed: int, what: str, detail: str = "") -> None:
     """Refuse before writing anything when the disk holding folder has less than `needed` bytes free."""
     probe = Path(folder)
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed:
-        raise SlowllamaError(f"{what}: not enough free disk at {probe}: needs {needed / 2**30:.2f} GiB, "
-                             f"{free / 2**30:.2f} GiB free")
+        raise SlowllamaError(f"{what}: not enough free disk at {probe}: needs {needed / 2**30:.2f} GiB"
+                             f"{f' ({detail})' if detail else ''}, {free / 2**30:.2f} GiB free")
+
+
+def check_output_folder(out: Path, force: bool, inputs: tuple = ()) -> None:
+    """Refuse an output folder that exists (without --force), is not a folder, or overlaps an input folder."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
+        if out.is_symlink() or not out.is_dir():
+            raise SlowllamaError(f"{out}: not a folder (--force replaces only a folder)")
+    real = Path(os.path.realpath(out))
+    for src in inputs:
+        src_real = Path(os.path.realpath(src))
+        if real == src_real or src_real in real.parents or real in src_real.parents:
+            raise SlowllamaError(f"{out}: overlaps {src}, which it is made from (choose another folder)")
 
 
 def disk_full_error(e: OSError, what: str) -> SlowllamaError:
@@ -87,7 +143,10 @@ class StoreLock:
         self.fd: Optional[int] = None
 
     def acquire(self, log: Callable[[str], None]) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise SlowllamaError(f"{self.path}: cannot open the lock file ({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,6 +166,25 @@ class StoreLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+    def refuse_if_written(self) -> None:
+        """Readers: refuse a store that another process is writing (its files change at every step)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return  # no lock file: nobody ever wrote this store
+        try:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if pid == str(os.getpid()):
+                return  # this process writes it (eval and generation inside finetune)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SlowllamaError(f"{self.path.parent}: a finetune (pid {pid or '?'}) is writing this store; "
+                                 "read it when that run has stopped") from None
+        except OSError:
+            return  # not a lock file a writer could hold (verify reports a lock that is not a file)
+        finally:
+            os.close(fd)
 
 
 class Store:
@@ -128,6 +206,10 @@ class Store:
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, path, writable: bool = False, log: Callable[[str], None] = print) -> "Store":
+        """Open a store; writable: lock it (one writer) and clean up after an interrupted step.
+
+        A read-only open refuses a store that a finetune is writing (its files change at every step).
+        """
         path = Path(path)
         if not path.is_dir():
             raise SlowllamaError(f"{path}: no such store folder")
@@ -139,9 +221,12 @@ class Store:
         cls._check_manifest(manifest, path)
         store = cls(path, manifest, writable)
         if writable:
+            store._refuse_symlinks()
             store.lock = StoreLock(path)
             store.lock.acquire(log)
             store._recover(log)
+        else:
+            StoreLock(path).refuse_if_written()
         return store
 
     @staticmethod
@@ -154,18 +239,39 @@ class Store:
         for field in ("model", "dtype", "files", "step"):
             if field not in m:
                 raise SlowllamaError(f"{where}: field {field!r} missing")
-        if not isinstance(m["files"], dict):
-            raise SlowllamaError(f"{where}: field 'files' must be an object")
-        for kind_files in m["files"].values():
-            for info in kind_files.values():
+        if not isinstance(m["step"], int) or isinstance(m["step"], bool) or m["step"] < 0:
+            raise SlowllamaError(f"{where}: field 'step' must be a non-negative integer, got {m['step']!r}")
+        if not isinstance(m["files"], dict) or not all(isinstance(f, dict) for f in m["files"].values()):
+            raise SlowllamaError(f"{where}: field 'files' must be an object of objects")
+        for kind, kind_files in m["files"].items():
+            for name, info in kind_files.items():
                 rel = info.get("file", "") if isinstance(info, dict) else ""
-                if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+                if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts \
+                        or "\0" in rel:
                     raise SlowllamaError(f"{where}: file entry {rel!r} points outside the store")
+                size, digest = info.get("bytes"), info.get("xxh3")
+                if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str):
+                    raise SlowllamaError(f"{where}: the entry of {kind} {name!r} needs 'bytes' (an integer) "
+                                         "and 'xxh3' (a string)")
+        run = m.get("run")
+        if run is not None and not (isinstance(run, dict) and isinstance(run.get("start_step"), int)
+                                    and isinstance(run.get("settings"), dict)
+                                    and isinstance(run.get("grad_norm", 0.0), (int, float))):
+            raise SlowllamaError(f"{where}: field 'run' must be an object with 'start_step' and 'settings'")
+        if not isinstance(m["model"], dict):
+            raise SlowllamaError(f"{where}: field 'model' must be an object")
         try:
             ModelArgs.from_dict(m["model"]).validate(where)
         except TypeError as e:
             raise SlowllamaError(f"{where}: bad model args ({e})") from None
         dtype_from_name(m["dtype"], f"{where}: dtype")
+
+    def _refuse_symlinks(self) -> None:
+        """A writer writes and deletes files in these places: each must be the store's own, not a link."""
+        for rel in OWN_PATHS:
+            if (self.path / rel).is_symlink():
+                raise SlowllamaError(f"{self.path / rel}: a symbolic link; a store's own files and folders "
+                                     "must lie inside it (remove the link)")
 
     def _recover(self, log) -> None:
         """Remove what an interrupted step left behind: files the committed manifest does not name."""
@@ -177,14 +283,17 @@ class Store:
             if not folder.is_dir():
                 continue
             for f in folder.iterdir():
-                if f"{kind}/{f.name}" not in referenced:
+                if f"{kind}/{f.name}" not in referenced and not f.is_dir():  # a link is removed, not followed
                     f.unlink()
                     removed += 1
+        for tmp in (MANIFEST, JOURNAL):  # a rename that never happened
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / f"{tmp}.tmp").unlink()
         if journal.exists():
             from slowllama.config import read_json
             try:
                 j = read_json(journal)
-                cut = j.get("step")
+                cut = j.get("step", "?") if isinstance(j, dict) else "?"
             except SlowllamaError:
                 cut = "?"
             if cut == self.step:
@@ -194,6 +303,8 @@ class Store:
                     f"({removed} partial files removed)")
             journal.unlink()
             fsync_dir(self.path)
+        elif removed:
+            log(f"recovered: removed {removed} files an interrupted step left; the store is at step {self.step}")
         shutil.rmtree(self.path / "scratch", ignore_errors=True)
 
     def close(self) -> None:
@@ -251,14 +362,63 @@ class Store:
         return int(self.file_info(name, kind)["bytes"])
 
     # ---- reading and writing -----------------------------------------------------------------
+    def file_path(self, info: dict) -> Path:
+        """The path of a manifest entry, refused unless it is a plain file inside the store (no links)."""
+        path = self.path / info["file"]
+        if path.is_symlink() or not os.path.realpath(path).startswith(os.path.realpath(self.path) + os.sep):
+            raise SlowllamaError(f"{path}: a symbolic link or a path that leads outside the store; "
+                                 "module files must be plain files inside it")
+        if not path.exists():
+            on_disk = self._step_on_disk()
+            if on_disk is not None and on_disk != self.step:
+                raise SlowllamaError(f"{path}: module file missing: the store moved from step {self.step} to "
+                                     f"{on_disk} while it was read (a finetune wrote it)")
+        return path
+
+    def _step_on_disk(self) -> Optional[int]:
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            return int(json.loads((self.path / MANIFEST).read_text())["step"])
+        return None
+
     def read(self, name: str, kind: str = "modules",
              alloc: Optional[Callable[[int], torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-        """The tensors of one module file (CPU, one buffer). Checked against the manifest's size and hash."""
+        """The tensors of one module file (CPU, one buffer).
+
+        Checked against the manifest's size and hash, and against the model's names and shapes.
+        """
         info = self.file_info(name, kind)
         expect = (int(info["bytes"]), info["xxh3"]) if self.verify else None
-        tensors = st.read_file(str(self.path / info["file"]), alloc=alloc, expect=expect, drop_cache=self.drop_cache)
+        path = self.file_path(info)
+        tensors = st.read_file(str(path), alloc=alloc, expect=expect, drop_cache=self.drop_cache)
         self.bytes_read += int(info["bytes"])
+        self._check_shapes(name, kind, tensors, path)
         return tensors
+
+    def _check_shapes(self, name: str, kind: str, tensors: dict, path: Path) -> None:
+        """Refuse a file whose tensors are not the module's (a store edited outside slowllama)."""
+        if name not in self.expected_shapes or kind not in KINDS:
+            return  # extras: the source's own keys
+        expected = self.expected_shapes[name]
+        for key, t in tensors.items():
+            weight = key if kind != "optim" else key.rsplit(".", 1)[0]
+            if kind == "optim" and key == "step":
+                continue
+            if weight not in expected or tuple(t.shape) != expected[weight]:
+                raise SlowllamaError(f"{path}: tensor {key!r} {list(t.shape)} is not a weight of {name} "
+                                     "(the file does not fit the model)")
+            want = self.dtype if kind == "modules" else torch.float32 if kind == "master" else t.dtype
+            if t.dtype != want:
+                raise SlowllamaError(f"{path}: tensor {key!r} is {t.dtype}, the store holds {want}")
+        if kind != "optim" and set(tensors) != set(expected):
+            missing = sorted(set(expected) - set(tensors))
+            raise SlowllamaError(f"{path}: tensor {missing[0]!r} missing")
+
+    @functools.cached_property
+    def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """{module name: {weight name: shape}} of the model the manifest describes."""
+        from slowllama.model import module_names, module_shapes
+
+        return {name: module_shapes(self.args, name) for name in module_names(self.args)}
 
     def read_slice(self, name: str, key: str, dim: Optional[int] = None, start: int = 0,
                    length: Optional[int] = None, kind: str = "modules") -> torch.Tensor:
@@ -266,7 +426,7 @@ class Store:
         from safetensors import safe_open
 
         info = self.file_info(name, kind)
-        with safe_open(str(self.path / info["file"]), framework="pt") as f:
+        with safe_open(str(self.file_path(info)), framework="pt") as f:
             if dim is None:
                 return f.get_tensor(key)
             sl = f.get_slice(key)
@@ -277,7 +437,15 @@ class Store:
     def begin_step(self, step: int) -> None:
         """Mark that step `step` is being written; a crash from here on is rolled back at next open."""
         self._require_writable()
-        write_json_atomic(self.path / JOURNAL, {"step": step, "pid": os.getpid(), "time": time.time()})
+        try:
+            write_json_atomic(self.path / JOURNAL, {"step": step, "pid": os.getpid(), "time": time.time()})
+            fault_point("store.begin_step")
+        except OSError as e:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / JOURNAL).unlink()
+            if e.errno == errno.ENOSPC:
+                raise disk_full_error(e, str(self.path / JOURNAL)) from None
+            raise
 
     def write(self, name: str, tensors: dict[str, torch.Tensor], kind: str = "modules",
               gen: Optional[int] = None) -> dict:
@@ -291,11 +459,15 @@ class Store:
         folder.mkdir(exist_ok=True)
         rel = f"{kind}/{name}@{gen}.safetensors"
         try:
+            fault_point("store.write.before")
             size, digest = st.write_file(str(self.path / rel), {k: v.cpu() for k, v in tensors.items()})
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                (self.path / rel).unlink()  # a partial file
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 raise disk_full_error(e, str(self.path / rel)) from None
             raise
+        fault_point("store.write.after")
         info = {"file": rel, "bytes": size, "xxh3": digest}
         with self._pending_lock:
             self._pending[(kind, name)] = info
@@ -310,7 +482,7 @@ class Store:
         """
         self._require_writable()
         with self._pending_lock:
-            pending, self._pending = self._pending, {}
+            pending = dict(self._pending)  # they stay pending (rollback removes them) until the rename
             dirs, self._fsync_dirs = self._fsync_dirs, set()
         for d in dirs:
             fsync_dir(d)
@@ -323,18 +495,28 @@ class Store:
             manifest["files"][kind][name] = info
         manifest["step"] = step
         manifest.update(updates or {})
-        try:
-            write_json_atomic(self.path / MANIFEST, manifest)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise disk_full_error(e, str(self.path / MANIFEST)) from None
-            raise
-        self.manifest = manifest
-        for rel in old_files:
+        with signals_deferred():  # a second Ctrl-C lands before or after the commit, never inside it
+            try:
+                write_json_atomic(self.path / MANIFEST, manifest, fault="store.commit")
+            except OSError as e:
+                if self._step_on_disk() != step:  # the rename did not happen: nothing was committed
+                    if e.errno == errno.ENOSPC:
+                        raise disk_full_error(e, str(self.path / MANIFEST)) from None
+                    raise
+                self._committed(manifest, pending)  # renamed, but the folder's fsync failed
+                raise
+            self._committed(manifest, pending)
+            for rel in old_files:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / rel).unlink()
             with contextlib.suppress(FileNotFoundError):
-                (self.path / rel).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self.path / JOURNAL).unlink()
+                (self.path / JOURNAL).unlink()
+
+    def _committed(self, manifest: dict, pending: dict) -> None:
+        self.manifest = manifest
+        with self._pending_lock:
+            for key in pending:
+                self._pending.pop(key, None)
 
     def rollback(self) -> None:
         """Drop every file written since the last commit (the step failed before committing)."""
@@ -356,6 +538,22 @@ class Store:
     def _require_writable(self) -> None:
         if not self.writable:
             raise SlowllamaError(f"{self.path}: store opened read-only")
+
+    def check_step_space(self, optim_bytes_per_weight: int, master_bytes_per_weight: int, spill_bytes: int) -> None:
+        """Refuse to start training when one step's new files would not fit on the store's disk.
+
+        A step writes new module files (and optimizer state, master weights) beside the committed
+        ones, which go only once it commits; activations beyond the memory budget go to scratch/.
+        """
+        from slowllama.memory import format_size
+
+        modules = sum(int(info["bytes"]) for name, info in self.manifest["files"]["modules"].items()
+                      if name in self.expected_shapes)
+        weights = modules // element_size(self.dtype)
+        parts = {"new module files": modules, "optimizer state": weights * optim_bytes_per_weight,
+                 "master weights": weights * master_bytes_per_weight, "spilled activations": spill_bytes}
+        detail = ", ".join(f"{what} {format_size(n)}" for what, n in parts.items() if n)
+        check_free_space(self.path, sum(parts.values()) + (1 << 20), "a training step", detail)
 
     def verify_all(self, progress=None) -> list[str]:
         """Check the size and checksum of every file the manifest names; returns the problems found."""

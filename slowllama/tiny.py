@@ -13,7 +13,9 @@ import torch
 
 from slowllama.config import PRESETS, ModelArgs, dtype_from_name
 from slowllama.errors import SlowllamaError
+from slowllama.data import read_text
 from slowllama.loader import expected_shapes, meta_split_dim
+from slowllama.store import check_output_folder
 from slowllama.tokenizer import train_tokenizer
 
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "test_data" / "alice.txt"
@@ -54,10 +56,17 @@ def write_tiny(out: Path, *, text: Optional[Path] = None, shards: int = 2, dtype
     text = Path(text) if text else DEFAULT_TEXT
     if not text.is_file():
         raise SlowllamaError(f"{text}: training text for the tokenizer not found (pass --text FILE)")
-    if out.exists() and not force:
-        raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
+    read_text(text)  # UTF-8, not empty
+    check_output_folder(out, force)
     params = {**PRESETS["tiny"], **overrides}
     args = ModelArgs.from_params(params, "tiny model")
+    if shards < 1:
+        raise SlowllamaError(f"--shards: must be at least 1, got {shards}")
+    for key, shape in expected_shapes(args).items():
+        dim = meta_split_dim(key, args) if shards > 1 else None
+        if dim is not None and shape[dim] % shards:
+            raise SlowllamaError(f"--shards {shards}: {key!r} of size {shape[dim]} along dim {dim} does not "
+                                 f"split into {shards} equal parts")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     tmp.chmod(0o755)
     try:

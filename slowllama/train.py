@@ -162,6 +162,8 @@ def validate_finetune(s: FinetuneSettings) -> None:
         raise SlowllamaError(f"--save-every: must be at least 1, got {s.save_every}")
     if s.lora_rank and s.master_weights != "none":
         raise SlowllamaError("--master-weights: LoRA trains fp32 adapters; the base is never updated")
+    if s.completion_tokens < 0:
+        raise SlowllamaError(f"--completion-tokens: must be >= 0, got {s.completion_tokens}")
     if s.warmup_steps < 0:
         raise SlowllamaError(f"--warmup-steps: must be >= 0, got {s.warmup_steps}")
     if not (math.isfinite(s.grad_clip) and s.grad_clip >= 0):
@@ -172,16 +174,26 @@ def validate_finetune(s: FinetuneSettings) -> None:
         raise SlowllamaError(f"--lr-schedule: unknown schedule {s.lr_schedule!r}")
 
 
-class StopRequest:
-    """SIGINT / SIGTERM: finish or roll back the step in progress, then stop with 130 / 143."""
+class StopNow(KeyboardInterrupt):
+    def __init__(self, code: int):
+        super().__init__()
+        self.code = code
 
-    def __init__(self):
+
+class StopRequest:
+    """SIGINT / SIGTERM: finish the step in progress, then stop with 130 / 143; a second one stops at once."""
+
+    def __init__(self, log: Callable[[str], None] = print):
         self.signum: Optional[int] = None
+        self.log = log
 
     def __call__(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop now (the step is rolled back at next start)
-            raise KeyboardInterrupt
+        code = 130 if signum == signal.SIGINT else 143
+        if self.signum is not None:  # the second: stop now, rolling the step in progress back
+            raise StopNow(code)
         self.signum = signum
+        self.log(f"{signal.Signals(signum).name}: stopping once the step in progress is committed "
+                 "(send it again to stop at once, losing that step)")
 
     @contextmanager
     def installed(self):
@@ -195,6 +207,17 @@ class StopRequest:
 
 class StoppedBySignal(SystemExit):
     pass
+
+
+def check_disk_for_steps(store: Store, s: FinetuneSettings, engine: OffloadedModel, optimizer, master: bool) -> None:
+    """Refuse to start when the disk cannot hold one step's new files and spilled activations."""
+    elsize = torch.empty((), dtype=engine.cfg.compute_dtype).element_size()
+    acts = store.args.n_layers * s.batch_size * s.accumulate * s.seq_len * store.args.dim * elsize
+    room = engine.activation_budget.limit + engine.host_activation_budget.limit
+    spill = max(0, acts - room)
+    state = getattr(optimizer, "state_dtype", torch.float32)
+    store.check_step_space(2 * state.itemsize if optimizer.stateful else 0,
+                           4 if master and store.dtype != torch.float32 else 0, spill)
 
 
 def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[dict], None]) -> dict:
@@ -211,6 +234,10 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[di
     try:
         checkpoint = AdapterCheckpoint(store, s, resolve_device(s)[0], log) if lora else StoreCheckpoint(store)
         return _finetune(store, checkpoint, s, log, emit)
+    except KeyboardInterrupt as e:  # a second Ctrl-C: the step in progress was rolled back
+        log(f"interrupted: {'the adapters are' if lora else 'the store is'} at their last saved step; "
+            "run the same command again to resume")
+        raise StoppedBySignal(getattr(e, "code", 130)) from None
     finally:
         if isinstance(checkpoint, AdapterCheckpoint):
             checkpoint.close()
@@ -234,6 +261,8 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
     engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
                          stochastic_rounding=stochastic, lora=getattr(checkpoint, "lora", None), train=True,
                          batch_size=s.batch_size, seq_len=s.seq_len, microbatches=s.accumulate)
+    if not s.lora_rank:
+        check_disk_for_steps(store, s, engine, optimizer, master)
     commit_every = 1
     if not s.lora_rank and engine.fits_in_memory():
         engine.deferred, commit_every = True, s.save_every
@@ -254,7 +283,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
             log(f"step {step}: {json.dumps(s.prompt + text, ensure_ascii=False)}")
         return out
 
-    stop = StopRequest()
+    stop = StopRequest(log)
     last = {}
     metrics_path = checkpoint.run_dir / "metrics.jsonl"
     committed = done
