@@ -235,8 +235,8 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[di
         checkpoint = AdapterCheckpoint(store, s, resolve_device(s)[0], log) if lora else StoreCheckpoint(store)
         return _finetune(store, checkpoint, s, log, emit)
     except KeyboardInterrupt as e:  # a second Ctrl-C: the step in progress was rolled back
-        log(f"interrupted: {'the adapters are' if lora else 'the store is'} at their last saved step; "
-            "run the same command again to resume")
+        where = "the adapters are at their last saved step" if lora else f"the store is at step {store.step}, committed"
+        log(f"interrupted: {where}; run the same command again to resume")
         raise StoppedBySignal(getattr(e, "code", 130)) from None
     finally:
         if isinstance(checkpoint, AdapterCheckpoint):
@@ -348,7 +348,8 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
             emit(last)
             if stop.signum is not None:
                 code = 130 if stop.signum == signal.SIGINT else 143
-                log(f"stopped after step {number} of {s.steps}; step {number} is saved. "
+                log(f"stopped after step {number} of {s.steps}; "
+                    f"{'the adapters are saved' if s.lora_rank else 'the store is committed'}. "
                     "Run the same command again to resume.")
                 raise StoppedBySignal(code)
     plot_run(checkpoint.run_dir, log)

@@ -22,9 +22,24 @@ from slowllama.train import finetune
 # fault points, 4 module files written (SGD) or 8 (AdamW: weights + state)
 COMMON = ["--device", "cpu", "--steps", "3", "--batch-size", "2", "--accumulate", "2", "--seq-len", "16",
           "--dropout", "0.1", "--seed", "3", "--log-every", "0", "--eval-every", "0", "--data", str(ALICE)]
+
+
+def streaming_budget(stateful: bool) -> str:
+    """--max-memory just above the working set of the module in flight: no module stays resident, so
+    every step reads and writes every module and commits (the path of models larger than memory)."""
+    import torch
+    from slowllama.blackbox_model import working_bytes
+    from slowllama.config import PRESETS, ModelArgs
+
+    args = ModelArgs(**{**PRESETS["tiny"], "n_layers": 2, "dim": 64})
+    return str(working_bytes(args, torch.float32, torch.float32, train=True, stateful=stateful, batch_size=2,
+                             seq_len=16, microbatches=2) + 300_000)
+
+
 RUNS = {
-    "sgd": COMMON + ["--lr", "0.05"],
-    "adamw": COMMON + ["--optimizer", "adamw", "--lr", "1e-3", "--grad-clip", "0.05", "--clip-norm", "previous"],
+    "sgd": COMMON + ["--lr", "0.05", "--max-memory", streaming_budget(False)],
+    "adamw": COMMON + ["--optimizer", "adamw", "--lr", "1e-3", "--grad-clip", "0.05", "--clip-norm", "previous",
+                       "--max-memory", streaming_budget(True)],
 }
 # one intra-op thread in every process of these tests, so that in-process and subprocess runs do the same sums
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
