@@ -111,6 +111,10 @@ def run_command(command: str, s) -> int:
         from slowllama.train import finetune
 
         finetune(s, log, emit_json if s.json else (lambda m: None))
+    elif command == "bench":
+        from slowllama.bench import bench
+
+        bench(s, log)
     return 0
 
 

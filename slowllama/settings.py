@@ -123,6 +123,29 @@ class FinetuneSettings(DeviceSettings):
     json: bool = opt(False, "print one JSON object per step")
 
 
+@dataclass
+class BenchSettings(DeviceSettings):
+    preset: str = opt("tiny", "model shape (Llama 2's, or a tiny one)", choices=["tiny", "7b", "13b", "70b"])
+    layers: Optional[int] = opt(None, "cut the preset to this many transformer blocks (to fit a small disk)")
+    dtype: str = opt("bf16", "dtype of the random store's weights", choices=["bf16", "fp16", "fp32"])
+    steps: int = opt(3, "training steps to time; the first is warm-up, left out of the medians")
+    batch_size: int = opt(16, "windows per microbatch")
+    accumulate: int = opt(1, "microbatches per step")
+    seq_len: int = opt(256, "tokens per window")
+    optimizer: str = opt("sgd", "sgd or adamw (fp32 moments in the store)", choices=["sgd", "adamw"])
+    lr: float = opt(1e-5, "learning rate")
+    lora_rank: int = opt(0, "LoRA rank (0: full fine-tuning)")
+    max_gpu_memory: Optional[str] = opt(None, "GPU memory for resident modules (e.g. 8G)")
+    save_every: int = opt(1, "commit the store every N steps")
+    store_dir: Optional[str] = opt(None, "the random store's folder: reused if it holds one of this shape and dtype, "
+                                   "kept afterwards (default: a temporary folder here, removed at the end)")
+    drop_cache: bool = opt(False, "evict module files from the page cache after each read and write, so that "
+                           "reads come from the disk (else storage figures are page-cache figures)")
+    probe_size: str = opt("1G", "size of the file that measures the disk's bandwidth")
+    seed: int = opt(0, "seed of the random weights and tokens")
+    json: bool = opt(False, "print one JSON object per step, then a summary object")
+
+
 COMMANDS = {
     "init-tiny": (InitTinySettings, "write a small random Llama in Meta format (no download needed)"),
     "prepare": (PrepareSettings, "stream a Meta checkpoint into a store (one file per module)"),
@@ -130,6 +153,7 @@ COMMANDS = {
     "eval": (EvalSettings, "eval loss and perplexity of a store on a text file"),
     "generate": (GenerateSettings, "generate text from a store, streaming its modules"),
     "finetune": (FinetuneSettings, "full fine-tuning of a store in place"),
+    "bench": (BenchSettings, "time training steps on a random-weight store against the machine's measured limits"),
 }
 
 

@@ -117,7 +117,7 @@ class Store:
         self.writable = writable
         self.lock: Optional[StoreLock] = None
         self.verify = True  # check size + checksum of every file read
-        self.drop_cache = False  # evict files from the page cache after reading them
+        self.drop_cache = False  # evict files from the page cache after reading or writing them
         self.bytes_read = 0
         self.bytes_written = 0
         self._pending: dict[tuple[str, str], dict] = {}  # (kind, name) -> file info written this step
@@ -290,7 +290,8 @@ class Store:
         folder.mkdir(exist_ok=True)
         rel = f"{kind}/{name}@{gen}.safetensors"
         try:
-            size, digest = st.write_file(str(self.path / rel), {k: v.cpu() for k, v in tensors.items()})
+            size, digest = st.write_file(str(self.path / rel), {k: v.cpu() for k, v in tensors.items()},
+                                         drop_cache=self.drop_cache)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise disk_full_error(e, str(self.path / rel)) from None
@@ -355,6 +356,12 @@ class Store:
     def _require_writable(self) -> None:
         if not self.writable:
             raise SlowllamaError(f"{self.path}: store opened read-only")
+
+    def evict_from_page_cache(self) -> None:
+        """Evict every file the manifest names from the page cache: the next reads come from the disk."""
+        for kind_files in self.manifest["files"].values():
+            for info in kind_files.values():
+                st.evict_file(str(self.path / info["file"]))
 
     def verify_all(self, progress=None) -> list[str]:
         """Check the size and checksum of every file the manifest names; returns the problems found."""
