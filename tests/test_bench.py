@@ -273,3 +273,16 @@ def test_unsupported_engine_options_are_refused():
 def test_bad_bench_input_is_one_line(tmp_path):
     assert_one_line_error(run_cli("bench", "--seq-len", "4096", "--device", "cpu", cwd=tmp_path), "--seq-len")
     assert not os.listdir(tmp_path)  # nothing left behind
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without cuda")
+def test_fsdp2_script_refuses_without_cuda():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fsdp2_offload.py"), "--layers", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert_one_line_error(proc, "needs a CUDA GPU")
