@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -183,6 +183,8 @@ def format_step(r: dict, total: int) -> str:
     mem = f"peak RSS {_gb(r['peak_rss_bytes'])}"
     if r.get("peak_gpu_bytes") is not None:
         mem += f", peak GPU {_gb(r['peak_gpu_bytes'])}"
+    if r.get("spill_bytes"):
+        parts.append(f"activations spilled {_gb(r['spill_bytes'])}")
     parts.append(mem)
     parts.append(f"bound {r['bound_seconds']:.3f} s ({r['bound_tier']}), efficiency {100 * r['efficiency']:.1f}%")
     parts.append(f"loss {r['loss']:.4f}")
@@ -244,10 +246,11 @@ def run_steps(store: Store, engine, s: BenchSettings, args, flops: StepFlops, ma
         synchronize(engine.device)
         seconds = time.perf_counter() - t0
         after = counters(engine, store)
+        gpu = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None
         raw = {"step": index + 1, "loss": result.loss, "tokens": result.tokens, "seconds": seconds,
                **{k: after[k] - before[k] for k in after if k in before},
-               "peak_rss_bytes": peak_rss(),
-               "peak_gpu_bytes": torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None}
+               "spill_bytes": getattr(acts, "bytes_spilled", None),
+               "peak_rss_bytes": peak_rss(), "peak_gpu_bytes": gpu}
         report = step_report(raw, flops, machine, s.drop_cache)
         reports.append(report)
         show(report)
@@ -267,7 +270,11 @@ def bench(s: BenchSettings, log: Callable[[str], None], out: Callable[[str], Non
     if s.store_dir:
         path = Path(s.store_dir)
     else:
-        temp = Path(tempfile.mkdtemp(prefix=".slowllama-bench-", dir=os.getcwd()))
+        try:
+            temp = Path(tempfile.mkdtemp(prefix=".slowllama-bench-", dir=os.getcwd()))
+        except OSError as e:
+            raise SlowllamaError(f"{os.getcwd()}: cannot make the temporary store folder here ({e.strerror}); "
+                                 "use --store-dir") from None
         path = temp / "store"
     try:
         check_free_space(path.parent, needed_disk(args, dtype, s.optimizer, not path.exists(), probe),

@@ -124,7 +124,8 @@ def page_cache_read_bandwidth(path: str) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20, reps: int = 5) -> tuple[Optional[float], Optional[float]]:
+def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20,
+                   reps: int = 5) -> tuple[Optional[float], Optional[float]]:
     """Pinned host -> GPU and GPU -> pinned host copy bandwidth in bytes/s; (None, None) off cuda.
 
     Copies one `nbytes` buffer `reps` times each way with non_blocking copies, timed by CUDA events

@@ -70,6 +70,8 @@ def open_or_build(path: Path, args: ModelArgs, dtype: torch.dtype, seed: int = 0
     """
     path = Path(path)
     if path.exists():
+        if not (path / "manifest.json").is_file():
+            raise SlowllamaError(f"{path}: exists and is not a store; remove it or choose another --store-dir")
         store = Store.open(path)
         if store.args != args or store.dtype != dtype:
             raise SlowllamaError(f"{path}: holds a store of another shape or dtype "

@@ -109,6 +109,9 @@ def test_random_store_is_a_valid_store_of_the_preset_cut_to_layers(tmp_path):
     assert open_or_build(path, args, torch.bfloat16, log=lambda m: None) == (path, False)
     with pytest.raises(SlowllamaError, match="another shape"):
         open_or_build(path, bench_args("tiny", layers=3), torch.bfloat16, log=lambda m: None)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(SlowllamaError, match="is not a store"):
+        open_or_build(tmp_path / "other", args, torch.bfloat16, log=lambda m: None)
 
 
 def test_big_preset_shapes_and_sizes():
@@ -214,7 +217,7 @@ def test_bench_text_output(tmp_path, monkeypatch):
     step_re = re.compile(
         r"^step (\d)/3: [\d.]+ s, \d+ tok/s, [\d.e+-]+ TFLOP/s model \(MFU [\d.]+%\), [\d.e+-]+ TFLOP/s hardware"
         r" \| SSD: read [\d.]+ [kMG]?B \([\d.]+ GB/s\), written [\d.]+ [kMG]?B \([\d.]+ GB/s\)"
-        r" \| peak RSS [\d.]+ [kMG]?B \| bound [\d.]+ s \((storage|compute)\), efficiency [\d.]+%"
+        r"( \| activations spilled [\d.]+ [kMG]?B)? \| peak RSS [\d.]+ [kMG]?B \| bound [\d.]+ s \((storage|compute)\), efficiency [\d.]+%"
         r" \| loss [\d.]+$")
     steps = [step_re.match(line) for line in lines[:3]]
     assert all(steps), lines[:3]
@@ -240,6 +243,7 @@ def test_bench_json_output_through_the_cli(tmp_path):
         assert o["model_flops"] == step_flops(args, 4, 32).model
         assert o["bytes_read"] > store_bytes(args, torch.bfloat16)  # 64K holds no module: all read, some twice
         assert o["bytes_written"] > 0 and o["storage"] == "page cache"
+        assert o["spill_bytes"] > 0  # 64K holds two of the four block inputs
         assert o["bound_seconds"] == pytest.approx(max(o["tier_seconds"].values()))
         assert o["efficiency"] == pytest.approx(o["bound_seconds"] / o["seconds"])
         assert o["tokens_per_second"] == pytest.approx(o["tokens"] / o["seconds"])
