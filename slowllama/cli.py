@@ -146,6 +146,10 @@ def run_command(command: str, s) -> int:
         summary = verify_store(Path(s.store), log=print)
         if s.json:
             emit_json(summary)
+    elif command == "bench":
+        from slowllama.bench import bench
+
+        bench(s, log)
     return 0
 
 

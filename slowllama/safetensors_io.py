@@ -57,9 +57,27 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+def drop_from_page_cache(fd: int) -> None:
+    """Evict an open file's clean pages from the page cache (posix_fadvise DONTNEED; a no-op where missing)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def evict_file(path: str) -> None:
+    """Evict a file from the page cache, so that its next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        drop_from_page_cache(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file(path: str, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None,
-               fsync: bool = True) -> tuple[int, str]:
-    """Write tensors (CPU) as a safetensors file; returns (size, xxh3-128 hex) of the whole file."""
+               fsync: bool = True, drop_cache: bool = False) -> tuple[int, str]:
+    """Write tensors (CPU) as a safetensors file; returns (size, xxh3-128 hex) of the whole file.
+
+    drop_cache evicts the file from the page cache once it is fsynced (only clean pages can go).
+    """
     specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
     head, _, data_len = layout(specs, metadata)
     h = Hasher()
@@ -73,6 +91,8 @@ def write_file(path: str, tensors: dict[str, torch.Tensor], metadata: Optional[d
         f.flush()
         if fsync:
             os.fsync(f.fileno())
+        if drop_cache:
+            drop_from_page_cache(f.fileno())
     return len(head) + data_len, h.hexdigest()
 
 
@@ -134,8 +154,8 @@ def read_file(path: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
             h.update(memoryview(view))
             if h.hexdigest() != expect[1]:
                 raise SlowllamaError(f"{path}: checksum mismatch (altered or corrupted outside slowllama)")
-        if drop_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if drop_cache:
+            drop_from_page_cache(f.fileno())
     out = {}
     for key, info in header.items():
         try:

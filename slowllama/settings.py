@@ -28,6 +28,8 @@ class DeviceSettings:
                                        choices=["fp32", "bf16", "fp16"])
     max_memory: str = opt("auto", "host memory for resident modules and cached activations "
                           "(e.g. 8G; auto: half of physical memory)")
+    max_gpu_memory: str = opt("auto", "GPU memory for resident modules and cached activations "
+                              "(e.g. 20G; auto: 90% of the GPU's)")
     debug: bool = opt(False, "show tracebacks of errors")
 
 
@@ -190,6 +192,29 @@ class VerifySettings:
     debug: bool = opt(False, "show tracebacks of errors")
 
 
+@dataclass
+class BenchSettings(DeviceSettings):
+    preset: str = opt("tiny", "model shape (Llama 2's, or a tiny one)", choices=["tiny", "7b", "13b", "70b"])
+    layers: Optional[int] = opt(None, "cut the preset to this many transformer blocks (to fit a small disk)")
+    dtype: str = opt("bf16", "dtype of the random store's weights", choices=["bf16", "fp16", "fp32"])
+    steps: int = opt(3, "training steps to time; the first is warm-up, left out of the medians")
+    batch_size: int = opt(16, "windows per microbatch")
+    accumulate: int = opt(1, "microbatches per step")
+    seq_len: int = opt(256, "tokens per window")
+    optimizer: str = opt("sgd", "sgd or adamw (fp32 moments in the store)", choices=["sgd", "adamw"])
+    lr: float = opt(1e-5, "learning rate")
+    lora_rank: int = opt(0, "LoRA rank (0: full fine-tuning); the adapters train with AdamW")
+    lora_targets: str = opt("wq,wv", "comma-separated linears to adapt: wq,wk,wv,wo,w1,w2,w3")
+    save_every: int = opt(1, "when the model fits in memory (it then stays resident), commit the store every N steps")
+    store_dir: Optional[str] = opt(None, "the random store's folder: reused if it holds one of this shape and dtype, "
+                                   "kept afterwards (default: a temporary folder here, removed at the end)")
+    drop_cache: bool = opt(False, "evict module files from the page cache after each read and write, so that "
+                           "reads come from the disk (else storage figures are page-cache figures)")
+    probe_size: str = opt("1G", "size of the file that measures the disk's bandwidth")
+    seed: int = opt(0, "seed of the random weights and tokens")
+    json: bool = opt(False, "print one JSON object per step, then a summary object")
+
+
 COMMANDS = {
     "init-tiny": (InitTinySettings, "write a small random Llama in Meta format (no download needed)"),
     "prepare": (PrepareSettings, "stream a Meta or Hugging Face checkpoint into a store (one file per module)"),
@@ -200,6 +225,7 @@ COMMANDS = {
     "fuse": (FuseSettings, "write a store with LoRA adapters merged in, in the source's format"),
     "plot": (PlotSettings, "plot the train and eval loss of a store's run (needs matplotlib)"),
     "verify": (VerifySettings, "check every file of a store: sizes, checksums, shapes, no links outside it"),
+    "bench": (BenchSettings, "time training steps on a random-weight store against the machine's measured limits"),
 }
 
 

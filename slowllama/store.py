@@ -196,7 +196,7 @@ class Store:
         self.writable = writable
         self.lock: Optional[StoreLock] = None
         self.verify = True  # check size + checksum of every file read
-        self.drop_cache = False  # evict files from the page cache after reading them
+        self.drop_cache = False  # evict files from the page cache after reading or writing them
         self.bytes_read = 0
         self.bytes_written = 0
         self._pending: dict[tuple[str, str], dict] = {}  # (kind, name) -> file info written this step
@@ -460,7 +460,8 @@ class Store:
         rel = f"{kind}/{name}@{gen}.safetensors"
         try:
             fault_point("store.write.before")
-            size, digest = st.write_file(str(self.path / rel), {k: v.cpu() for k, v in tensors.items()})
+            size, digest = st.write_file(str(self.path / rel), {k: v.cpu() for k, v in tensors.items()},
+                                         drop_cache=self.drop_cache)
         except BaseException as e:
             with contextlib.suppress(OSError):
                 (self.path / rel).unlink()  # a partial file
@@ -554,6 +555,12 @@ class Store:
                  "master weights": weights * master_bytes_per_weight, "spilled activations": spill_bytes}
         detail = ", ".join(f"{what} {format_size(n)}" for what, n in parts.items() if n)
         check_free_space(self.path, sum(parts.values()) + (1 << 20), "a training step", detail)
+
+    def evict_from_page_cache(self) -> None:
+        """Evict every file the manifest names from the page cache: the next reads come from the disk."""
+        for kind_files in self.manifest["files"].values():
+            for info in kind_files.values():
+                st.evict_file(str(self.path / info["file"]))
 
     def verify_all(self, progress=None) -> list[str]:
         """Check the size and checksum of every file the manifest names; returns the problems found."""
