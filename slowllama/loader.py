@@ -55,15 +55,24 @@ def shard_files(src: Path) -> list[Path]:
     return files
 
 
+# torch.save's legacy (pre-1.6, non-zip) format starts with its magic number, pickled (protocol 2)
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint shard, memory-mapped; only plain tensors are accepted (weights_only)."""
+    import zipfile
+
     try:
-        try:
+        if zipfile.is_zipfile(path):
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        else:
+            with open(path, "rb") as f:
+                legacy = f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC
+            if not legacy:
+                raise SlowllamaError(f"{path}: not a PyTorch checkpoint, or truncated (neither torch.save's zip "
+                                     "format nor its legacy one)")
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy: read whole, no mmap
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise SlowllamaError(f"{path}: not a plain tensor checkpoint (it needs arbitrary code to unpickle, "

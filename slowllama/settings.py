@@ -29,7 +29,7 @@ class DeviceSettings:
     max_memory: str = opt("auto", "host memory for resident modules and cached activations "
                           "(e.g. 8G; auto: half of physical memory)")
     max_gpu_memory: str = opt("auto", "GPU memory for resident modules and cached activations "
-                              "(e.g. 20G; auto: 90% of the GPU's)")
+                              "(e.g. 20G; auto: 90%% of the GPU's)")
     debug: bool = opt(False, "show tracebacks of errors")
 
 
