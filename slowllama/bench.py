@@ -271,7 +271,8 @@ def bench(s: BenchSettings, log: Callable[[str], None], out: Callable[[str], Non
             lora = lora_state(args, s, device) if s.lora_rank else None
             engine = make_engine(store, s, optimizer=optimizer, lora=lora, seed=s.seed, train=True,
                                  stochastic_rounding=dtype == torch.bfloat16, batch_size=s.batch_size,
-                                 seq_len=s.seq_len, microbatches=s.accumulate)
+                                 seq_len=s.seq_len, microbatches=s.accumulate, lookahead=2 if s.prefetch else 0,
+                                 write_queue=2 if s.async_writes else 0)
             commit_every = 1
             if lora is None and engine.fits_in_memory():  # as finetune does: writes at commit points only
                 engine.deferred, commit_every = True, s.save_every
@@ -288,6 +289,7 @@ def bench(s: BenchSettings, log: Callable[[str], None], out: Callable[[str], Non
                       "matmul_params": matmul_params(args)["total"], "store_bytes": store_bytes(args, dtype),
                       "store_dtype": s.dtype, "compute_dtype": dtype_name(compute_dtype), "optimizer": s.optimizer,
                       "batch_size": s.batch_size, "accumulate": s.accumulate, "seq_len": s.seq_len,
+                      "prefetch": s.prefetch, "async_writes": s.async_writes,
                       "tokens_per_step": s.batch_size * s.accumulate * s.seq_len,
                       "model_flops": flops.model, "hardware_flops": flops.hardware, "drop_cache": s.drop_cache,
                       "counts_host_device": True, "machine": machine_record}

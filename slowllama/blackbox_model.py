@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from slowllama.config import ModelArgs
 from slowllama.errors import SlowllamaError
@@ -323,15 +324,7 @@ class OffloadedModel:
             self._update_adapters(step, lr, max_grad_norm)
             return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=self._grad_norm())
         fault_point("backward.module")
-        emb = self.module("tok_embeddings", train=True, grad=True)
-        for k, (x, _) in enumerate(batches):
-            self._seed(step, k, 0)
-            with torch.enable_grad():
-                out = emb(x.to(self.device))
-            out.backward(grads[k])
-        if tied_grad is not None:
-            emb.weight.grad += tied_grad
-        self._update("tok_embeddings", emb, step, lr, clip_coef)
+        self._embeddings_backward(batches, grads, tied_grad, step, lr, clip_coef)
         if on_module_done:
             on_module_done("tok_embeddings")
         return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=self._grad_norm())
@@ -339,7 +332,55 @@ class OffloadedModel:
     def _finish(self, name: str, module: nn.Module, step: int, lr: float, clip_coef: float) -> None:
         """A module's backward is done: update it (full fine-tuning) or leave it (LoRA: frozen base)."""
         if self.lora is None:
-            self._update(name, module, step, lr, clip_coef)
+            self._update(name, {k: p.grad for k, p in module.named_parameters()}, step, lr, clip_coef)
+
+    def _embeddings_backward(self, batches, grads, tied_grad, step: int, lr: float, clip_coef: float) -> None:
+        """The embeddings' gradient, only in the rows the step used; SGD updates only those rows.
+
+        The rows are gathered once (ids sorted), and each microbatch's lookup and dropout are re-run on
+        them: the same values and masks as the forward pass, and a gradient of (used rows, dim)
+        instead of (vocab, dim). AdamW (whose moments move every row), master weights and a tied
+        output projection (a gradient in every row) take the dense path.
+        """
+        weight = self.weights("tok_embeddings")["weight"]
+        ids = torch.unique(torch.cat([x.reshape(-1) for x, _ in batches]).to(self.device))
+        rows = weight[ids].to(self.cfg.compute_dtype).requires_grad_(True)
+        p = self.cfg.dropout
+        for k, (x, _) in enumerate(batches):
+            self._seed(step, k, 0)
+            with torch.enable_grad():
+                out = F.dropout(F.embedding(torch.searchsorted(ids, x.to(self.device)), rows), p, training=p > 0)
+            out.backward(grads[k])
+        sparse = (not self.optimizer.stateful and tied_grad is None
+                  and not (self.cfg.master_weights and self.store.dtype != torch.float32))
+        if sparse:
+            self._update_rows("tok_embeddings", "weight", ids, rows.grad, step, lr, clip_coef)
+            return
+        dense = torch.zeros(weight.shape, dtype=torch.float32, device=self.device)
+        dense.index_add_(0, ids, rows.grad.float())
+        if tied_grad is not None:
+            dense += tied_grad.float()
+        self._update("tok_embeddings", {"weight": dense}, step, lr, clip_coef)
+
+    def _update_rows(self, name: str, key: str, ids: torch.Tensor, grad: torch.Tensor, step: int, lr: float,
+                     clip_coef: float) -> None:
+        """SGD on some rows of one weight: w[ids] -= lr * grad, the other rows untouched (their gradient is 0)."""
+        grad = grad.float()
+        self._check_finite(step, f"{name}.", {key: grad})
+        if not self._apply:
+            return
+        if clip_coef != 1.0:
+            grad.mul_(clip_coef)
+        self._touched = True
+        tensors = self.weights(name)
+        rows = tensors[key][ids].float()
+        self.optimizer.update({key: rows}, {key: grad}, {}, lr)
+        gen = None
+        if self.cfg.stochastic_rounding and self.store.dtype == torch.bfloat16:
+            seed = module_seed(self.cfg.seed, step, -1, self.names.index(name))
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        tensors[key][ids] = round_to(rows, self.store.dtype, gen)
+        self._keep(name, "modules", tensors)
 
     def _check_finite(self, step: int, where: str, grads: dict[str, torch.Tensor]) -> None:
         """Record each gradient's norm; a non-finite one stops the step before anything is written.
@@ -375,14 +416,14 @@ class OffloadedModel:
         with torch.no_grad():
             self.optimizer.update({k: p.data for k, p in params.items()}, grads, self.lora.optim_state, lr)
 
-    def _update(self, name: str, module: nn.Module, step: int, lr: float, clip_coef: float) -> None:
+    def _update(self, name: str, grads: dict[str, torch.Tensor], step: int, lr: float, clip_coef: float) -> None:
         """Apply the optimizer to a module's accumulated gradients; write weights (and state) back.
 
         The update runs in fp32: on the master copy if there is one (in place), else on the stored
         weights upcast, rounded back to the store's dtype (stochastically if so configured).
         The cached tensors may be updated in place, so a failed step must drop the cache (discard_step).
         """
-        grads = {k: p.grad.float() for k, p in module.named_parameters()}
+        grads = {k: g.float() for k, g in grads.items()}
         self._check_finite(step, f"{name}.", grads)
         if not self._apply:
             return

@@ -84,6 +84,7 @@ class Entry:
     counted: int  # bytes this entry holds of its tier's budget (0 when a pool buffer, counted by the pool, backs it)
     buffer: Optional[torch.Tensor] = None  # the pool buffer behind host tensors
     dirty: bool = False  # newer than the store's copy
+    ready: Optional[object] = None  # host tensors copied from the device: a cuda event to wait for first
 
 
 class Pipeline:
@@ -102,6 +103,7 @@ class Pipeline:
         self.writing: dict[Key, Future] = {}
         self.plan: list[Key] = []
         self.pos = 0
+        self.current: set[Key] = set()  # the keys of the module in use: asked for again by its update, kept
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-read")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-write")
         self.writes: deque[Future] = deque()
@@ -140,6 +142,9 @@ class Pipeline:
     def get(self, key: Key) -> dict[str, torch.Tensor]:
         """The tensors of `key` on the device, in the store's dtypes; waits for its read if needed."""
         self._advance(key)
+        if not any(k[1] == key[1] for k in self.current):
+            self.current = set()
+        self.current.add(key)
         self._collect()
         entry = self.entries.get(key)
         if entry is None:
@@ -156,12 +161,15 @@ class Pipeline:
             tensors, event = staged
             self._wait(event, tensors)
             return tensors
+        if entry.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(entry.ready)
         self.h2d_bytes += tensors_bytes(entry.tensors)
         return {k: v.to(self.device, non_blocking=self.cuda) for k, v in entry.tensors.items()}
 
     def _collect(self) -> None:
-        """Admit finished reads, so that the memory they hold is counted and can be evicted."""
-        for key in [k for k, f in self.loading.items() if f.done()]:
+        """Admit finished reads that the plan no longer needs soon, so that their memory is counted and can be
+        evicted (reads of the next modules are part of the working set until used)."""
+        for key in [k for k, f in self.loading.items() if f.done() and self._distance(k) >= self.lookahead]:
             self._admit(key, *self.loading.pop(key).result())
 
     def _prefetch(self) -> None:
@@ -241,26 +249,58 @@ class Pipeline:
             while budget.used > budget.limit:
                 if tier == "host" and self.pool is not None and self.pool.trim(budget.used - budget.limit):
                     continue
-                victims = [k for k, e in self.entries.items() if e.tier == tier]
+                victims = [k for k, e in self.entries.items() if e.tier == tier and k not in self.current]
                 if not victims:
                     break
                 self._evict(max(victims, key=self._distance))
 
     def _evict(self, key: Key) -> None:
-        """Drop a resident module (the caller may still hold its tensors: memory is freed when it lets go)."""
+        """Move a module off the device into host memory if it has room, else drop it (writing it first
+        if it is newer than the store). The caller may still hold its tensors: memory is freed when it lets go."""
         entry = self.entries.pop(key)
-        if entry.dirty:
-            self._write(key, entry.tensors)
+        if entry.tier == "device" and self.split and self.host_budget.free >= entry.counted:
+            host, buf, event = self._copy_to_host(entry.tensors)
+            self.entries[key] = Entry(host, "host", 0, buffer=buf, dirty=entry.dirty, ready=event)
+            self._release(key, entry)
+            return
         staged = self.staged.pop(key, None)
         if staged is not None and staged[1] is not None:
             staged[1].synchronize()  # a copy from its host buffer is in flight
-        self._release(entry)
+        if entry.dirty:  # the write takes the host buffer over, and gives it back when done
+            self._write(key, entry.tensors, entry.ready, owned=entry.buffer)
+            entry.buffer = None
+        self._release(key, entry)
 
-    def _release(self, entry: Entry) -> None:
+    def _release(self, key: Key, entry: Entry) -> None:
         budget = self.device_budget if entry.tier == "device" else self.host_budget
         budget.give(entry.counted)
         if entry.buffer is not None:
+            if entry.ready is not None:
+                entry.ready.synchronize()  # the copy into the buffer must be over before it is reused
+            pending = self.writing.get(key)
+            if pending is not None and entry.tier == "host":
+                pending.result()  # a write may still be reading it
             self.pool.give(entry.buffer)
+
+    def _copy_to_host(self, tensors: dict[str, torch.Tensor]):
+        """Start copying device tensors into one host buffer (pinned, async on cuda); returns (host, buffer, event)."""
+        size = tensors_bytes(tensors)
+        self.d2h_bytes += size
+        if not self.cuda:  # mps: plain copies
+            return {k: t.to("cpu") for k, t in tensors.items()}, None, None
+        buf = self.pool.take(size)
+        host, off = {}, 0
+        for k, t in tensors.items():
+            host[k] = buf[off:off + nbytes(t)].view(t.dtype).view(t.shape)
+            off += nbytes(t)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            for k, t in tensors.items():
+                host[k].copy_(t, non_blocking=True)
+                t.record_stream(self.copy_stream)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return host, buf, event
 
     # ---- updates and writes -----------------------------------------------------------------
     def put(self, key: Key, tensors: dict[str, torch.Tensor], persist: bool) -> None:
@@ -268,7 +308,7 @@ class Pipeline:
         else marked dirty (written at the next write_dirty or when evicted)."""
         old = self.entries.pop(key, None)
         if old is not None:
-            self._release(old)
+            self._release(key, old)
         size = tensors_bytes(tensors)
         self.device_budget.take(size)
         self.entries[key] = Entry(tensors, "device", size, dirty=not persist)
@@ -277,27 +317,16 @@ class Pipeline:
             self._write(key, tensors)
         self._fit()
 
-    def _write(self, key: Key, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy to a host buffer (async on cuda) and queue the write; waits while the queue is full."""
-        buf, event, host = None, None, tensors
-        if self.cuda:
-            size = tensors_bytes(tensors)
-            buf = self.pool.take(size)
-            host, off = {}, 0
-            for k, t in tensors.items():
-                host[k] = buf[off:off + nbytes(t)].view(t.dtype).view(t.shape)
-                off += nbytes(t)
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.copy_stream):
-                for k, t in tensors.items():
-                    host[k].copy_(t, non_blocking=True)
-                    t.record_stream(self.copy_stream)
-                event = torch.cuda.Event()
-                event.record(self.copy_stream)
-            self.d2h_bytes += size
-        elif self.split:  # mps: a plain copy to host memory
-            host = {k: t.to("cpu") for k, t in tensors.items()}
-            self.d2h_bytes += tensors_bytes(tensors)
+    def _write(self, key: Key, tensors: dict[str, torch.Tensor], ready=None, owned=None) -> None:
+        """Queue the write of a module (copied to a host buffer first, async on cuda); waits while the queue
+        is full. `ready`: an event host tensors wait for (a copy from the device into them); `owned`: their
+        pool buffer, handed to the write, which gives it back when done."""
+        buf, event, host = owned, None, tensors
+        on_device = any(t.device.type != "cpu" for t in tensors.values())
+        if on_device:
+            host, buf, event = self._copy_to_host(tensors)
+        elif ready is not None:
+            ready.synchronize()
         t0 = time.perf_counter()
         while len(self.writes) >= self.write_queue:
             self.writes.popleft().result()
@@ -305,6 +334,8 @@ class Pipeline:
         future = self.writer.submit(self._write_job, key, host, buf, event)
         self.writes.append(future)
         self.writing[key] = future
+        if self.write_queue == 0:  # synchronous writes (for comparison): wait for this one too
+            self.flush()
 
     def _write_job(self, key: Key, host, buf, event) -> None:
         try:
@@ -319,7 +350,7 @@ class Pipeline:
         """Queue the write of every resident module newer than the store (deferred commits)."""
         for key, entry in self.entries.items():
             if entry.dirty:
-                self._write(key, entry.tensors)
+                self._write(key, entry.tensors, entry.ready)
                 entry.dirty = False
 
     def flush(self) -> None:
@@ -350,7 +381,7 @@ class Pipeline:
         self.loading.clear()
         self.staged.clear()
         for key in list(self.entries):
-            self._release(self.entries.pop(key))
+            self._release(key, self.entries.pop(key))
 
     def resident(self) -> dict[str, int]:
         """Bytes of modules resident per tier."""

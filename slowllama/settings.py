@@ -211,6 +211,8 @@ class BenchSettings(DeviceSettings):
     drop_cache: bool = opt(False, "evict module files from the page cache after each read and write, so that "
                            "reads come from the disk (else storage figures are page-cache figures)")
     probe_size: str = opt("1G", "size of the file that measures the disk's bandwidth")
+    prefetch: bool = opt(True, "read the next modules while the current one computes (off: to measure the gain)")
+    async_writes: bool = opt(True, "write updated modules in the background (off: to measure the gain)")
     seed: int = opt(0, "seed of the random weights and tokens")
     json: bool = opt(False, "print one JSON object per step, then a summary object")
 

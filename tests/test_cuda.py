@@ -1,0 +1,78 @@
+"""The engine on a CUDA GPU: the same results as on the CPU, whatever the memory budgets (skipped without cuda)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import ALICE, run_cli
+from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
+from slowllama.blackbox_model import working_bytes
+from slowllama.data import load_text
+from slowllama.loader import prepare_meta
+from slowllama.settings import FinetuneSettings
+from slowllama.store import Store
+from slowllama.tokenizer import load_tokenizer
+from slowllama.train import finetune
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+quiet = dict(log=lambda m: None, emit=lambda m: None)
+
+
+def run(store, **kw):
+    args = dict(store=str(store), data=str(ALICE), device="cuda", compute_dtype="fp32", eval_every=0, log_every=0,
+                steps=3, batch_size=2, accumulate=2, seq_len=32, lr=0.05)
+    return finetune(FinetuneSettings(**{**args, **kw}), **quiet)
+
+
+def tight(store, stateful=False) -> dict:
+    """Budgets just above the working set: nothing stays on the GPU, little in host memory."""
+    work = working_bytes(Store.open(store).args, torch.float32, torch.float32, train=True, stateful=stateful,
+                         batch_size=2, seq_len=32, microbatches=2)
+    return dict(max_gpu_memory=str(work + 200_000), max_memory=str(2_000_000))
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("budgets", ["resident", "tight"])
+def test_sgd_on_cuda_equals_in_memory_on_cpu(tiny_fp32, tmp_path, budgets):
+    store = prepare_meta(tiny_fp32, tmp_path / "s", log=lambda m: None)
+    run(store, **(tight(store) if budgets == "tight" else {}))
+    model = meta_model(tiny_fp32)
+    train_in_memory(model, load_text(ALICE, load_tokenizer(store)), 3, 2, 2, 32, 0.05)
+    assert_state_close(store_state_dict(store), model.state_dict(), rtol=1e-4, atol=1e-6)
+
+
+def test_adamw_with_dropout_is_the_same_under_any_budget(tiny_fp32, tmp_path):
+    a = prepare_meta(tiny_fp32, tmp_path / "a", log=lambda m: None)
+    b = prepare_meta(tiny_fp32, tmp_path / "b", log=lambda m: None)
+    common = dict(optimizer="adamw", lr=1e-3, dropout=0.1)
+    run(a, **common)
+    run(b, **common, **tight(b, stateful=True))
+    assert_state_close(store_state_dict(b), store_state_dict(a), rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_training_lora_eval_and_generation(tiny_bf16, tmp_path):
+    store = prepare_meta(tiny_bf16, tmp_path / "s", log=lambda m: None)
+    result = finetune(FinetuneSettings(store=str(store), data=str(ALICE), device="cuda", eval_every=0, log_every=0,
+                                       steps=20, batch_size=8, seq_len=64, lr=3e-3, optimizer="adamw"), **quiet)
+    assert result["loss"] < 5.5 and result["peak_gpu_bytes"] > 0
+    lora = finetune(FinetuneSettings(store=str(store), data=str(ALICE), device="cuda", eval_every=0, log_every=0,
+                                     steps=5, batch_size=8, seq_len=64, lr=3e-3, lora_rank=4,
+                                     adapter_path=str(tmp_path / "ad"), new_run=True), **quiet)
+    assert lora["bytes_written"] == 0
+    losses = {}
+    for device in ("cpu", "cuda"):
+        proc = run_cli("eval", store, "--data", ALICE, "--seq-len", 64, "--device", device, "--compute-dtype", "fp32",
+                       "--json", check=0)
+        losses[device] = json.loads(proc.stdout.splitlines()[-1])["eval_loss"]
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-4)
+    texts = {d: run_cli("generate", store, "--prompt", "Alice", "--max-new-tokens", 12, "--device", d,
+                        "--compute-dtype", "fp32", check=0).stdout for d in ("cpu", "cuda")}
+    assert texts["cuda"] == texts["cpu"]
