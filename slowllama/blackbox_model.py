@@ -349,7 +349,8 @@ class OffloadedModel:
         for k, (x, _) in enumerate(batches):
             self._seed(step, k, 0)
             with torch.enable_grad():
-                out = F.dropout(F.embedding(torch.searchsorted(ids, x.to(self.device)), rows), p, training=p > 0)
+                index = torch.searchsorted(ids, x.to(self.device).contiguous())
+                out = F.dropout(F.embedding(index, rows), p, training=p > 0)
             out.backward(grads[k])
         sparse = (not self.optimizer.stateful and tied_grad is None
                   and not (self.cfg.master_weights and self.store.dtype != torch.float32))

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU benchmark runs of benchmarks/RESULTS.md, in stages (each under the device tool's 10 minutes).
+#   bash benchmarks/h100.sh STAGE   with $OUT set: every run's JSON lines and logs go there
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+S7=/tmp/bench-7b          # random Llama-2-7B-shaped store, bf16 (reused by the runs of a stage)
+bench() {  # bench NAME ARGS...: one run, its JSON lines in $OUT/NAME.jsonl, its log in $OUT/NAME.log
+    local name=$1; shift
+    echo "== $name: slowllama bench $*"
+    timeout 540 python -m slowllama bench "$@" --json > "$OUT/$name.jsonl" 2> "$OUT/$name.log"
+    echo "exit $?"; tail -n 1 "$OUT/$name.jsonl" | python -c "
+import json, sys
+s = json.loads(sys.stdin.read() or '{}'); m = s.get('median', {})
+print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}, 'peak_gpu', s.get('peak_gpu_bytes'), 'peak_rss', s.get('peak_rss_bytes'))"
+    grep -v '^{' "$OUT/$name.log" | tail -n 3
+}
+case "${1:-}" in
+smoke)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+    df -h /tmp | tail -1; free -g | head -2; nproc
+    python -m pytest -q tests/test_cuda.py 2>&1 | tail -3
+    bench tiny --preset tiny --device cuda --steps 3 --probe-size 64M
+    ;;
+resident)  # the original's settings: full FT SGD 16x256 and LoRA r4 wq,wv 16x128; the model stays on the GPU
+    bench sgd_16x256_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --save-every 100 --probe-size 1G
+    bench lora4_16x128 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 128 --steps 4 --lora-rank 4 --probe-size 1G
+    bench sgd_16x256_resident_commit_each --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --save-every 1 --probe-size 1G
+    ;;
+ssd)  # SSD-bound: host 4 GiB, GPU 8 GiB, page cache dropped
+    bench sgd_ssd --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 2G
+    bench sgd_ssd_sync --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --no-prefetch --no-async-writes --probe-size 2G
+    ;;
+*) echo "usage: h100.sh smoke|resident|ssd"; exit 2 ;;
+esac
