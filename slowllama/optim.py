@@ -52,7 +52,8 @@ class AdamW:
             raise SlowllamaError(f"--weight-decay: must be >= 0, got {self.weight_decay}")
 
     def init_state(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        state = {"step": torch.zeros((), dtype=torch.float32)}  # updates so far (all weights of a module)
+        device = next(iter(params.values())).device
+        state = {"step": torch.zeros((), dtype=torch.float32, device=device)}  # updates so far (all weights of a module)
         for k, p in params.items():
             state[f"{k}.exp_avg"] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
             state[f"{k}.exp_avg_sq"] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)

@@ -297,7 +297,8 @@ class Pipeline:
         with torch.cuda.stream(self.copy_stream):
             for k, t in tensors.items():
                 host[k].copy_(t, non_blocking=True)
-                t.record_stream(self.copy_stream)
+                if t.is_cuda:
+                    t.record_stream(self.copy_stream)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         return host, buf, event
