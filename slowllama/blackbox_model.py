@@ -47,6 +47,16 @@ class NonFiniteLoss(SlowllamaError):
         self.untouched = untouched
 
 
+def largest_module_bytes(args: ModelArgs, store_dtype: torch.dtype, stateful: bool = False,
+                         master: bool = False) -> int:
+    """Bytes of the largest module with its optimizer state and master weights: one read or write in flight."""
+    from slowllama.config import model_param_count
+
+    counts = model_param_count(args)
+    p = max(counts["embeddings"], counts["block"], counts["head"])
+    return p * (torch.empty((), dtype=store_dtype).element_size() + (8 if stateful else 0) + (4 if master else 0))
+
+
 def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, *, train: bool,
                   stateful: bool = False, master: bool = False, lora: bool = False, batch_size: int = 1,
                   seq_len: int = 1, microbatches: int = 1, lookahead: int = 2, write_queue: int = 2,
@@ -58,7 +68,7 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
     ec = torch.empty((), dtype=compute_dtype).element_size()
     counts = model_param_count(args)
     p = max(counts["embeddings"], counts["block"], counts["head"])
-    per_module = p * (es + (8 if stateful else 0) + (4 if master else 0))
+    per_module = largest_module_bytes(args, store_dtype, stateful, master)
     total = p * es + (p * ec if ec != es else 0) + lookahead * per_module
     if train and not lora:
         total += p * ec + 8 * p + (8 * p if stateful else 0) + (4 * p if master else 0)  # grads, fp32 grads + weights

@@ -42,39 +42,32 @@ def tensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
 class BufferPool:
     """Pinned host buffers for reads and write-backs on cuda (fast async copies).
 
-    Pinning is slow, so released buffers are kept for reuse, by exact size; all of them count
-    against the host budget until trimmed. A buffer goes back to the pool only when nothing can use
-    it any more: its copy to the device is done, its write is done, or the host-resident module it
-    held was evicted (the compute only ever sees device copies of those).
+    Pinning is slow (cudaHostAlloc), so up to `keep` released buffers of each size are kept for
+    reuse: the staging memory of reads and writes in flight, part of the working set. A buffer in
+    use counts against the host budget. A buffer goes back to the pool only when nothing can use it
+    any more: its copy to the device is done, its write is done, or the host-resident module it held
+    was evicted (the compute only ever sees device copies of those).
     """
 
-    def __init__(self, budget: Budget, pin: bool):
-        self.budget, self.pin = budget, pin
+    def __init__(self, budget: Budget, keep: int):
+        self.budget, self.keep = budget, keep
         self.free: dict[int, list[torch.Tensor]] = {}
         self.lock = threading.Lock()
 
     def take(self, n: int) -> torch.Tensor:
+        self.budget.take(n)
         with self.lock:
             bucket = self.free.get(n)
             if bucket:
                 return bucket.pop()
-        self.budget.take(n)
-        return torch.empty(n, dtype=torch.uint8, pin_memory=self.pin)
+        return torch.empty(n, dtype=torch.uint8, pin_memory=True)
 
     def give(self, buf: torch.Tensor) -> None:
+        self.budget.give(buf.numel())
         with self.lock:
-            self.free.setdefault(buf.numel(), []).append(buf)
-
-    def trim(self, need: int) -> int:
-        """Release kept buffers until `need` bytes are freed (or none is left); returns the bytes freed."""
-        freed = 0
-        with self.lock:
-            for size in sorted(self.free, reverse=True):
-                while self.free[size] and freed < need:
-                    self.free[size].pop()
-                    self.budget.give(size)
-                    freed += size
-        return freed
+            bucket = self.free.setdefault(buf.numel(), [])
+            if len(bucket) < self.keep:
+                bucket.append(buf)  # else it is unpinned and freed when the last reference goes
 
 
 @dataclass
@@ -95,7 +88,7 @@ class Pipeline:
         self.split = device.type != "cpu"  # device memory apart from host memory
         self.device_budget = device_budget
         self.host_budget = host_budget if self.split else device_budget
-        self.pool = BufferPool(self.host_budget, pin=True) if self.cuda else None
+        self.pool = BufferPool(self.host_budget, keep=lookahead + write_queue + 2) if self.cuda else None
         self.lookahead = lookahead
         self.entries: dict[Key, Entry] = {}
         self.loading: dict[Key, Future] = {}
@@ -247,8 +240,6 @@ class Pipeline:
         budgets = [("device", self.device_budget)] + ([("host", self.host_budget)] if self.split else [])
         for tier, budget in budgets:
             while budget.used > budget.limit:
-                if tier == "host" and self.pool is not None and self.pool.trim(budget.used - budget.limit):
-                    continue
                 victims = [k for k, e in self.entries.items() if e.tier == tier and k not in self.current]
                 if not victims:
                     break
@@ -329,7 +320,7 @@ class Pipeline:
         elif ready is not None:
             ready.synchronize()
         t0 = time.perf_counter()
-        while len(self.writes) >= self.write_queue:
+        while self.writes and len(self.writes) >= self.write_queue:
             self.writes.popleft().result()
         self.write_wait += time.perf_counter() - t0
         future = self.writer.submit(self._write_job, key, host, buf, event)

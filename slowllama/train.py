@@ -14,7 +14,8 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from slowllama.blackbox_model import EngineConfig, LoRAState, NonFiniteLoss, OffloadedModel, working_bytes
+from slowllama.blackbox_model import (EngineConfig, LoRAState, NonFiniteLoss, OffloadedModel, largest_module_bytes,
+                                      working_bytes)
 from slowllama.checkpoints import AdapterCheckpoint, StoreCheckpoint
 from slowllama.data import TokenData, count_windows, eval_batches, load_data, load_train_val, microbatches, step_windows
 from slowllama.errors import SlowllamaError
@@ -57,8 +58,14 @@ def make_engine(store: Store, settings, optimizer=None, lora=None, *, train: boo
             raise SlowllamaError(f"--max-gpu-memory: {format_size(gpu)} is below the {format_size(work)} this model "
                                  f"and step need in flight")
         act = min(acts, free // 2)
-        host_act = min(acts - act, host // 2)
-        limits = dict(device_budget=free - act, activation_budget=act, host_budget=host - host_act,
+        # pinned staging buffers of the reads and writes in flight (kept for reuse: pinning is slow)
+        staging = (config.get("lookahead", 2) + config.get("write_queue", 2) + 2) * largest_module_bytes(
+            store.args, store.dtype, stateful, master)
+        if host <= staging:
+            raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(staging)} of host "
+                                 "buffers that reads and writes in flight need")
+        host_act = min(acts - act, (host - staging) // 2)
+        limits = dict(device_budget=free - act, activation_budget=act, host_budget=host - staging - host_act,
                       host_activation_budget=host_act)
     cfg = EngineConfig(device=device, compute_dtype=dtype, **limits, **config)
     return OffloadedModel(store, cfg, optimizer=optimizer, lora=lora)
