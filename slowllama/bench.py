@@ -37,7 +37,7 @@ from slowllama.roofline import (Machine, StepFlops, bound, efficiency, matmul_pa
 from slowllama.settings import BenchSettings, resolve_device
 from slowllama.store import Store, check_free_space
 from slowllama.synthetic import bench_args, open_or_build, random_batches, store_bytes
-from slowllama.train import check_seq_len, make_engine
+from slowllama.train import check_disk_for_steps, check_seq_len, make_engine
 
 GB = 1e9  # bench reports decimal units: bytes moved, bandwidths and memory alike
 # per-step figures summarized as medians over the steps after the first
@@ -74,12 +74,10 @@ def lora_state(args, s: BenchSettings, device) -> LoRAState:
     return LoRAState(cfg, {k: nn.Parameter(v) for k, v in init_params(args, cfg, s.seed, device).items()})
 
 
-def needed_disk(args, dtype: torch.dtype, optimizer: str, build: bool, probe: int) -> int:
-    """Free disk a bench run needs: the store (if it is built), a step's new files beside the old ones,
-    AdamW's two fp32 moments (old and new copies during a step) and the probe file."""
-    weights = store_bytes(args, dtype)
-    moments = 2 * 2 * store_bytes(args, torch.float32) if optimizer == "adamw" else 0
-    return (weights if build else 0) + weights + moments + probe + (64 << 20)
+def needed_disk(args, dtype: torch.dtype, build: bool, probe: int) -> int:
+    """Free disk to build the store (if it is built) and measure the disk; a step's own needs are
+    checked once the engine knows whether it writes every step (as finetune checks them)."""
+    return (store_bytes(args, dtype) if build else 0) + probe + (64 << 20)
 
 
 def measure_machine(folder: Path, device: torch.device, dtype: torch.dtype, probe: int,
@@ -202,7 +200,10 @@ def format_summary(summary: dict) -> list[str]:
 
 def run_steps(store: Store, engine, s: BenchSettings, args, flops: StepFlops, machine: Machine,
               show: Callable[[dict], None], commit_every: int) -> list[dict]:
-    """Time s.steps training steps, committed to the store as finetune commits them; returns the reports."""
+    """Time s.steps training steps, committed to the store as finetune commits them; returns the reports.
+
+    Steps after the last commit point are rolled back at the end (a benchmark's store keeps its last
+    commit): timing the steady state of --save-every N needs no final write of everything."""
     reports = []
     number = store.step  # the step being made; the engine seeds dropout by it
     for index in range(s.steps):
@@ -219,7 +220,7 @@ def run_steps(store: Store, engine, s: BenchSettings, args, flops: StepFlops, ma
             store.begin_step(number)
         try:
             result = engine.train_step(number, batches, s.lr, acts)
-            if not lora and ((index + 1) % commit_every == 0 or index == s.steps - 1):
+            if not lora and (index + 1) % commit_every == 0:  # steps after the last commit are dropped below
                 engine.write_back()
                 store.commit(number)
         except BaseException:
@@ -239,6 +240,9 @@ def run_steps(store: Store, engine, s: BenchSettings, args, flops: StepFlops, ma
         report = step_report(raw, flops, machine, s.drop_cache)
         reports.append(report)
         show(report)
+    if engine.lora is None and s.steps % commit_every:
+        engine.discard_step()
+        store.rollback()
     return reports
 
 
@@ -261,7 +265,7 @@ def bench(s: BenchSettings, log: Callable[[str], None], out: Callable[[str], Non
                                  "use --store-dir") from None
         path = temp / "store"
     try:
-        check_free_space(path.parent, needed_disk(args, dtype, s.optimizer, not path.exists(), probe),
+        check_free_space(path.parent, needed_disk(args, dtype, not path.exists(), probe),
                          f"{path} (--layers cuts the model)")
         path, _ = open_or_build(path, args, dtype, s.seed, s.preset, log)
         machine, machine_record = measure_machine(path, device, compute_dtype, probe, log)
@@ -278,6 +282,8 @@ def bench(s: BenchSettings, log: Callable[[str], None], out: Callable[[str], Non
                 engine.deferred, commit_every = True, s.save_every
                 log(f"the model fits in memory: it stays resident and the store is written every {commit_every} "
                     "steps")
+            if lora is None and commit_every <= s.steps:
+                check_disk_for_steps(store, s, engine, optimizer, False)
             flops = step_flops(args, s.batch_size * s.accumulate, s.seq_len)
             if s.drop_cache:
                 store.evict_from_page_cache()  # the store was just written or read: start from the disk
