@@ -35,7 +35,7 @@ ssd)  # SSD-bound: host 4 GiB, GPU 8 GiB, page cache dropped
     ;;
 adamw)  # AdamW: SSD-bound on 8 layers (the disk holds neither 32 layers' moments twice), then RAM/GPU-resident
     S8=/tmp/bench-7b-8l
-    bench adamw_ssd_8layers --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    bench adamw_ssd_8layers --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --max-memory 4G --max-gpu-memory 16G --drop-cache --probe-size 1G
     rm -rf $S8
     bench adamw_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 1G
     echo "== fsdp2"; timeout 400 python benchmarks/fsdp2_offload.py --preset 7b --batch-size 16 --seq-len 256 --warmup 2 --steps 3 --json > $OUT/fsdp2.jsonl 2> $OUT/fsdp2.log; echo "exit $?"; tail -n 2 $OUT/fsdp2.jsonl; tail -n 3 $OUT/fsdp2.log
@@ -52,5 +52,16 @@ layers)  # step time against depth, SSD-bound
         rm -rf /tmp/bench-7b-$l
     done
     ;;
-*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers"; exit 2 ;;
+more) ;;
+*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more"; exit 2 ;;
 esac
+# stage "more": AdamW SSD-bound (8 layers) and the token sweep, in one call
+if [ "${1:-}" = more ]; then
+    S8=/tmp/bench-7b-8l
+    bench adamw_ssd_8layers --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --max-memory 4G --max-gpu-memory 16G --drop-cache --probe-size 1G
+    rm -rf $S8
+    for k in 1 4 8; do
+        bench sgd_ssd_k$k --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate $k --steps 2 --max-memory 4G --max-gpu-memory 24G --drop-cache --probe-size 1G
+    done
+    bench sgd_resident_k8 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --save-every 100 --probe-size 1G
+fi
