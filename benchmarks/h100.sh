@@ -52,7 +52,7 @@ layers)  # step time against depth, SSD-bound
         rm -rf /tmp/bench-7b-$l
     done
     ;;
-more) ;;
+more|final) ;;
 *) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more"; exit 2 ;;
 esac
 # stage "more": AdamW SSD-bound (8 layers) and the token sweep, in one call
@@ -64,4 +64,13 @@ if [ "${1:-}" = more ]; then
         bench sgd_ssd_k$k --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate $k --steps 2 --max-memory 4G --max-gpu-memory 24G --drop-cache --probe-size 1G
     done
     bench sgd_resident_k8 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --save-every 100 --probe-size 1G
+fi
+# stage "final": AdamW SSD-bound (8 layers), streaming over PCIe at 8 microbatches, depth, FSDP2 with fused Adam
+if [ "${1:-}" = final ]; then
+    S8=/tmp/bench-7b-8l
+    bench adamw_ssd_8layers --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --max-memory 12G --max-gpu-memory 16G --drop-cache --probe-size 1G
+    bench sgd_ssd_8layers --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    rm -rf $S8
+    bench sgd_host_k8 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --max-memory 24G --max-gpu-memory 12G --save-every 100 --probe-size 1G
+    echo "== fsdp2 fused"; timeout 300 python benchmarks/fsdp2_offload.py --preset 7b --batch-size 16 --seq-len 256 --warmup 2 --steps 3 --adam fused --json > $OUT/fsdp2_fused.jsonl 2> $OUT/fsdp2_fused.log; echo "exit $?"; tail -n 1 $OUT/fsdp2_fused.jsonl; tail -n 2 $OUT/fsdp2_fused.log
 fi
