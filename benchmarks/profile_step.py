@@ -1,0 +1,73 @@
+"""Profile resident training steps of a random Llama-2-7B-shaped model cut to a few layers (torch.profiler).
+
+    python benchmarks/profile_step.py [--layers 8] [--optimizer sgd|adamw] [--steps 3] [--out DIR]
+
+Prints the top operators by GPU time and by CPU time, and the share of the step the GPU was busy,
+so that the largest costs of a step can be found and fixed. Needs a CUDA GPU.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from slowllama.blackbox_model import EngineConfig, OffloadedModel
+from slowllama.optim import SGD, AdamW
+from slowllama.store import Store
+from slowllama.synthetic import bench_args, random_batches, write_random_store
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default=None, help="folder for the Chrome trace")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_step.py: error: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    args = bench_args("7b", a.layers)
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        path = write_random_store(Path(tmp) / "store", args, torch.bfloat16, log=lambda m: None)
+        store = Store.open(path, writable=True, log=lambda m: None)
+        cfg = EngineConfig(torch.device("cuda"), torch.bfloat16, stochastic_rounding=True)
+        engine = OffloadedModel(store, cfg, optimizer=AdamW() if a.optimizer == "adamw" else SGD())
+        engine.deferred = True  # resident, no writes: the compute path alone
+
+        def step(number):
+            batches = random_batches(args, number, a.batch_size, 1, a.seq_len)
+            acts = engine.activations()
+            engine.train_step(number, batches, 1e-5, acts)
+            acts.clear()
+            torch.cuda.synchronize()
+
+        step(1)  # reads the store, allocates
+        step(2)
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for n in range(a.steps):
+                step(3 + n)
+        seconds = (time.perf_counter() - t0) / a.steps
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events) / 1e6 / a.steps
+        print(f"{a.layers} layers, {a.optimizer}, {a.batch_size}x{a.seq_len}: {seconds:.3f} s/step under the profiler,"
+              f" GPU busy {gpu:.3f} s/step ({100 * gpu / seconds:.0f}%)")
+        print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+        if a.out:
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(Path(a.out) / "trace.json"))
+        engine.pipe.close()
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
