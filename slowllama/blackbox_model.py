@@ -290,7 +290,7 @@ class OffloadedModel:
         # head: norm + output + loss, with autograd, in chunks of tokens
         fault_point("backward.module")
         head, tied = self.head(train=True, grad=self.lora is None)
-        grads, loss = [], 0.0
+        grads, loss = [], torch.zeros((), dtype=torch.float64, device=self.device)
         for k, (h, (_, y)) in enumerate(zip(hs, batches)):
             y = y.to(self.device).reshape(-1)
             flat = h.reshape(-1, h.shape[-1])
@@ -300,9 +300,10 @@ class OffloadedModel:
                 chunk_loss = cross_entropy_sum(head(hc, tied), y[rows]) * scale
                 chunk_loss.backward()
                 g[rows] = hc.grad
-                loss += chunk_loss.item()
+                loss += chunk_loss.detach()  # summed on the device: one sync for the step, below
             grads.append(g.view_as(h))
         del hs
+        loss = loss.item()
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"step {step}: the loss is {loss}; nothing of this step was written "
                                 "(try a lower --lr)", untouched=not self._touched)

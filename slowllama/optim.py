@@ -97,11 +97,8 @@ def round_to(w32: torch.Tensor, dtype: torch.dtype, generator: Optional[torch.Ge
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=w32.device, generator=generator)
     rounded = (bits + noise) & -65536  # clear the low 16 bits
     out = rounded.view(torch.float32).to(torch.bfloat16)
-    # inf/nan and values that would overflow keep round-to-nearest
-    special = ~torch.isfinite(rounded.view(torch.float32))
-    if special.any():
-        out = torch.where(special, w32.to(torch.bfloat16), out)
-    return out
+    # inf/nan and values that would overflow keep round-to-nearest (no .any(): that would sync a GPU)
+    return torch.where(torch.isfinite(rounded.view(torch.float32)), out, w32.to(torch.bfloat16))
 
 
 SCHEDULES = ("constant", "cosine", "linear")
