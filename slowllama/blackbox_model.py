@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slowllama.config import ModelArgs
+from slowllama.distributed import Fleet
 from slowllama.errors import SlowllamaError
 from slowllama.faults import fault_point
 from slowllama.memory import Activations, Budget
@@ -120,10 +121,18 @@ class OffloadedModel:
 
     With `lora`, the store is a frozen base: blocks get the resident adapters injected, only the
     adapters are trained, and nothing is written to the store.
+    With a `fleet` of several ranks (distributed.py), training steps run data-parallel: rank 0 reads,
+    updates and writes every module, the others get each module from it by broadcast.
     """
 
-    def __init__(self, store: Store, cfg: EngineConfig, optimizer=None, lora: Optional[LoRAState] = None):
+    def __init__(self, store: Store, cfg: EngineConfig, optimizer=None, lora: Optional[LoRAState] = None,
+                 fleet: Optional[Fleet] = None):
         self.store, self.cfg, self.lora = store, cfg, lora
+        self.fleet = fleet or Fleet()
+        self.replicate = False  # ranks > 0 keep every module they get (the model fits their device budget)
+        self.replicas: dict[str, dict[str, torch.Tensor]] = {}  # ranks > 0: name -> tensors
+        self.sent: set[str] = set()  # rank 0: modules the replicas hold in their current version
+        self._collective = False  # inside a training step: modules come from rank 0 (eval runs alone)
         self.args: ModelArgs = store.args
         self.names = module_names(self.args)
         self.device = cfg.device
@@ -188,12 +197,40 @@ class OffloadedModel:
         room = self.device_budget.limit + (self.host_budget.limit if self.host_budget is not self.device_budget else 0)
         return total * 1.1 <= room
 
+    def fits_on_device(self) -> bool:
+        """Whether every module's weights fit the device budget (ranks > 0 then keep them all)."""
+        return sum(self.store.module_bytes(n) for n in self.names) * 1.1 <= self.device_budget.limit
+
     def weights(self, name: str, kind: str = "modules") -> dict[str, torch.Tensor]:
         return self.pipe.get((kind, name))
 
+    def shared(self, name: str) -> dict[str, torch.Tensor]:
+        """A module's weights to compute with: from the store, or on ranks > 0 of a step, from rank 0.
+
+        Every rank calls this at the same points of a step, in the same order (it is a collective).
+        """
+        fleet = self.fleet
+        if not (fleet.active and self._collective):
+            return self.weights(name)
+        if fleet.main:
+            tensors = self.weights(name)
+            if not (self.replicate and name in self.sent):
+                fleet.broadcast(tensors)
+                if self.replicate:
+                    self.sent.add(name)
+            return tensors
+        if name in self.replicas:
+            return self.replicas[name]
+        tensors = {k: torch.empty(shape, dtype=self.store.dtype, device=self.device)
+                   for k, shape in self.store.expected_shapes[name].items()}
+        fleet.broadcast(tensors)
+        if self.replicate:
+            self.replicas[name] = tensors
+        return tensors
+
     def module(self, name: str, train: bool = False, grad: bool = False) -> nn.Module:
         """Build module `name` around its (resident or freshly read) weights, in the compute dtype."""
-        tensors = self.weights(name)
+        tensors = self.shared(name)
         m = build_module(self.args, name, dropout=self.cfg.dropout if train else 0.0)
         m.load_state_dict({k: v.to(self.cfg.compute_dtype) for k, v in tensors.items()}, assign=True)
         m.requires_grad_(grad and self.lora is None)
@@ -219,17 +256,18 @@ class OffloadedModel:
 
     # ---- forward ------------------------------------------------------------------------
     def forward_hidden(self, batches: list[torch.Tensor], acts: Optional[Activations], train: bool = False,
-                       step: int = 0) -> list[torch.Tensor]:
+                       step: int = 0, micro_offset: int = 0) -> list[torch.Tensor]:
         """Run embeddings and all blocks over the microbatches; returns the final hidden states.
 
         With `acts`, the input of every block (and of the head) is kept there under (level, microbatch).
+        micro_offset: the step-wide index of the first microbatch (dropout seeds), for ranks > 0.
         """
         with torch.no_grad():
             fault_point("forward.module")
             emb = self.module("tok_embeddings", train)
             hs = []
             for k, tokens in enumerate(batches):
-                self._seed(step, k, 0)
+                self._seed(step, micro_offset + k, 0)
                 hs.append(emb(tokens.to(self.device)))
             del emb
             cos, sin = self.rope(batches[0].shape[1])
@@ -239,7 +277,7 @@ class OffloadedModel:
                 for k in range(len(hs)):
                     if acts is not None:
                         acts.put((i, k), hs[k])
-                    self._seed(step, k, i + 1)
+                    self._seed(step, micro_offset + k, i + 1)
                     hs[k] = block(hs[k], cos, sin)
                 del block
         return hs
@@ -267,7 +305,7 @@ class OffloadedModel:
     # ---- training -------------------------------------------------------------------------
     def train_step(self, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
                    acts: Activations, clip_coef: float = 1.0, update: bool = True, max_grad_norm: float = 0.0,
-                   on_module_done: Optional[Callable[[str], None]] = None) -> StepResult:
+                   on_module_done: Optional[Callable[[str], None]] = None, micro_offset: int = 0) -> StepResult:
         """One optimizer step over the microbatches: forward, backward, update and write every module.
 
         `step` is the step being made (the store is at step - 1); the caller commits the store.
@@ -275,17 +313,28 @@ class OffloadedModel:
         gradient norm (the norm pass of exact clipping): nothing is updated or written.
         With LoRA the adapters are updated once the whole backward is done, so their clipping to
         max_grad_norm is exact; the embeddings (frozen, the last in the chain) are not even re-run.
+        With several ranks, `batches` are this rank's share of the step's windows (the first of them
+        microbatch number micro_offset of the step); the result is the whole step's.
         """
+        self._collective = self.fleet.active
+        try:
+            return self._train_step(step, batches, lr, acts, clip_coef, update, max_grad_norm, on_module_done,
+                                    micro_offset)
+        finally:
+            self._collective = False
+
+    def _train_step(self, step, batches, lr, acts, clip_coef, update, max_grad_norm, on_module_done,
+                    micro_offset) -> StepResult:
         self._norms: list[torch.Tensor] = []
         self._apply = update
         self._touched = False  # some weight of this step updated (resident copies may hold it)
         self.pipe.set_plan(self.train_plan())
-        n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+        n_targets = int(self.fleet.sum(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)))
         if n_targets == 0:
             raise SlowllamaError(f"step {step}: no targets carry loss in this batch")
         scale = 1.0 / n_targets
         L = self.args.n_layers
-        hs = self.forward_hidden([x for x, _ in batches], acts, train=True, step=step)
+        hs = self.forward_hidden([x for x, _ in batches], acts, train=True, step=step, micro_offset=micro_offset)
 
         # head: norm + output + loss, with autograd, in chunks of tokens
         fault_point("backward.module")
@@ -303,7 +352,7 @@ class OffloadedModel:
                 loss += chunk_loss.detach()  # summed on the device: one sync for the step, below
             grads.append(g.view_as(h))
         del hs
-        loss = loss.item()
+        loss = self.fleet.sum(loss.item())
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"step {step}: the loss is {loss}; nothing of this step was written "
                                 "(try a lower --lr)", untouched=not self._touched)
@@ -321,7 +370,7 @@ class OffloadedModel:
             cos, sin = self.rope(batches[0][0].shape[1])
             for k in range(len(batches)):
                 x = acts.pop((i, k)).detach().requires_grad_(True)
-                self._seed(step, k, i + 1)
+                self._seed(step, micro_offset + k, i + 1)
                 with torch.enable_grad():
                     y = block(x, cos, sin)
                 y.backward(grads[k])
@@ -330,12 +379,12 @@ class OffloadedModel:
             if on_module_done:
                 on_module_done(name)
 
-        tokens = sum(x.numel() for x, _ in batches)
+        tokens = int(self.fleet.sum(sum(x.numel() for x, _ in batches)))
         if self.lora is not None:
             self._update_adapters(step, lr, max_grad_norm)
             return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=self._grad_norm())
         fault_point("backward.module")
-        self._embeddings_backward(batches, grads, tied_grad, step, lr, clip_coef)
+        self._embeddings_backward(batches, grads, tied_grad, step, lr, clip_coef, micro_offset)
         if on_module_done:
             on_module_done("tok_embeddings")
         return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=self._grad_norm())
@@ -343,9 +392,17 @@ class OffloadedModel:
     def _finish(self, name: str, module: nn.Module, step: int, lr: float, clip_coef: float) -> None:
         """A module's backward is done: update it (full fine-tuning) or leave it (LoRA: frozen base)."""
         if self.lora is None:
-            self._update(name, {k: p.grad for k, p in module.named_parameters()}, step, lr, clip_coef)
+            self._step_module(name, {k: p.grad for k, p in module.named_parameters()}, step, lr, clip_coef)
 
-    def _embeddings_backward(self, batches, grads, tied_grad, step: int, lr: float, clip_coef: float) -> None:
+    def _step_module(self, name: str, grads: dict[str, torch.Tensor], step: int, lr: float, clip_coef: float) -> None:
+        """Sum the module's gradient over ranks; rank 0 updates and writes it, and the replicas follow."""
+        grads = self.fleet.reduce(grads)
+        new = self._update(name, grads, step, lr, clip_coef) if self.fleet.main else None
+        if self.fleet.active and self.replicate and self._apply:
+            self.fleet.broadcast(new if self.fleet.main else self.replicas[name])
+
+    def _embeddings_backward(self, batches, grads, tied_grad, step: int, lr: float, clip_coef: float,
+                             micro_offset: int = 0) -> None:
         """The embeddings' gradient, only in the rows the step used; SGD updates only those rows.
 
         The rows are gathered once (ids sorted), and each microbatch's lookup and dropout are re-run on
@@ -353,17 +410,18 @@ class OffloadedModel:
         instead of (vocab, dim). AdamW (whose moments move every row), master weights and a tied
         output projection (a gradient in every row) take the dense path.
         """
-        weight = self.weights("tok_embeddings")["weight"]
+        weight = self.shared("tok_embeddings")["weight"]
         ids = torch.unique(torch.cat([x.reshape(-1) for x, _ in batches]).to(self.device))
         rows = weight[ids].to(self.cfg.compute_dtype).requires_grad_(True)
         p = self.cfg.dropout
         for k, (x, _) in enumerate(batches):
-            self._seed(step, k, 0)
+            self._seed(step, micro_offset + k, 0)
             with torch.enable_grad():
                 index = torch.searchsorted(ids, x.to(self.device).contiguous())
                 out = F.dropout(F.embedding(index, rows), p, training=p > 0)
             out.backward(grads[k])
-        sparse = (not self.optimizer.stateful and tied_grad is None
+        # (ranks use different rows: their gradients are summed dense)
+        sparse = (not self.optimizer.stateful and tied_grad is None and not self.fleet.active
                   and not (self.cfg.master_weights and self.store.dtype != torch.float32))
         if sparse:
             self._update_rows("tok_embeddings", "weight", ids, rows.grad, step, lr, clip_coef)
@@ -372,7 +430,7 @@ class OffloadedModel:
         dense.index_add_(0, ids, rows.grad.float())
         if tied_grad is not None:
             dense += tied_grad.float()
-        self._update("tok_embeddings", {"weight": dense}, step, lr, clip_coef)
+        self._step_module("tok_embeddings", {"weight": dense}, step, lr, clip_coef)
 
     def _update_rows(self, name: str, key: str, ids: torch.Tensor, grad: torch.Tensor, step: int, lr: float,
                      clip_coef: float) -> None:
@@ -413,6 +471,7 @@ class OffloadedModel:
         """AdamW (or the configured optimizer) on all resident adapters, after the whole backward."""
         params = self.lora.params
         grads = {k: p.grad.float() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+        grads = self.fleet.all_reduce(grads)  # every rank applies the same update to its copy
         for p in params.values():
             p.grad = None
         self._check_finite(step, "", grads)
@@ -428,8 +487,11 @@ class OffloadedModel:
         with torch.no_grad():
             self.optimizer.update({k: p.data for k, p in params.items()}, grads, self.lora.optim_state, lr)
 
-    def _update(self, name: str, grads: dict[str, torch.Tensor], step: int, lr: float, clip_coef: float) -> None:
+    def _update(self, name: str, grads: dict[str, torch.Tensor], step: int, lr: float,
+                clip_coef: float) -> Optional[dict[str, torch.Tensor]]:
         """Apply the optimizer to a module's accumulated gradients; write weights (and state) back.
+
+        Returns the new weights in the store's dtype (None in a norm pass, which updates nothing).
 
         The update runs in fp32: on the master copy if there is one (in place), else on the stored
         weights upcast, rounded back to the store's dtype (stochastically if so configured).
@@ -438,7 +500,7 @@ class OffloadedModel:
         grads = {k: g.float() for k, g in grads.items()}
         self._check_finite(step, f"{name}.", grads)
         if not self._apply:
-            return
+            return None
         if clip_coef != 1.0:
             for g in grads.values():
                 g.mul_(clip_coef)
@@ -463,6 +525,7 @@ class OffloadedModel:
             self._keep(name, "master", weights)
         if state:
             self._keep(name, "optim", state)
+        return new
 
     def _keep(self, name: str, kind: str, tensors: dict[str, torch.Tensor]) -> None:
         self.pipe.put((kind, name), tensors, persist=not self.deferred)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from slowllama.blackbox_model import LoRAState
@@ -110,3 +111,42 @@ class AdapterCheckpoint:
 
     def close(self) -> None:
         self.folder.close()
+
+
+class FollowerCheckpoint:
+    """Ranks > 0 of a torchrun: the run's state lives with rank 0, which alone writes and commits.
+
+    With LoRA, these ranks train their own copy of the adapters (every rank applies the same update
+    to the same summed gradient), starting from rank 0's, received here.
+    """
+
+    run_dir = None
+    bytes_written = 0
+
+    def __init__(self, fleet, leader_lora: "LoRAState | None", device):
+        self.lora = share_adapters(fleet, leader_lora, device)
+
+    def begin(self) -> None:
+        pass
+
+    def commit(self, number: int, run: dict) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+
+def share_adapters(fleet, lora: "LoRAState | None", device) -> "LoRAState | None":
+    """Rank 0's LoRA adapters and their optimizer state, on every rank (collective; None without LoRA)."""
+    shapes = fleet.broadcast_object(None if lora is None else (
+        lora.cfg, {k: tuple(p.shape) for k, p in lora.params.items()},
+        {k: (tuple(t.shape), t.dtype) for k, t in lora.optim_state.items()}))
+    if shapes is None:
+        return None
+    cfg, param_shapes, state_shapes = shapes
+    if lora is None:
+        lora = LoRAState(cfg, {k: nn.Parameter(torch.empty(shape, device=device)) for k, shape in param_shapes.items()},
+                         {k: torch.empty(shape, dtype=dtype, device=device) for k, (shape, dtype) in state_shapes.items()})
+    fleet.broadcast({k: p.data for k, p in lora.params.items()})
+    fleet.broadcast(lora.optim_state)
+    return lora

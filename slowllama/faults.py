@@ -10,7 +10,8 @@ reaches `fault_point("point")`. Actions:
 The points: forward.module / backward.module (before each module of a pass), store.write.before /
 store.write.after (each module file), store.begin_step (journal written), store.commit.before_rename /
 store.commit.after_rename (the manifest's replacement).
-Unset (the normal case), fault_point returns at once.
+Unset (the normal case), fault_point returns at once. Under torchrun, SLOWLLAMA_FAULTS_RANK=R arms
+the faults in rank R alone.
 """
 
 from __future__ import annotations
@@ -108,4 +109,5 @@ def fill_disk(path: str) -> None:
         os.close(fd)
 
 
-configure(os.environ.get(ENV, ""))
+if os.environ.get(ENV + "_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
+    configure(os.environ.get(ENV, ""))

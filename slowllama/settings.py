@@ -175,6 +175,8 @@ class FinetuneSettings(DeviceSettings):
     save_every: int = opt(100, "LoRA: also keep a numbered snapshot of the adapters every N steps")
     log_every: int = opt(1, "print one line of metrics every N steps (0: none)")
     new_run: bool = opt(False, "start a new run from the store's current weights instead of resuming")
+    dist_backend: str = opt("auto", "under torchrun: how the ranks talk (auto: nccl between GPUs, gloo on CPUs)",
+                            choices=["auto", "nccl", "gloo"])
     json: bool = opt(False, "print one JSON object per step")
 
 

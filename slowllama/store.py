@@ -205,10 +205,12 @@ class Store:
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, writable: bool = False, log: Callable[[str], None] = print) -> "Store":
+    def open(cls, path, writable: bool = False, log: Callable[[str], None] = print,
+             follower: bool = False) -> "Store":
         """Open a store; writable: lock it (one writer) and clean up after an interrupted step.
 
-        A read-only open refuses a store that a finetune is writing (its files change at every step).
+        A read-only open refuses a store that a finetune is writing (its files change at every step),
+        unless it is a `follower`: a rank > 0 of that finetune, which reads only the manifest.
         """
         path = Path(path)
         if not path.is_dir():
@@ -225,7 +227,7 @@ class Store:
             store.lock = StoreLock(path)
             store.lock.acquire(log)
             store._recover(log)
-        else:
+        elif not follower:
             StoreLock(path).refuse_if_written()
         return store
 

@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from slowllama.blackbox_model import (EngineConfig, LoRAState, NonFiniteLoss, OffloadedModel, largest_module_bytes,
                                       working_bytes)
-from slowllama.checkpoints import AdapterCheckpoint, StoreCheckpoint
+from slowllama.checkpoints import AdapterCheckpoint, FollowerCheckpoint, StoreCheckpoint, share_adapters
 from slowllama.data import TokenData, count_windows, eval_batches, load_data, load_train_val, microbatches, step_windows
+from slowllama.distributed import Fleet, data_digest, start_fleet
 from slowllama.errors import SlowllamaError
 from slowllama.generate import generate
 from slowllama.memory import Activations, format_size, host_peak_rss, parse_size, physical_memory
@@ -28,7 +29,8 @@ from slowllama.store import Store
 from slowllama.tokenizer import load_tokenizer
 
 def make_engine(store: Store, settings, optimizer=None, lora=None, *, train: bool = False, batch_size: int = 1,
-                seq_len: int = 1, microbatches: int = 1, activations: int = 0, **config) -> OffloadedModel:
+                seq_len: int = 1, microbatches: int = 1, activations: int = 0, fleet: Optional[Fleet] = None,
+                **config) -> OffloadedModel:
     """The offloaded model with the device, dtype and memory budgets of a command's settings.
 
     Each budget (--max-memory; --max-gpu-memory on a GPU) is split into the working set of the module
@@ -68,7 +70,7 @@ def make_engine(store: Store, settings, optimizer=None, lora=None, *, train: boo
         limits = dict(device_budget=free - act, activation_budget=act, host_budget=host - staging - host_act,
                       host_activation_budget=host_act)
     cfg = EngineConfig(device=device, compute_dtype=dtype, **limits, **config)
-    return OffloadedModel(store, cfg, optimizer=optimizer, lora=lora)
+    return OffloadedModel(store, cfg, optimizer=optimizer, lora=lora, fleet=fleet)
 
 
 def budget_setting(value, flag: str, auto: int) -> int:
@@ -230,17 +232,34 @@ def check_disk_for_steps(store: Store, s: FinetuneSettings, engine: OffloadedMod
 def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[dict], None]) -> dict:
     """Fine-tune: the store in place, or LoRA adapters on it (--lora-rank); returns the last step's metrics.
 
-    emit() receives each step's metrics.
+    emit() receives each step's metrics. Under torchrun every rank runs this; rank 0 alone reads and
+    writes the store, logs and emits (distributed.py).
     """
     validate_finetune(s)
-    lora = s.lora_rank > 0
     if s.optimizer == "auto":  # recorded as what it resolves to
-        s = replace(s, optimizer="adamw" if lora else "sgd")
-    store = Store.open(s.store, writable=not lora, log=log)
+        s = replace(s, optimizer="adamw" if s.lora_rank else "sgd")
+    fleet = start_fleet(s.device, s.dist_backend, log)
+    try:
+        if fleet.main:
+            return _finetune_leader(fleet, s, log, emit)
+        return _finetune_follower(fleet, s, emit)
+    finally:
+        fleet.close()
+
+
+def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:
+    lora = s.lora_rank > 0
+    if fleet.active:
+        check_fleet(fleet, s)
+    store = None
+    try:
+        store = Store.open(s.store, writable=not lora, log=log)  # recovers an interrupted step first
+    finally:
+        fleet.barrier()  # the followers open the store once it is consistent (or learn that it failed)
     checkpoint = None
     try:
         checkpoint = AdapterCheckpoint(store, s, resolve_device(s)[0], log) if lora else StoreCheckpoint(store)
-        return _finetune(store, checkpoint, s, log, emit)
+        return _finetune(store, checkpoint, s, log, emit, fleet)
     except KeyboardInterrupt as e:  # a second Ctrl-C: the step in progress was rolled back
         where = "the adapters are at their last saved step" if lora else f"the store is at step {store.step}, committed"
         log(f"interrupted: {where}; run the same command again to resume")
@@ -251,11 +270,55 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[di
         store.close()
 
 
-def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
+def _finetune_follower(fleet: Fleet, s: FinetuneSettings, emit) -> dict:
+    """A rank > 0: computes its share of every step; rank 0 reports every error the ranks share."""
+    quiet = lambda message: None  # noqa: E731 (rank 0 says everything once)
+    try:
+        check_fleet(fleet, s)
+        fleet.barrier()
+        store = Store.open(s.store, follower=True)
+        return _finetune(store, None, s, quiet, lambda m: None, fleet)
+    except (NonFiniteLoss, SameOnEveryRank):
+        raise SystemExit(2) from None
+    except KeyboardInterrupt as e:
+        raise StoppedBySignal(getattr(e, "code", 130)) from None
+    except SlowllamaError as e:
+        raise SlowllamaError(f"rank {fleet.rank}: {e}") from e
+    except (RuntimeError, OSError) as e:  # most often: another rank stopped, and its collectives with it
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SlowllamaError(f"rank {fleet.rank}: stopped ({type(e).__name__}: {first})") from e
+
+
+class SameOnEveryRank(SlowllamaError):
+    """An error every rank finds the same way: rank 0 reports it, the others exit quietly."""
+
+
+def check_fleet(fleet: Fleet, s: FinetuneSettings) -> None:
+    """What several ranks need of the settings (every rank checks; rank 0 says it)."""
+    windows = s.batch_size * s.accumulate
+    if windows % fleet.world:
+        raise SameOnEveryRank(f"--batch-size x --accumulate: the global batch of {windows} windows does not "
+                              f"divide among {fleet.world} ranks")
+    if resolve_device(s)[0].type == "mps":
+        raise SameOnEveryRank("--device mps: several ranks need cuda (NCCL) or cpu (gloo)")
+
+
+def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: Fleet) -> dict:
     check_seq_len(s.seq_len, store.args)
     tokenizer = load_tokenizer(store.path)
     data, val = load_train_val(s, tokenizer, log)
-    run, done = checkpoint.resume(s, log)
+    if fleet.active:
+        try:
+            fleet.check_same(asdict(s), data_digest([data.tokens, data.labels] + ([val.tokens] if val else [])))
+        except SlowllamaError as e:
+            raise SameOnEveryRank(str(e)) from None
+    if fleet.main:
+        run, done = checkpoint.resume(s, log)
+    run, done = fleet.broadcast_object((run, done) if fleet.main else None)
+    if not fleet.main:
+        checkpoint = FollowerCheckpoint(fleet, None, resolve_device(s)[0])
+    elif fleet.active:
+        share_adapters(fleet, getattr(checkpoint, "lora", None), resolve_device(s)[0])
     if done >= s.steps:
         log(f"{checkpoint.run_dir if s.lora_rank else store.path}: the run has already finished {done} of "
             f"{s.steps} steps; nothing to do")
@@ -265,17 +328,24 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
     if master and s.master_weights != "fp32":
         log(f"{store.path}: using the fp32 master weights the store already has")
     stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
+    share = s.batch_size * s.accumulate // fleet.world  # windows of each rank in a step
     engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
                          stochastic_rounding=stochastic, lora=getattr(checkpoint, "lora", None), train=True,
-                         batch_size=s.batch_size, seq_len=s.seq_len, microbatches=s.accumulate)
-    if not s.lora_rank:
+                         batch_size=min(s.batch_size, share), seq_len=s.seq_len,
+                         microbatches=math.ceil(share / s.batch_size), fleet=fleet)
+    if not s.lora_rank and fleet.main:
         check_disk_for_steps(store, s, engine, optimizer, master)
     commit_every = 1
     if not s.lora_rank and engine.fits_in_memory():
         engine.deferred, commit_every = True, s.save_every
         log(f"the model fits in memory: it stays resident and the store is written every {commit_every} steps")
-    (checkpoint.run_dir / "settings.json").write_text(json.dumps({"settings": asdict(s), "start_step": run["start_step"],
-                                                             "resumed_at": done}, indent=1) + "\n")
+    if fleet.active:
+        engine.replicate = fleet.broadcast_object(engine.fits_on_device())
+        log(f"the other ranks {'keep a copy of every module' if engine.replicate else 'get each module as it is used'}")
+    if fleet.main:
+        (checkpoint.run_dir / "settings.json").write_text(json.dumps(
+            {"settings": asdict(s), "start_step": run["start_step"], "resumed_at": done,
+             "ranks": fleet.world}, indent=1) + "\n")
     if done:
         log(f"resuming the run at step {done} of {s.steps}")
 
@@ -292,13 +362,14 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
 
     stop = StopRequest(log)
     last = {}
-    metrics_path = checkpoint.run_dir / "metrics.jsonl"
     committed = done
-    with stop.installed(), tqdm(total=s.steps, initial=done, desc="finetune", unit="step", disable=None) as bar:
+    with stop.installed(), tqdm(total=s.steps, initial=done, desc="finetune", unit="step",
+                                disable=None if fleet.main else True) as bar:
         for index in range(done, s.steps):
             number = index + 1  # 1-based step of the run
             inputs, targets = step_windows(data, index, s.batch_size * s.accumulate, s.seq_len, s.order, s.seed)
-            batches = microbatches(inputs, targets, s.batch_size)
+            mine, first_micro = fleet.share(inputs.shape[0], s.batch_size)
+            batches = microbatches(inputs[mine], targets[mine], s.batch_size)
             read0, written0, t0 = store.bytes_read, store.bytes_written, time.perf_counter()
             adapter0 = checkpoint.bytes_written
             if engine.device.type == "cuda":
@@ -311,16 +382,20 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
                 if s.grad_clip and not s.lora_rank:  # LoRA clips exactly inside the step
                     norm = run.get("grad_norm")
                     if s.clip_norm == "exact" or norm is None:  # norm pass: the gradient, no update
-                        norm = engine.train_step(number, batches, lr, acts, update=False).grad_norm
+                        norm = engine.train_step(number, batches, lr, acts, update=False,
+                                                 micro_offset=first_micro).grad_norm
                     coef = clip_coefficient(norm, s.grad_clip)
-                result = engine.train_step(number, batches, lr, acts, clip_coef=coef, max_grad_norm=s.grad_clip)
+                result = engine.train_step(number, batches, lr, acts, clip_coef=coef, max_grad_norm=s.grad_clip,
+                                           micro_offset=first_micro)
                 run = {**run, "grad_norm": result.grad_norm}
-                if number % commit_every == 0 or number == s.steps or stop.signum is not None:
-                    engine.write_back()
+                stopping = fleet.max(stop.signum or 0)  # a signal to any rank stops them all after this step
+                if number % commit_every == 0 or number == s.steps or stopping:
+                    if fleet.main:
+                        engine.write_back()
                     checkpoint.commit(number, run)
                     committed = number
             except NonFiniteLoss as e:
-                if e.untouched and committed < number - 1:  # resident weights are those of the last good step
+                if e.untouched and committed < number - 1 and fleet.main:  # resident weights: the last good step's
                     engine.write_back()
                     checkpoint.commit(number - 1, run)
                 else:
@@ -348,18 +423,20 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit) -> dict:
                 log(f"step {number}: loss {result.loss:.4f}, lr {lr:.3g}, {last['tokens_per_second']:.0f} tok/s, "
                     f"{seconds:.2f} s/step, read {format_size(last['bytes_read'])}, "
                     f"written {format_size(last['bytes_written'])}")
-            if (s.eval_every and number % s.eval_every == 0) or number == s.steps:
-                last.update(eval_and_show(number))
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
+            if fleet.main and ((s.eval_every and number % s.eval_every == 0) or number == s.steps):
+                last.update(eval_and_show(number))  # rank 0 alone: the others wait at the next step
+            if fleet.main:
+                with open(checkpoint.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(last) + "\n")
             emit(last)
-            if stop.signum is not None:
-                code = 130 if stop.signum == signal.SIGINT else 143
+            if stopping:
+                code = 130 if stopping == signal.SIGINT else 143
                 log(f"stopped after step {number} of {s.steps}; "
                     f"{'the adapters are saved' if s.lora_rank else 'the store is committed'}. "
                     "Run the same command again to resume.")
                 raise StoppedBySignal(code)
-    plot_run(checkpoint.run_dir, log)
+    if fleet.main:
+        plot_run(checkpoint.run_dir, log)
     log(f"done: {s.steps} steps, last loss {last.get('loss', float('nan')):.4f}, peak RSS "
         f"{format_size(host_peak_rss())}")
     return last

@@ -1,0 +1,149 @@
+"""Several ranks under torchrun (gloo, on the CPU): the weights of one process, crash safety, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ALICE
+from crashes import (ONE_THREAD, assert_bit_identical, assert_clean, fresh_store, in_one_thread, settings,
+                     state, streaming_budget)
+from slowllama.lora import AdapterFolder
+from slowllama.safetensors_io import read_file
+from slowllama.store import Store
+from slowllama.train import finetune
+
+COMMON = ["--device", "cpu", "--steps", "3", "--batch-size", "2", "--accumulate", "2", "--seq-len", "16",
+          "--seed", "3", "--log-every", "0", "--eval-every", "0", "--data", str(ALICE)]
+RUNS = {
+    # streaming: every module read, reduced, updated and written at every step; dropout masks match
+    # the single process's because each rank's microbatches are whole microbatches of its step
+    "sgd-streaming": COMMON + ["--lr", "0.05", "--dropout", "0.1", "--max-memory", streaming_budget(False)],
+    # resident: the model stays in memory, the other rank keeps a copy updated by broadcast
+    "adamw-resident": COMMON + ["--optimizer", "adamw", "--lr", "1e-3", "--grad-clip", "0.05", "--clip-norm",
+                                "exact", "--weight-decay", "0.01"],
+    "adamw-streaming": COMMON + ["--optimizer", "adamw", "--lr", "1e-3", "--max-memory", streaming_budget(True)],
+}
+
+
+def torchrun(store: Path, args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 300):
+    """`torchrun --nproc-per-node N -m slowllama finetune STORE ARGS` in a subprocess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "slowllama", "finetune", str(store), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def single_process(store: Path, args: list[str]) -> None:
+    in_one_thread(finetune, settings(store, args), log=lambda m: None, emit=lambda m: None)
+
+
+def assert_close_states(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(expected), set(actual) ^ set(expected)
+    for key, t in expected.items():
+        torch.testing.assert_close(actual[key], t, rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
+
+
+_two_ranks: dict[str, dict] = {}
+
+
+def two_ranks(run: str, tmp_path_factory) -> dict:
+    """The whole state of a store after an uninterrupted 2-rank run (once per session)."""
+    if run not in _two_ranks:
+        store = fresh_store(tmp_path_factory, tmp_path_factory.mktemp("two-ranks") / "store")
+        # NCCL asked for on CPUs: gloo, with a message
+        proc = torchrun(store, RUNS[run] + ["--dist-backend", "nccl"])
+        assert proc.returncode == 0, proc.stderr
+        assert "torchrun: 2 ranks, gloo" in proc.stderr
+        assert ("--dist-backend nccl: NCCL needs GPUs and these ranks compute on the CPU; falling back to gloo"
+                in proc.stderr)
+        assert Store.open(store).step == 3
+        assert_clean(store)
+        _two_ranks[run] = state(store)
+    return _two_ranks[run]
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_two_ranks_give_the_weights_of_one_process(run, tmp_path, tmp_path_factory):
+    one = fresh_store(tmp_path_factory, tmp_path / "one")
+    single_process(one, RUNS[run])
+    assert_close_states(two_ranks(run, tmp_path_factory), state(one))  # weights and AdamW state, every tensor
+
+
+def test_two_ranks_train_lora_adapters_like_one_process(tmp_path, tmp_path_factory):
+    base = fresh_store(tmp_path_factory, tmp_path / "base")
+    before = state(base)
+    args = COMMON + ["--lora-rank", "4", "--lr", "1e-3", "--lora-targets", "wq,wv,w2"]
+    single_process(base, args + ["--adapter-path", str(tmp_path / "one")])
+    proc = torchrun(base, args + ["--adapter-path", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stderr
+    one, two = (read_file(AdapterFolder(tmp_path / name).path / "adapters.safetensors") for name in ("one", "two"))
+    assert_close_states(two, one)
+    assert_bit_identical(state(base), before)  # the base is only read
+
+
+@pytest.mark.parametrize("rank, fault", [
+    (1, "backward.module:6"),  # the other rank dies in step 2's backward, between module writes of rank 0
+    (0, "store.commit.before_rename:2"),  # rank 0 dies during step 2's commit
+])
+def test_a_rank_killed_mid_step_leaves_the_store_committed_and_resumes(rank, fault, tmp_path, tmp_path_factory):
+    store = fresh_store(tmp_path_factory, tmp_path / "store")
+    killed = torchrun(store, RUNS["adamw-streaming"], env={"SLOWLLAMA_FAULTS": fault,
+                                                           "SLOWLLAMA_FAULTS_RANK": str(rank)})
+    assert killed.returncode != 0
+    Store.open(store, writable=True, log=lambda m: None).close()  # what the next start does first: roll back
+    assert Store.open(store).step == 1
+    assert_clean(store)
+    resumed = torchrun(store, RUNS["adamw-streaming"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming the run at step 1 of 3" in resumed.stderr
+    assert_bit_identical(state(store), two_ranks("adamw-streaming", tmp_path_factory))
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("slowllama finetune: error")]
+
+
+def test_a_global_batch_that_does_not_divide_among_the_ranks_is_refused(tmp_path, tmp_path_factory):
+    store = fresh_store(tmp_path_factory, tmp_path / "store")
+    proc = torchrun(store, COMMON + ["--batch-size", "3", "--accumulate", "1"])
+    assert proc.returncode != 0
+    assert error_lines(proc) == ["slowllama finetune: error: --batch-size x --accumulate: the global batch of 3 "
+                                 "windows does not divide among 2 ranks"], proc.stderr
+    assert Store.open(store).step == 0
+
+
+def _check_same(rank: int, init_file: str, results: str) -> None:
+    from slowllama.distributed import Fleet
+    from slowllama.errors import SlowllamaError
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    fleet = Fleet(rank, 2, torch.device("cpu"))
+    try:
+        fleet.check_same({"lr": 0.001 if rank == 0 else 0.002, "steps": 3}, "same data")
+        outcome = "passed"
+    except SlowllamaError as e:
+        outcome = str(e)
+    try:
+        fleet.check_same({"lr": 0.001, "steps": 3}, f"data of rank {rank}")
+        outcome += "\npassed"
+    except SlowllamaError as e:
+        outcome += "\n" + str(e)
+    fleet.check_same({"lr": 0.001}, "same data")  # agreeing ranks pass
+    Path(results, str(rank)).write_text(outcome)
+    fleet.close()
+
+
+def test_mismatched_settings_between_ranks_are_named(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_check_same, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        lr, data = (tmp_path / str(rank)).read_text().splitlines()
+        assert lr == "--lr: differs between ranks (rank 0: 0.001, rank 1: 0.002)"
+        assert data == "--data: rank 1 read other tokens than rank 0 (the data files differ between ranks)"
