@@ -28,6 +28,7 @@ import torch
 
 from slowllama.blackbox_model import LoRAState
 from slowllama.config import dtype_from_name, dtype_name
+from slowllama.distributed import Fleet, start_fleet
 from slowllama.errors import SlowllamaError
 from slowllama.machine import copy_bandwidth, matmul_peak, measure_disk, peak_rss, reset_peak_rss, synchronize
 from slowllama.memory import parse_size
@@ -179,7 +180,8 @@ def format_summary(summary: dict) -> list[str]:
         f"model: preset {summary['preset']}, {summary['layers']} layers, {summary['matmul_params'] / 1e9:.3f} B "
         f"matmul weights, {summary['store_dtype']} store of {_gb(summary['store_bytes'])}; "
         f"{summary['tokens_per_step']} tokens/step ({summary['batch_size']} x {summary['accumulate']} x "
-        f"{summary['seq_len']}), {summary['optimizer']}, compute {summary['compute_dtype']} on {mach['device']}",
+        f"{summary['seq_len']}), {summary['optimizer']}, compute {summary['compute_dtype']} on {mach['device']}"
+        + (f" x {summary['ranks']} ranks" if summary.get("ranks", 1) > 1 else ""),
         f"FLOPs/step: model {summary['model_flops'] / 1e12:.4g} T (6·N·T + 3·attention), hardware "
         f"{summary['hardware_flops'] / 1e12:.4g} T (8·N_blocks·T + 6·N_head·T + 4·attention: blocks recomputed)",
         machine_line(mach),
@@ -203,12 +205,18 @@ def run_steps(store: Store, engine, s: BenchSettings, args, flops: StepFlops, ma
     """Time s.steps training steps, committed to the store as finetune commits them; returns the reports.
 
     Steps after the last commit point are rolled back at the end (a benchmark's store keeps its last
-    commit): timing the steady state of --save-every N needs no final write of everything."""
+    commit): timing the steady state of --save-every N needs no final write of everything.
+    Under torchrun each rank takes its share of every step's windows; rank 0's counters are reported."""
     reports = []
+    fleet = engine.fleet
     number = store.step  # the step being made; the engine seeds dropout by it
     for index in range(s.steps):
         number += 1
         batches = random_batches(args, index, s.batch_size, s.accumulate, s.seq_len, s.seed)
+        mine, first_micro = fleet.share(s.batch_size * s.accumulate, s.batch_size)
+        x, y = (torch.cat([b[i] for b in batches])[mine] for i in (0, 1))
+        batches = [(x[i:i + s.batch_size], y[i:i + s.batch_size]) for i in range(0, x.shape[0], s.batch_size)]
+        fleet.barrier()  # every rank starts the clock together
         before = counters(engine, store)
         reset_peak_rss()
         if engine.device.type == "cuda":
@@ -216,20 +224,23 @@ def run_steps(store: Store, engine, s: BenchSettings, args, flops: StepFlops, ma
         t0 = time.perf_counter()
         acts = engine.activations()
         lora = engine.lora is not None  # the base is only read
-        if not lora and index % commit_every == 0:  # a commit period starts
+        writes = not lora and fleet.main
+        if writes and index % commit_every == 0:  # a commit period starts
             store.begin_step(number)
         try:
-            result = engine.train_step(number, batches, s.lr, acts)
-            if not lora and (index + 1) % commit_every == 0:  # steps after the last commit are dropped below
+            result = engine.train_step(number, batches, s.lr, acts, micro_offset=first_micro)
+            if writes and (index + 1) % commit_every == 0:  # steps after the last commit are dropped below
                 engine.write_back()
                 store.commit(number)
         except BaseException:
             engine.discard_step()
-            store.rollback()
+            if writes:
+                store.rollback()
             raise
         finally:
             acts.clear()
         synchronize(engine.device)
+        fleet.barrier()  # the step is done when every rank is
         seconds = time.perf_counter() - t0
         after = counters(engine, store)
         gpu = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None
@@ -240,7 +251,7 @@ def run_steps(store: Store, engine, s: BenchSettings, args, flops: StepFlops, ma
         report = step_report(raw, flops, machine, s.drop_cache)
         reports.append(report)
         show(report)
-    if engine.lora is None and s.steps % commit_every:
+    if engine.lora is None and s.steps % commit_every and fleet.main:
         engine.discard_step()
         store.rollback()
     return reports
@@ -249,6 +260,14 @@ def run_steps(store: Store, engine, s: BenchSettings, args, flops: StepFlops, ma
 def bench(s: BenchSettings, log: Callable[[str], None], out: Callable[[str], None] = print) -> dict:
     """Run the benchmark of settings s; prints per-step lines (or JSON objects) and the summary; returns it."""
     validate(s)
+    fleet = start_fleet(s.device, "auto", log)
+    try:
+        return _bench(s, fleet, log if fleet.main else (lambda m: None), out if fleet.main else (lambda m: None))
+    finally:
+        fleet.close()
+
+
+def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Callable[[str], None]) -> dict:
     args = bench_args(s.preset, s.layers)
     check_seq_len(s.seq_len, args)
     device, compute_dtype = resolve_device(s)
@@ -257,6 +276,8 @@ def bench(s: BenchSettings, log: Callable[[str], None], out: Callable[[str], Non
     temp = None
     if s.store_dir:
         path = Path(s.store_dir)
+    elif not fleet.main:
+        path = None  # rank 0's, below
     else:
         try:
             temp = Path(tempfile.mkdtemp(prefix=".slowllama-bench-", dir=os.getcwd()))
@@ -265,27 +286,37 @@ def bench(s: BenchSettings, log: Callable[[str], None], out: Callable[[str], Non
                                  "use --store-dir") from None
         path = temp / "store"
     try:
-        check_free_space(path.parent, needed_disk(args, dtype, not path.exists(), probe),
-                         f"{path} (--layers cuts the model)")
-        path, _ = open_or_build(path, args, dtype, s.seed, s.preset, log)
-        machine, machine_record = measure_machine(path, device, compute_dtype, probe, log)
-        with Store.open(path, writable=True, log=log) as store:
+        if fleet.main:
+            check_free_space(path.parent, needed_disk(args, dtype, not path.exists(), probe),
+                             f"{path} (--layers cuts the model)")
+            path, _ = open_or_build(path, args, dtype, s.seed, s.preset, log)
+            machine, machine_record = measure_machine(path, device, compute_dtype, probe, log)
+        # the other ranks take rank 0's store and machine; the FLOPs of a step spread over every rank's GPU
+        path, machine, machine_record = fleet.broadcast_object((path, machine, machine_record) if fleet.main else None)
+        if fleet.active:
+            machine = dataclasses.replace(machine, matmul=machine.matmul * fleet.world)
+            machine_record = {**machine_record, "ranks": fleet.world}
+        with (Store.open(path, writable=True, log=log) if fleet.main else Store.open(path, follower=True)) as store:
             store.drop_cache = s.drop_cache
             optimizer = AdamW() if s.optimizer == "adamw" or s.lora_rank else SGD()
             lora = lora_state(args, s, device) if s.lora_rank else None
+            share = s.batch_size * s.accumulate // fleet.world
             engine = make_engine(store, s, optimizer=optimizer, lora=lora, seed=s.seed, train=True,
-                                 stochastic_rounding=dtype == torch.bfloat16, batch_size=s.batch_size,
-                                 seq_len=s.seq_len, microbatches=s.accumulate, lookahead=2 if s.prefetch else 0,
-                                 write_queue=2 if s.async_writes else 0)
+                                 stochastic_rounding=dtype == torch.bfloat16, batch_size=min(s.batch_size, share),
+                                 seq_len=s.seq_len, microbatches=math.ceil(share / s.batch_size),
+                                 lookahead=2 if s.prefetch else 0, write_queue=2 if s.async_writes else 0,
+                                 fleet=fleet)
+            if fleet.active:
+                engine.replicate = fleet.broadcast_object(engine.fits_on_device())
             commit_every = 1
             if lora is None and engine.fits_in_memory():  # as finetune does: writes at commit points only
                 engine.deferred, commit_every = True, s.save_every
                 log(f"the model fits in memory: it stays resident and the store is written every {commit_every} "
                     "steps")
-            if lora is None and commit_every <= s.steps:
+            if lora is None and commit_every <= s.steps and fleet.main:
                 check_disk_for_steps(store, s, engine, optimizer, False)
             flops = step_flops(args, s.batch_size * s.accumulate, s.seq_len)
-            if s.drop_cache:
+            if s.drop_cache and fleet.main:
                 store.evict_from_page_cache()  # the store was just written or read: start from the disk
             show = (lambda r: out(json.dumps(r))) if s.json else (lambda r: out(format_step(r, s.steps)))
             log(f"timing {s.steps} steps")
@@ -293,7 +324,8 @@ def bench(s: BenchSettings, log: Callable[[str], None], out: Callable[[str], Non
             engine.pipe.close()
             header = {"preset": s.preset, "layers": args.n_layers, "model": args.to_dict(),
                       "matmul_params": matmul_params(args)["total"], "store_bytes": store_bytes(args, dtype),
-                      "store_dtype": s.dtype, "compute_dtype": dtype_name(compute_dtype), "optimizer": s.optimizer,
+                      "store_dtype": s.dtype, "compute_dtype": dtype_name(compute_dtype),
+                      "optimizer": "adamw" if s.lora_rank else s.optimizer, "ranks": fleet.world,
                       "batch_size": s.batch_size, "accumulate": s.accumulate, "seq_len": s.seq_len,
                       "prefetch": s.prefetch, "async_writes": s.async_writes,
                       "tokens_per_step": s.batch_size * s.accumulate * s.seq_len,
