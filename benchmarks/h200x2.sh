@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Several GPUs: the runs of benchmarks/RESULTS.md's "two GPUs" section, on nvidia-h200-x2.
-#   OUT=... bash benchmarks/h200x2.sh   (every run's JSON lines in $OUT/NAME.jsonl, all logs in $OUT/all.log)
+#   OUT=... bash benchmarks/h200x2.sh sgd|adamw   (JSON lines in $OUT/NAME.jsonl, all logs in $OUT/all.log)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -10,13 +10,14 @@ TORCHRUN="python -m torch.distributed.run --standalone --nproc-per-node 2"
 bench() {  # bench NAME LAUNCHER ARGS...: one run of `slowllama bench`
     local name=$1 launcher=$2; shift 2
     echo "== $name: $launcher -m slowllama bench $*" | tee -a "$OUT/all.log"
-    timeout 500 $launcher -m slowllama bench "$@" --json > "$OUT/$name.jsonl" 2>> "$OUT/all.log"
+    timeout 240 $launcher -m slowllama bench "$@" --json > "$OUT/$name.jsonl" 2>> "$OUT/all.log"
     echo "exit $?"; tail -n 1 "$OUT/$name.jsonl" | python -c "
 import json, sys
 s = json.loads(sys.stdin.read() or '{}'); m = s.get('median', {})
 print({k: round(m[k], 4) for k in ('seconds', 'tokens_per_second', 'mfu', 'bound_seconds', 'efficiency') if m.get(k) is not None}, 'peak_gpu', s.get('peak_gpu_bytes'))"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv; nvidia-smi topo -m | head -4
+if [ "${1:-}" = sgd ]; then
 # correctness on GPUs (NCCL): a tiny fp32 model, 3 SGD steps, 2 ranks against 1
 T=/tmp/tiny-check; rm -rf $T; mkdir -p $T
 { python -m slowllama init-tiny $T/model --dtype fp32 --layers 2 --dim 64 --shards 1 && python -m slowllama prepare $T/model $T/base
@@ -41,5 +42,8 @@ for k in 1 8; do
     bench sgd_k${k}_1gpu python --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate $k --steps 4 --save-every 100 --probe-size 1G
     bench sgd_k${k}_2gpu "$TORCHRUN" --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate $k --steps 4 --save-every 100 --probe-size 1G
 done
+fi
+if [ "${1:-}" = adamw ]; then
 bench adamw_k1_1gpu python --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 1G
 bench adamw_k1_2gpu "$TORCHRUN" --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 1G
+fi
