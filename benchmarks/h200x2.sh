@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Several GPUs: the runs of benchmarks/RESULTS.md's "two GPUs" section, on nvidia-h200-x2.
-#   OUT=... bash benchmarks/h200x2.sh sgd|adamw   (JSON lines in $OUT/NAME.jsonl, all logs in $OUT/all.log)
+#   OUT=... bash benchmarks/h200x2.sh sgd|adamw|more   (JSON lines in $OUT/NAME.jsonl, all logs in $OUT/all.log)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -46,4 +46,12 @@ fi
 if [ "${1:-}" = adamw ]; then
 bench adamw_k1_1gpu python --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 1G
 bench adamw_k1_2gpu "$TORCHRUN" --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 1G
+fi
+if [ "${1:-}" = more ]; then  # AdamW at 8 microbatches; streaming from the SSD (rank 1 gets every module by broadcast)
+bench adamw_k8_1gpu python --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 1G
+bench adamw_k8_2gpu "$TORCHRUN" --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 1G
+rm -rf $S7
+S8=/tmp/bench-7b-8l
+bench sgd_ssd8_k4_1gpu python --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --accumulate 4 --steps 3 --max-memory 6G --max-gpu-memory 10G --drop-cache --probe-size 1G
+bench sgd_ssd8_k4_2gpu "$TORCHRUN" --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --accumulate 4 --steps 3 --max-memory 6G --max-gpu-memory 10G --drop-cache --probe-size 1G
 fi
