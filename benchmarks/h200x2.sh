@@ -52,6 +52,6 @@ bench adamw_k8_1gpu python --preset 7b --store-dir $S7 --batch-size 16 --seq-len
 bench adamw_k8_2gpu "$TORCHRUN" --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 1G
 rm -rf $S7
 S8=/tmp/bench-7b-8l
-bench sgd_ssd8_k4_1gpu python --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --accumulate 4 --steps 3 --max-memory 6G --max-gpu-memory 10G --drop-cache --probe-size 1G
-bench sgd_ssd8_k4_2gpu "$TORCHRUN" --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --accumulate 4 --steps 3 --max-memory 6G --max-gpu-memory 10G --drop-cache --probe-size 1G
+bench sgd_ssd8_k4_1gpu python --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --accumulate 4 --steps 3 --max-memory 6G --max-gpu-memory 7G --drop-cache --probe-size 1G
+bench sgd_ssd8_k4_2gpu "$TORCHRUN" --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --accumulate 4 --steps 3 --max-memory 6G --max-gpu-memory 7G --drop-cache --probe-size 1G
 fi

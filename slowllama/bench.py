@@ -308,6 +308,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                                  fleet=fleet)
             if fleet.active:
                 engine.replicate = fleet.broadcast_object(engine.fits_on_device())
+                log(f"{fleet.world} ranks: the others {'keep a copy of every module' if engine.replicate else 'get each module as it is used'}")
             commit_every = 1
             if lora is None and engine.fits_in_memory():  # as finetune does: writes at commit points only
                 engine.deferred, commit_every = True, s.save_every
