@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Several GPUs: the runs of benchmarks/RESULTS.md's "two GPUs" section, on nvidia-h200-x2.
-#   OUT=... bash benchmarks/h200x2.sh sgd|adamw|more   (JSON lines in $OUT/NAME.jsonl, all logs in $OUT/all.log)
+#   OUT=... bash benchmarks/h200x2.sh sgd|adamw|more|ssd   (JSON lines in $OUT/NAME.jsonl, all logs in $OUT/all.log)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -54,4 +54,8 @@ rm -rf $S7
 S8=/tmp/bench-7b-8l
 bench sgd_ssd8_k4_1gpu python --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --accumulate 4 --steps 3 --max-memory 6G --max-gpu-memory 7G --drop-cache --probe-size 1G
 bench sgd_ssd8_k4_2gpu "$TORCHRUN" --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --accumulate 4 --steps 3 --max-memory 6G --max-gpu-memory 7G --drop-cache --probe-size 1G
+fi
+if [ "${1:-}" = ssd ]; then  # streaming from the SSD on 2 GPUs (a rank that waits too long prints its stacks)
+( sleep 200; pkill -USR1 -f "slowllama bench" ) &
+bench sgd_ssd8_k4_2gpu "$TORCHRUN" --preset 7b --layers 8 --store-dir /tmp/bench-7b-8l --batch-size 16 --seq-len 256 --accumulate 4 --steps 3 --max-memory 6G --max-gpu-memory 7G --drop-cache --probe-size 1G
 fi

@@ -261,10 +261,9 @@ def bench(s: BenchSettings, log: Callable[[str], None], out: Callable[[str], Non
     """Run the benchmark of settings s; prints per-step lines (or JSON objects) and the summary; returns it."""
     validate(s)
     fleet = start_fleet(s.device, "auto", log)
-    try:
-        return _bench(s, fleet, log if fleet.main else (lambda m: None), out if fleet.main else (lambda m: None))
-    finally:
-        fleet.close()
+    summary = _bench(s, fleet, log if fleet.main else (lambda m: None), out if fleet.main else (lambda m: None))
+    fleet.close()  # not after an error: with NCCL it can wait forever for the ranks that stopped
+    return summary
 
 
 def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Callable[[str], None]) -> dict:

@@ -154,7 +154,8 @@ class OffloadedModel:
     def activations(self) -> Activations:
         """A cache for one step's module inputs, on the device, then the host, then the scratch folder."""
         host = self.host_activation_budget if self.device.type != "cpu" else None
-        return Activations(self.activation_budget, self.store.scratch, self.device, host)
+        scratch = self.store.scratch / f"rank{self.fleet.rank}" if self.fleet.active else self.store.scratch
+        return Activations(self.activation_budget, scratch, self.device, host)
 
     # ---- plans: the order of use the pipeline reads ahead by ------------------------------------
     def _blocks(self) -> list[str]:

@@ -13,9 +13,11 @@ torch.distributed does the communication: NCCL between GPUs, gloo on CPUs.
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import math
 import os
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Optional
@@ -182,6 +184,7 @@ def start_fleet(device_name: str, backend: str, log: Callable[[str], None]) -> F
     if backend == "gloo" and cuda:
         raise SlowllamaError("--dist-backend gloo: the ranks compute on GPUs, whose collectives need NCCL "
                              "(use --dist-backend auto, or --device cpu)")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is a rank waiting?
     dist.init_process_group(backend, timeout=TIMEOUT)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if rank == 0:

@@ -239,12 +239,12 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[di
     if s.optimizer == "auto":  # recorded as what it resolves to
         s = replace(s, optimizer="adamw" if s.lora_rank else "sgd")
     fleet = start_fleet(s.device, s.dist_backend, log)
-    try:
-        if fleet.main:
-            return _finetune_leader(fleet, s, log, emit)
-        return _finetune_follower(fleet, s, emit)
-    finally:
-        fleet.close()
+    if fleet.main:
+        result = _finetune_leader(fleet, s, log, emit)
+    else:
+        result = _finetune_follower(fleet, s, emit)
+    fleet.close()  # not after an error: with NCCL it can wait forever for the ranks that stopped
+    return result
 
 
 def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:

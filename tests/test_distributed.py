@@ -147,3 +147,21 @@ def test_mismatched_settings_between_ranks_are_named(tmp_path):
         lr, data = (tmp_path / str(rank)).read_text().splitlines()
         assert lr == "--lr: differs between ranks (rank 0: 0.001, rank 1: 0.002)"
         assert data == "--data: rank 1 read other tokens than rank 0 (the data files differ between ranks)"
+
+
+def test_each_rank_spills_activations_to_its_own_scratch_folder(tmp_path, tmp_path_factory):
+    from slowllama.distributed import Fleet
+    from slowllama.memory import Budget
+    from slowllama.train import make_engine
+
+    store = Store.open(fresh_store(tmp_path_factory, tmp_path / "store"))
+    s = settings(store.path, COMMON)
+    folders = set()
+    for rank in (0, 1):
+        engine = make_engine(store, s, fleet=Fleet(rank, 2, torch.device("cpu")))
+        engine.activation_budget = Budget(0, "no room")
+        acts = engine.activations()
+        acts.put((0, 0), torch.ones(3))  # no room in memory: spilled
+        folders |= {p.parent for p in acts.scratch.glob("act_*")}
+        assert torch.equal(acts.pop((0, 0)), torch.ones(3))
+    assert folders == {store.scratch / "rank0", store.scratch / "rank1"}
