@@ -56,6 +56,6 @@ bench sgd_ssd8_k4_1gpu python --preset 7b --layers 8 --store-dir $S8 --batch-siz
 bench sgd_ssd8_k4_2gpu "$TORCHRUN" --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --accumulate 4 --steps 3 --max-memory 6G --max-gpu-memory 7G --drop-cache --probe-size 1G
 fi
 if [ "${1:-}" = ssd ]; then  # streaming from the SSD on 2 GPUs (a rank that waits too long prints its stacks)
-( sleep 200; pkill -USR1 -f "slowllama bench" ) &
+( sleep 200; for p in $(pgrep -f "slowllama bench"); do grep -q torch.distributed.run /proc/$p/cmdline || kill -USR1 $p; done ) &
 bench sgd_ssd8_k4_2gpu "$TORCHRUN" --preset 7b --layers 8 --store-dir /tmp/bench-7b-8l --batch-size 16 --seq-len 256 --accumulate 4 --steps 3 --max-memory 6G --max-gpu-memory 7G --drop-cache --probe-size 1G
 fi
