@@ -52,8 +52,8 @@ layers)  # step time against depth, SSD-bound
         rm -rf /tmp/bench-7b-$l
     done
     ;;
-more|final) ;;
-*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more"; exit 2 ;;
+more|final|prefetch) ;;
+*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch"; exit 2 ;;
 esac
 # stage "more": AdamW SSD-bound (8 layers) and the token sweep, in one call
 if [ "${1:-}" = more ]; then
@@ -73,4 +73,11 @@ if [ "${1:-}" = final ]; then
     rm -rf $S8
     bench sgd_host_k8 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --max-memory 24G --max-gpu-memory 12G --save-every 100 --probe-size 1G
     echo "== fsdp2 fused"; timeout 300 python benchmarks/fsdp2_offload.py --preset 7b --batch-size 16 --seq-len 256 --warmup 2 --steps 3 --adam fused --json > $OUT/fsdp2_fused.jsonl 2> $OUT/fsdp2_fused.log; echo "exit $?"; tail -n 1 $OUT/fsdp2_fused.jsonl; tail -n 2 $OUT/fsdp2_fused.log
+fi
+# stage "prefetch": what read-ahead and background writes gain, SSD-bound on 8 layers (the same store, both ways)
+if [ "${1:-}" = prefetch ]; then
+    S8=/tmp/bench-7b-8l
+    git rev-parse HEAD > $OUT/commit.txt 2>/dev/null
+    bench sgd_ssd_8layers --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    bench sgd_ssd_8layers_sync --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --no-prefetch --no-async-writes --probe-size 1G
 fi
