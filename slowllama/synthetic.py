@@ -80,7 +80,8 @@ def open_or_build(path: Path, args: ModelArgs, dtype: torch.dtype, seed: int = 0
         log(f"reusing the store {path} (at step {store.step})")
         return path, False
     n = matmul_params(args)["total"]
-    log(f"writing a random {dtype_name(dtype)} store of {n / 1e9:.2f} B matmul weights to {path}")
+    count = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+    log(f"writing a random {dtype_name(dtype)} store of {count} matmul weights to {path}")
     return write_random_store(path, args, dtype, seed, preset, log), True
 
 
