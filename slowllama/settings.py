@@ -153,8 +153,8 @@ class FinetuneSettings(DeviceSettings):
                          "(a gradient pass first: twice the compute and reads)", choices=["previous", "exact"])
     master_weights: str = opt("none", "fp32: keep an fp32 master copy of 16-bit weights in the store",
                               choices=["none", "fp32"])
-    rounding: str = opt("auto", "rounding of updated 16-bit weights: stochastic (auto, when no master copy) "
-                        "or nearest", choices=["auto", "stochastic", "nearest"])
+    rounding: str = opt("auto", "rounding of updated bf16 weights: stochastic (auto, when no master copy) "
+                        "or nearest (fp16 stores: nearest)", choices=["auto", "stochastic", "nearest"])
     dropout: float = opt(0.0, "dropout probability (embeddings, attention, residual and FFN outputs)")
     seed: int = opt(0, "seed of data order, dropout and --val-split")
     order: str = opt("random", "random: window starts drawn uniformly; sequential: eval's windows in order",
@@ -172,7 +172,8 @@ class FinetuneSettings(DeviceSettings):
     lora_dropout: float = opt(0.0, "dropout on the input of the LoRA path")
     lora_targets: str = opt("wq,wv", "comma-separated linears to adapt: wq,wk,wv,wo,w1,w2,w3")
     adapter_path: Optional[str] = opt(None, "folder for the LoRA adapters (adapters.safetensors, adapter_config.json)")
-    save_every: int = opt(100, "LoRA: also keep a numbered snapshot of the adapters every N steps")
+    save_every: int = opt(100, "when the model fits in memory (it then stays resident), write the store every N "
+                          "steps (a crash loses at most N); LoRA: keep a numbered snapshot of the adapters every N steps")
     log_every: int = opt(1, "print one line of metrics every N steps (0: none)")
     new_run: bool = opt(False, "start a new run from the store's current weights instead of resuming")
     dist_backend: str = opt("auto", "under torchrun: how the ranks talk (auto: nccl between GPUs, gloo on CPUs)",

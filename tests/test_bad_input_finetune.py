@@ -102,3 +102,13 @@ def test_eval_bad_input(store_fp32, tmp_path):
     assert_one_line_error(run_cli("eval", store_fp32, "--data", tmp_path / "none.txt"), "none.txt")
     assert_one_line_error(run_cli("eval", store_fp32, "--data", ALICE, "--seq-len", "100000"), "--seq-len")
     assert_one_line_error(run_cli("eval", store_fp32), "--data")
+
+
+def test_stochastic_rounding_asked_for_on_an_fp16_store(tiny_fp32, tmp_path):
+    from slowllama.loader import prepare_meta
+
+    store = prepare_meta(tiny_fp32, tmp_path / "store", dtype="fp16", log=lambda m: None)
+    before = store_state_dict(store)
+    assert_one_line_error(finetune(store, "--data", ALICE, "--rounding", "stochastic"), "--rounding stochastic",
+                          "fp16", "--master-weights fp32")
+    assert_untouched(store, before)
