@@ -206,8 +206,10 @@ class AdapterFolder:
         tmp = self.path / (ADAPTERS + ".tmp")
         shutil.copyfile(self.path / files["adapters"], tmp)
         os.replace(tmp, self.path / ADAPTERS)
+        copies = 2 if snapshot else 1
         if snapshot:
             shutil.copyfile(self.path / files["adapters"], self.path / f"{step:07d}_{ADAPTERS}")
+        self.bytes_written += copies * (self.path / ADAPTERS).stat().st_size  # every byte the disk took
 
     def load_training_state(self, device) -> tuple[int, dict, dict, dict]:
         """(step, adapter params, optimizer state, run record) of the last save."""
