@@ -239,10 +239,14 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[di
     if s.optimizer == "auto":  # recorded as what it resolves to
         s = replace(s, optimizer="adamw" if s.lora_rank else "sgd")
     fleet = start_fleet(s.device, s.dist_backend, log)
-    if fleet.main:
-        result = _finetune_leader(fleet, s, log, emit)
-    else:
-        result = _finetune_follower(fleet, s, emit)
+    try:
+        if fleet.main:
+            result = _finetune_leader(fleet, s, log, emit)
+        else:
+            result = _finetune_follower(fleet, s, emit)
+    except StoppedBySignal:  # every rank stopped after the same committed step
+        fleet.close()
+        raise
     fleet.close()  # not after an error: with NCCL it can wait forever for the ranks that stopped
     return result
 
@@ -299,7 +303,11 @@ def check_fleet(fleet: Fleet, s: FinetuneSettings) -> None:
     if windows % fleet.world:
         raise SameOnEveryRank(f"--batch-size x --accumulate: the global batch of {windows} windows does not "
                               f"divide among {fleet.world} ranks")
-    if resolve_device(s)[0].type == "mps":
+    try:
+        device = resolve_device(s)[0]
+    except SlowllamaError as e:
+        raise SameOnEveryRank(str(e)) from None
+    if device.type == "mps":
         raise SameOnEveryRank("--device mps: several ranks need cuda (NCCL) or cpu (gloo)")
 
 

@@ -165,3 +165,17 @@ def test_each_rank_spills_activations_to_its_own_scratch_folder(tmp_path, tmp_pa
         folders |= {p.parent for p in acts.scratch.glob("act_*")}
         assert torch.equal(acts.pop((0, 0)), torch.ones(3))
     assert folders == {store.scratch / "rank0", store.scratch / "rank1"}
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_step_in_progress(tmp_path, tmp_path_factory):
+    store = fresh_store(tmp_path_factory, tmp_path / "store")
+    # rank 1 gets SIGTERM in step 2's backward: both ranks finish step 2, commit it and stop
+    stopped = torchrun(store, RUNS["adamw-streaming"], env={"SLOWLLAMA_FAULTS": "backward.module:5:sigterm",
+                                                            "SLOWLLAMA_FAULTS_RANK": "1"})
+    assert stopped.returncode != 0
+    assert "stopped after step 2 of 3; the store is committed" in stopped.stderr, stopped.stderr
+    assert Store.open(store).step == 2
+    assert_clean(store)
+    resumed = torchrun(store, RUNS["adamw-streaming"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bit_identical(state(store), two_ranks("adamw-streaming", tmp_path_factory))
