@@ -336,7 +336,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
     if master and s.master_weights != "fp32":
         log(f"{store.path}: using the fp32 master weights the store already has")
     if s.rounding == "stochastic" and store.dtype == torch.float16 and not s.lora_rank:
-        raise SlowllamaError("--rounding stochastic: implemented for bf16 stores, and this store is fp16 "
+        raise SameOnEveryRank("--rounding stochastic: implemented for bf16 stores, and this store is fp16 "
                              "(use --master-weights fp32 to keep small updates)")
     stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
     share = s.batch_size * s.accumulate // fleet.world  # windows of each rank in a step
