@@ -52,8 +52,8 @@ layers)  # step time against depth, SSD-bound
         rm -rf /tmp/bench-7b-$l
     done
     ;;
-more|final|prefetch) ;;
-*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch"; exit 2 ;;
+more|final|prefetch|hostram) ;;
+*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram"; exit 2 ;;
 esac
 # stage "more": AdamW SSD-bound (8 layers) and the token sweep, in one call
 if [ "${1:-}" = more ]; then
@@ -80,4 +80,9 @@ if [ "${1:-}" = prefetch ]; then
     git rev-parse HEAD > $OUT/commit.txt 2>/dev/null
     bench sgd_ssd_8layers --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
     bench sgd_ssd_8layers_sync --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --no-prefetch --no-async-writes --probe-size 1G
+fi
+# stage "hostram": the model (and AdamW's state) held in host RAM, the GPU holding only what is in flight
+if [ "${1:-}" = hostram ]; then
+    bench adamw_hostram --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 1G
+    bench sgd_hostram --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --save-every 100 --max-memory 100G --max-gpu-memory 8G --probe-size 1G
 fi
