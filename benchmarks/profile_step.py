@@ -50,8 +50,12 @@ def main() -> int:
         step(1)  # reads the store, allocates
         step(2)
         t0 = time.perf_counter()
+        for n in range(a.steps):
+            step(3 + n)
+        print(f"{(time.perf_counter() - t0) / a.steps:.3f} s/step without the profiler")
+        t0 = time.perf_counter()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+                                                torch.profiler.ProfilerActivity.CUDA], with_stack=True) as prof:
             for n in range(a.steps):
                 step(3 + n)
         seconds = (time.perf_counter() - t0) / a.steps
@@ -61,6 +65,12 @@ def main() -> int:
               f" GPU busy {gpu:.3f} s/step ({100 * gpu / seconds:.0f}%)")
         print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
         print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+        # where the host waits for the GPU: each place that synchronizes, by its Python stack
+        syncs = [e for e in prof.key_averages(group_by_stack_n=4)
+                 if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")]
+        for e in sorted(syncs, key=lambda e: -e.count):
+            print(f"{e.key} x{e.count / a.steps:.0f}/step, {e.cpu_time_total / 1e3 / a.steps:.1f} ms/step:",
+                  " <- ".join(e.stack[:4]))
         if a.out:
             Path(a.out).mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(Path(a.out) / "trace.json"))
