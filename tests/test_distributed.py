@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -179,3 +180,18 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_step_in_progress(tmp_pat
     resumed = torchrun(store, RUNS["adamw-streaming"])
     assert resumed.returncode == 0, resumed.stderr
     assert_bit_identical(state(store), two_ranks("adamw-streaming", tmp_path_factory))
+
+
+def test_bench_under_torchrun_splits_each_step_between_the_ranks(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "slowllama",
+           "bench", "--preset", "tiny", "--layers", "2", "--batch-size", "2", "--accumulate", "2", "--seq-len", "32",
+           "--steps", "2", "--probe-size", "4M", "--device", "cpu", "--store-dir", str(tmp_path / "s"), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr
+    objs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(objs) == 3, proc.stdout  # rank 0 alone prints: 2 steps and the summary
+    assert [o["tokens"] for o in objs[:2]] == [2 * 2 * 32] * 2  # the whole step's tokens
+    assert objs[2]["ranks"] == 2 and objs[2]["machine"]["ranks"] == 2
+    assert "2 ranks: the others keep a copy of every module" in proc.stderr
+    assert Store.open(tmp_path / "s").step == 2  # rank 0 committed both steps
