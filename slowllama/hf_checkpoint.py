@@ -12,7 +12,6 @@ source's shard names, key-to-file map and dtypes, so an untrained store comes ou
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from slowllama.config import ModelArgs, dtype_from_name, dtype_name, read_json
 from slowllama.errors import SlowllamaError
 from slowllama.memory import parse_size
 from slowllama.model import module_names, module_shapes, split_key
-from slowllama.store import Store, StoreBuilder, check_free_space, element_size, fsync_dir
+from slowllama.store import Store, StoreBuilder, check_free_space, element_size, staged_folder
 from slowllama.tokenizer import load_tokenizer, tokenizer_files
 
 INDEX = "model.safetensors.index.json"
@@ -360,10 +359,7 @@ def export_hf(store_path: Path, out: Path, shards: Optional[int] = None, max_sha
     if problems:
         raise SlowllamaError(problems[0])
 
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(out) as tmp:
         produce = _producer(store, args)
         with tqdm(total=total, desc="export", unit="B", unit_scale=True, disable=None) as bar:
             for shard in plan:
@@ -382,16 +378,6 @@ def export_hf(store_path: Path, out: Path, shards: Optional[int] = None, max_sha
         if source.get("format") != "hf" and (tmp / "tokenizer.model").is_file() \
                 and not (tmp / "tokenizer_config.json").exists():
             _write_json(tmp / "tokenizer_config.json", _llama_tokenizer_config(store, args))
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

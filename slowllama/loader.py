@@ -10,7 +10,6 @@ and records the source's shard count, keys, dtypes and cuts so that export can r
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from slowllama.config import ModelArgs, dtype_from_name, dtype_name, read_json
 from slowllama.errors import SlowllamaError
 from slowllama.model import join_key, module_names, module_shapes, split_key
-from slowllama.store import Store, StoreBuilder, check_free_space, check_output_folder, element_size, fsync_dir
+from slowllama.store import Store, StoreBuilder, check_free_space, check_output_folder, element_size, staged_folder
 from slowllama.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 
 SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -325,7 +324,6 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
     store = Store.open(store_path)
     out = Path(out)
     check_output_folder(out, force, (store.path,))
-    args = store.args
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else None
     source, n, plan, full, params, tokenizer_files = export_plan(store, shards, out_dtype)
 
@@ -335,10 +333,7 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
     if problems:
         raise SlowllamaError(problems[0])
 
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(out) as tmp:
         with tqdm(total=n, desc="export", unit="shard", disable=None) as bar:
             for i in range(n):
                 tensors = {}
@@ -356,16 +351,6 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         for name in tokenizer_files:
             shutil.copyfile(store.path / name, tmp / name)
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

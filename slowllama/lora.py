@@ -9,7 +9,6 @@ snapshots. `fuse` writes W + (alpha / rank) · B A back into a full model.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil

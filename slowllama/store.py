@@ -131,6 +131,27 @@ def check_output_folder(out: Path, force: bool, inputs: tuple = ()) -> None:
             raise SlowllamaError(f"{out}: overlaps {src}, which it is made from (choose another folder)")
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """A folder to write `out` into: hidden beside it, put in place only once complete and durable
+    (every file fsynced, then renamed over any old `out`), removed if the writing fails."""
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def disk_full_error(e: OSError, what: str) -> SlowllamaError:
     return SlowllamaError(f"{what}: disk full ({e.strerror}); the store stays at its last committed step")
 

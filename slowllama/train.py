@@ -21,7 +21,7 @@ from slowllama.data import TokenData, count_windows, eval_batches, load_data, lo
 from slowllama.distributed import Fleet, data_digest, start_fleet
 from slowllama.errors import SlowllamaError
 from slowllama.generate import generate
-from slowllama.memory import Activations, format_size, host_peak_rss, parse_size, physical_memory
+from slowllama.memory import format_size, host_peak_rss, parse_size, physical_memory
 from slowllama.optim import SCHEDULES, clip_coefficient, lr_at, make_optimizer
 from slowllama.plots import plot_run
 from slowllama.settings import EvalSettings, FinetuneSettings, resolve_device
