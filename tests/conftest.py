@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from slowllama.cli import main
 from slowllama.loader import prepare_meta
 from slowllama.tiny import write_tiny
 
@@ -40,6 +42,16 @@ def run_cli(*args, check=None, env=None, timeout=300, **kw):
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*args): `slowllama ARGS` in this process; returns (returncode, stdout, stderr) like a subprocess."""
+    def run(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run
 
 
 def assert_one_line_error(proc, *fragments):

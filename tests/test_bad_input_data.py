@@ -5,26 +5,15 @@ subprocess as well.
 """
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
 from conftest import ALICE, REPO, assert_one_line_error
 from reference import store_state_dict
-from slowllama.cli import main
 from slowllama.store import Store
 
 SAMSUM = REPO / "test_data" / "samsum_mini.jsonl"
 GOOD = {"prompt": "Q: two and two?\nA:", "completion": " four"}
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args):
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return run
 
 
 def finetune_args(store, *args):

@@ -1,26 +1,16 @@
 """-c/--config TOML files: defaults < file < command line; unknown keys and wrong types are one-line errors."""
 
-from types import SimpleNamespace
 
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from slowllama.cli import build_parser, main, settings_from
+from slowllama.cli import build_parser, settings_from
 from slowllama.settings import COMMANDS
 
 
 def parse(*argv):
     ns = build_parser().parse_args([str(a) for a in argv])
     return settings_from(COMMANDS[ns.command][0], ns, ns.command)
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args):
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return run
 
 
 def test_precedence_defaults_config_command_line(tmp_path):

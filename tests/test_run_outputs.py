@@ -3,12 +3,10 @@
 import json
 import math
 import sys
-from types import SimpleNamespace
 
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_cli
-from slowllama.cli import main
 from slowllama.plots import plot_run, read_metrics
 from slowllama.settings import FinetuneSettings
 from slowllama.train import finetune
@@ -16,15 +14,6 @@ from slowllama.train import finetune
 SAMSUM = REPO / "test_data" / "samsum_mini.jsonl"
 SAMSUM_CHAT = REPO / "test_data" / "samsum_mini_chat.jsonl"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args):
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return run
 
 
 def test_a_chat_run_from_a_config_file(store_fp32, tmp_path, cli):
