@@ -28,6 +28,7 @@ import torch
 
 from slowllama.blackbox_model import LoRAState
 from slowllama.config import dtype_from_name, dtype_name
+from slowllama.data import microbatches
 from slowllama.distributed import Fleet, start_fleet
 from slowllama.errors import SlowllamaError
 from slowllama.machine import copy_bandwidth, matmul_peak, measure_disk, peak_rss, reset_peak_rss, synchronize
@@ -215,7 +216,7 @@ def run_steps(store: Store, engine, s: BenchSettings, args, flops: StepFlops, ma
         batches = random_batches(args, index, s.batch_size, s.accumulate, s.seq_len, s.seed)
         mine, first_micro = fleet.share(s.batch_size * s.accumulate, s.batch_size)
         x, y = (torch.cat([b[i] for b in batches])[mine] for i in (0, 1))
-        batches = [(x[i:i + s.batch_size], y[i:i + s.batch_size]) for i in range(0, x.shape[0], s.batch_size)]
+        batches = microbatches(x, y, s.batch_size)
         fleet.barrier()  # every rank starts the clock together
         before = counters(engine, store)
         reset_peak_rss()
@@ -299,15 +300,13 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
             store.drop_cache = s.drop_cache
             optimizer = AdamW() if s.optimizer == "adamw" or s.lora_rank else SGD()
             lora = lora_state(args, s, device) if s.lora_rank else None
-            share = s.batch_size * s.accumulate // fleet.world
+            batch_size, micro = fleet.rank_batch(s.batch_size, s.accumulate)
             engine = make_engine(store, s, optimizer=optimizer, lora=lora, seed=s.seed, train=True,
-                                 stochastic_rounding=dtype == torch.bfloat16, batch_size=min(s.batch_size, share),
-                                 seq_len=s.seq_len, microbatches=math.ceil(share / s.batch_size),
-                                 lookahead=2 if s.prefetch else 0, write_queue=2 if s.async_writes else 0,
-                                 fleet=fleet)
+                                 stochastic_rounding=dtype == torch.bfloat16, batch_size=batch_size,
+                                 seq_len=s.seq_len, microbatches=micro, lookahead=2 if s.prefetch else 0,
+                                 write_queue=2 if s.async_writes else 0, fleet=fleet)
             if fleet.active:
-                engine.replicate = fleet.broadcast_object(engine.fits_on_device())
-                log(f"{fleet.world} ranks: the others {'keep a copy of every module' if engine.replicate else 'get each module as it is used'}")
+                log(engine.choose_replication())
             commit_every = 1
             if lora is None and engine.fits_in_memory():  # as finetune does: writes at commit points only
                 engine.deferred, commit_every = True, s.save_every

@@ -202,6 +202,13 @@ class OffloadedModel:
         """Whether every module's weights fit the device budget (ranks > 0 then keep them all)."""
         return sum(self.store.module_bytes(n) for n in self.names) * 1.1 <= self.device_budget.limit
 
+    def choose_replication(self) -> str:
+        """Several ranks: whether ranks > 0 keep a copy of every module, as rank 0 decides (a collective);
+        returns the line that says so."""
+        self.replicate = self.fleet.broadcast_object(self.fits_on_device())
+        how = "keep a copy of every module" if self.replicate else "get each module as it is used"
+        return f"{self.fleet.world} ranks: the others {how}"
+
     def weights(self, name: str, kind: str = "modules") -> dict[str, torch.Tensor]:
         return self.pipe.get((kind, name))
 

@@ -62,6 +62,11 @@ class Fleet:
         micro_per_rank = math.ceil(per / batch_size)
         return slice(self.rank * per, (self.rank + 1) * per), self.rank * micro_per_rank
 
+    def rank_batch(self, batch_size: int, accumulate: int) -> tuple[int, int]:
+        """(windows per microbatch, microbatches) of this rank's share of a step: what its memory is sized for."""
+        per = batch_size * accumulate // self.world
+        return min(batch_size, per), math.ceil(per / batch_size)
+
     # ---- collectives --------------------------------------------------------------------------------
     def sum(self, value: float) -> float:
         """The sum of a number over ranks (in fp64), the same on every rank."""
@@ -112,26 +117,14 @@ class Fleet:
         """
         if not self.active:
             return grads
-        out = dict(grads)
-        by_dtype: dict[torch.dtype, list[str]] = {}
-        for key in sorted(grads):
-            by_dtype.setdefault(grads[key].dtype, []).append(key)
-        for keys in by_dtype.values():
-            flat = torch.cat([grads[k].reshape(-1) for k in keys])
-            torch.distributed.reduce(flat, dst=0)
-            if self.main:
-                for k, part in zip(keys, flat.split([grads[k].numel() for k in keys])):
-                    out[k] = part.view_as(grads[k])
-        return out
+        summed = _summed(grads, lambda flat: torch.distributed.reduce(flat, dst=0))
+        return summed if self.main else grads  # only rank 0's buffers hold the sums
 
     def all_reduce(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The sum over ranks of each gradient, on every rank."""
         if not self.active:
             return grads
-        keys = sorted(grads)
-        flat = torch.cat([grads[k].reshape(-1) for k in keys])
-        torch.distributed.all_reduce(flat)
-        return {k: part.view_as(grads[k]) for k, part in zip(keys, flat.split([grads[k].numel() for k in keys]))}
+        return _summed(grads, torch.distributed.all_reduce)
 
     # ---- checks -------------------------------------------------------------------------------------
     def check_same(self, settings: dict, data_digest: str) -> None:
@@ -153,6 +146,21 @@ class Fleet:
     def close(self) -> None:
         if self.active and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _summed(grads: dict[str, torch.Tensor], collective) -> dict[str, torch.Tensor]:
+    """Run `collective` (a sum) on the gradients packed into one flat buffer per dtype, in key order
+    (one collective per module instead of one per tensor); the sums, unpacked."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key in sorted(grads):
+        by_dtype.setdefault(grads[key].dtype, []).append(key)
+    out = {}
+    for keys in by_dtype.values():
+        flat = torch.cat([grads[k].reshape(-1) for k in keys])
+        collective(flat)
+        for k, part in zip(keys, flat.split([grads[k].numel() for k in keys])):
+            out[k] = part.view_as(grads[k])
+    return out
 
 
 def start_fleet(device_name: str, backend: str, log: Callable[[str], None]) -> Fleet:

@@ -339,11 +339,10 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
         raise SameOnEveryRank("--rounding stochastic: implemented for bf16 stores, and this store is fp16 "
                              "(use --master-weights fp32 to keep small updates)")
     stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
-    share = s.batch_size * s.accumulate // fleet.world  # windows of each rank in a step
+    batch_size, micro = fleet.rank_batch(s.batch_size, s.accumulate)
     engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
                          stochastic_rounding=stochastic, lora=getattr(checkpoint, "lora", None), train=True,
-                         batch_size=min(s.batch_size, share), seq_len=s.seq_len,
-                         microbatches=math.ceil(share / s.batch_size), fleet=fleet)
+                         batch_size=batch_size, seq_len=s.seq_len, microbatches=micro, fleet=fleet)
     if not s.lora_rank and fleet.main:
         check_disk_for_steps(store, s, engine, optimizer, master)
     commit_every = 1
@@ -351,8 +350,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
         engine.deferred, commit_every = True, s.save_every
         log(f"the model fits in memory: it stays resident and the store is written every {commit_every} steps")
     if fleet.active:
-        engine.replicate = fleet.broadcast_object(engine.fits_on_device())
-        log(f"the other ranks {'keep a copy of every module' if engine.replicate else 'get each module as it is used'}")
+        log(engine.choose_replication())
     if fleet.main:
         (checkpoint.run_dir / "settings.json").write_text(json.dumps(
             {"settings": asdict(s), "start_step": run["start_step"], "resumed_at": done,
