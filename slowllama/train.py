@@ -255,7 +255,6 @@ def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:
     lora = s.lora_rank > 0
     if fleet.active:
         check_fleet(fleet, s)
-    store = None
     try:
         store = Store.open(s.store, writable=not lora, log=log)  # recovers an interrupted step first
     finally:
