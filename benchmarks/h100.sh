@@ -9,6 +9,7 @@ S7=/tmp/bench-7b          # random Llama-2-7B-shaped store, bf16 (reused by the 
 bench() {  # bench NAME ARGS...: one run, its JSON lines in $OUT/NAME.jsonl, its log in $OUT/NAME.log
     local name=$1; shift
     echo "== $name: slowllama bench $*"
+    git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null
     timeout 540 python -m slowllama bench "$@" --json > "$OUT/$name.jsonl" 2> "$OUT/$name.log"
     echo "exit $?"; tail -n 1 "$OUT/$name.jsonl" | python -c "
 import json, sys
@@ -52,8 +53,23 @@ layers)  # step time against depth, SSD-bound
         rm -rf /tmp/bench-7b-$l
     done
     ;;
+fused)  # session 3: the cuda tests, then torch.compile'd blocks against eager ones (8 layers), and a profile
+    python -m pytest -q tests/test_cuda.py 2>&1 | tail -n 4
+    S8=/tmp/bench-7b-8l
+    bench sgd8_eager --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 4 --save-every 100 --probe-size 256M
+    bench sgd8_compile --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 4 --save-every 100 --probe-size 256M --compile
+    python benchmarks/profile_step.py --layers 8 --steps 3 --compile > $OUT/profile_compile.txt 2>&1; echo "profile exit $?"; head -n 3 $OUT/profile_compile.txt
+    ;;
+fused7b)  # session 3: the 7B shape with compiled blocks, 1 and 8 microbatches, resident
+    bench sgd_16x256_compile --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --save-every 100 --probe-size 1G --compile
+    bench sgd_k8_compile --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --save-every 100 --probe-size 1G --compile
+    ;;
+hostram2)  # session 3: modules (and AdamW moments) in host RAM, copies both ways at once; activations pinned
+    bench adamw_hostram --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 1G
+    bench sgd_host_k8 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --max-memory 24G --max-gpu-memory 12G --save-every 100 --probe-size 1G
+    ;;
 more|final|prefetch|hostram) ;;
-*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram"; exit 2 ;;
+*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2"; exit 2 ;;
 esac
 # stage "more": AdamW SSD-bound (8 layers) and the token sweep, in one call
 if [ "${1:-}" = more ]; then

@@ -304,7 +304,9 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
             engine = make_engine(store, s, optimizer=optimizer, lora=lora, seed=s.seed, train=True,
                                  stochastic_rounding=dtype == torch.bfloat16, batch_size=batch_size,
                                  seq_len=s.seq_len, microbatches=micro, lookahead=2 if s.prefetch else 0,
-                                 write_queue=2 if s.async_writes else 0, fleet=fleet)
+                                 write_queue=2 if s.async_writes else 0, fleet=fleet, compile=s.compile)
+            if engine.compile_note:
+                log(engine.compile_note)
             if fleet.active:
                 log(engine.choose_replication())
             commit_every = 1
@@ -326,7 +328,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                       "store_dtype": s.dtype, "compute_dtype": dtype_name(compute_dtype),
                       "optimizer": "adamw" if s.lora_rank else s.optimizer, "ranks": fleet.world,
                       "batch_size": s.batch_size, "accumulate": s.accumulate, "seq_len": s.seq_len,
-                      "prefetch": s.prefetch, "async_writes": s.async_writes,
+                      "prefetch": s.prefetch, "async_writes": s.async_writes, "compile": s.compile,
                       "tokens_per_step": s.batch_size * s.accumulate * s.seq_len,
                       "model_flops": flops.model, "hardware_flops": flops.hardware, "drop_cache": s.drop_cache,
                       "counts_host_device": True, "machine": machine_record}

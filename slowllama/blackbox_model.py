@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slowllama.compiled import CompiledBlocks, compile_reason
 from slowllama.config import ModelArgs
 from slowllama.distributed import Fleet
 from slowllama.errors import SlowllamaError
@@ -105,6 +106,7 @@ class EngineConfig:
     head_chunk_bytes: int = 256 << 20  # logits of at most this many bytes at once (fp32)
     stochastic_rounding: bool = False  # for 16-bit stores without master weights
     master_weights: bool = False  # keep (and use) an fp32 master copy in the store
+    compile: bool = False  # run training's blocks through torch.compile (compiled.py)
 
 
 @dataclass
@@ -144,6 +146,8 @@ class OffloadedModel:
         self.deferred = False  # updates stay resident until write_back() (a model that fits in memory)
         self.optimizer = optimizer or SGD()
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.compile_note = compile_reason(cfg.compile, cfg.dropout, lora is not None)
+        self._compiled = CompiledBlocks(self.args) if cfg.compile and not self.compile_note else None
 
     # ---- building blocks ------------------------------------------------------------------
     def rope(self, seqlen: int):
@@ -258,6 +262,13 @@ class OffloadedModel:
         head, weight = self.head()
         return head(h, weight)
 
+    def _run_block(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   train: bool) -> torch.Tensor:
+        """A training step's block runs compiled where asked for (eval and generation stay eager)."""
+        if train and self._compiled is not None:
+            return self._compiled(block, x, cos, sin)
+        return block(x, cos, sin)
+
     def _seed(self, step: int, micro: int, index: int) -> None:
         if self.cfg.dropout > 0:
             torch.manual_seed(module_seed(self.cfg.seed, step, micro, index))
@@ -286,7 +297,7 @@ class OffloadedModel:
                     if acts is not None:
                         acts.put((i, k), hs[k])
                     self._seed(step, micro_offset + k, i + 1)
-                    hs[k] = block(hs[k], cos, sin)
+                    hs[k] = self._run_block(block, hs[k], cos, sin, train)
                 del block
         return hs
 
@@ -377,10 +388,11 @@ class OffloadedModel:
             block = self.module(name, train=True, grad=True)
             cos, sin = self.rope(batches[0][0].shape[1])
             for k in range(len(batches)):
+                acts.prefetch((i, k + 1) if k + 1 < len(batches) else (i - 1, 0))  # the next input, meanwhile
                 x = acts.pop((i, k)).detach().requires_grad_(True)
                 self._seed(step, micro_offset + k, i + 1)
                 with torch.enable_grad():
-                    y = block(x, cos, sin)
+                    y = self._run_block(block, x, cos, sin, train=True)
                 y.backward(grads[k])
                 grads[k] = x.grad
             self._finish(name, block, step, lr, clip_coef)

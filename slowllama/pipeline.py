@@ -101,7 +101,9 @@ class Pipeline:
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-write")
         self.writes: deque[Future] = deque()
         self.write_queue = write_queue
+        # host->device and device->host copies on streams of their own: PCIe carries both ways at once
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.d2h_stream = torch.cuda.Stream(device) if self.cuda else None
         self.h2d_bytes = self.d2h_bytes = 0
         self.read_wait = self.write_wait = 0.0  # seconds the compute thread waited on reads / writes
 
@@ -173,7 +175,7 @@ class Pipeline:
             entry = self.entries.get(key)
             if entry is not None:
                 if entry.tier == "host" and key not in self.staged:
-                    self.staged[key] = self._copy_to_device(entry.tensors)
+                    self.staged[key] = self._copy_to_device(entry.tensors, entry.ready)
             elif key not in self.loading and self.store.has(key[1], key[0]):
                 self.loading[key] = self.reader.submit(self._load, key)
 
@@ -199,11 +201,14 @@ class Pipeline:
         dev, event = self._copy_to_device(host)
         return dev, buf, event, "device"
 
-    def _copy_to_device(self, host: dict[str, torch.Tensor]):
-        """Start copying host tensors to the device on the copy stream; returns (tensors, event)."""
+    def _copy_to_device(self, host: dict[str, torch.Tensor], ready=None):
+        """Start copying host tensors to the device on the copy stream; returns (tensors, event).
+        `ready`: the event of a copy from the device into `host` (another stream) to wait for first."""
         self.h2d_bytes += tensors_bytes(host)
         if not self.cuda:
             return {k: v.to(self.device) for k, v in host.items()}, None
+        if ready is not None:
+            self.copy_stream.wait_event(ready)
         with torch.cuda.stream(self.copy_stream):
             dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
             event = torch.cuda.Event()
@@ -284,14 +289,14 @@ class Pipeline:
         for k, t in tensors.items():
             host[k] = buf[off:off + nbytes(t)].view(t.dtype).view(t.shape)
             off += nbytes(t)
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.copy_stream):
+        self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h_stream):
             for k, t in tensors.items():
                 host[k].copy_(t, non_blocking=True)
                 if t.is_cuda:
-                    t.record_stream(self.copy_stream)
+                    t.record_stream(self.d2h_stream)
             event = torch.cuda.Event()
-            event.record(self.copy_stream)
+            event.record(self.d2h_stream)
         return host, buf, event
 
     # ---- updates and writes -----------------------------------------------------------------

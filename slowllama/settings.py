@@ -176,6 +176,8 @@ class FinetuneSettings(DeviceSettings):
                           "steps (a crash loses at most N); LoRA: keep a numbered snapshot of the adapters every N steps")
     log_every: int = opt(1, "print one line of metrics every N steps (0: none)")
     new_run: bool = opt(False, "start a new run from the store's current weights instead of resuming")
+    compile: bool = opt(False, "fuse the transformer blocks' elementwise work with torch.compile (faster steps on "
+                        "GPUs after a compile of a minute or so; needs a C++ compiler on cpu; not with dropout or LoRA)")
     dist_backend: str = opt("auto", "under torchrun: how the ranks talk (auto: nccl between GPUs, gloo on CPUs)",
                             choices=["auto", "nccl", "gloo"])
     json: bool = opt(False, "print one JSON object per step")
@@ -216,6 +218,8 @@ class BenchSettings(DeviceSettings):
     probe_size: str = opt("1G", "size of the file that measures the disk's bandwidth")
     prefetch: bool = opt(True, "read the next modules while the current one computes (off: to measure the gain)")
     async_writes: bool = opt(True, "write updated modules in the background (off: to measure the gain)")
+    compile: bool = opt(False, "fuse the transformer blocks' elementwise work with torch.compile (faster steps on "
+                        "GPUs after a compile of a minute or so; needs a C++ compiler on cpu; not with dropout or LoRA)")
     seed: int = opt(0, "seed of the random weights and tokens")
     json: bool = opt(False, "print one JSON object per step, then a summary object")
 
