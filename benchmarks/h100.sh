@@ -67,9 +67,15 @@ fused7b)  # session 3: the 7B shape with compiled blocks, 1 and 8 microbatches, 
 hostram2)  # session 3: modules (and AdamW moments) in host RAM, copies both ways at once; activations pinned
     bench adamw_hostram --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 1G
     bench sgd_host_k8 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --max-memory 24G --max-gpu-memory 12G --save-every 100 --probe-size 1G
+    bench sgd_host_k8_compile --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --max-memory 24G --max-gpu-memory 12G --save-every 100 --probe-size 1G --compile
+    ;;
+compiled)  # session 3, after --compile auto became the default on cuda: the cuda tests, AdamW from host RAM, K=16 streamed
+    python -m pytest -q tests/test_cuda.py 2>&1 | tail -n 3
+    bench adamw_hostram_compiled --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 1G
+    bench sgd_host_k16_compiled --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 16 --steps 3 --max-memory 40G --max-gpu-memory 12G --save-every 100 --probe-size 1G
     ;;
 more|final|prefetch|hostram) ;;
-*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2"; exit 2 ;;
+*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2|compiled"; exit 2 ;;
 esac
 # stage "more": AdamW SSD-bound (8 layers) and the token sweep, in one call
 if [ "${1:-}" = more ]; then
@@ -88,6 +94,7 @@ if [ "${1:-}" = final ]; then
     bench sgd_ssd_8layers --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
     rm -rf $S8
     bench sgd_host_k8 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --max-memory 24G --max-gpu-memory 12G --save-every 100 --probe-size 1G
+    bench sgd_host_k8_compile --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --max-memory 24G --max-gpu-memory 12G --save-every 100 --probe-size 1G --compile
     echo "== fsdp2 fused"; timeout 300 python benchmarks/fsdp2_offload.py --preset 7b --batch-size 16 --seq-len 256 --warmup 2 --steps 3 --adam fused --json > $OUT/fsdp2_fused.jsonl 2> $OUT/fsdp2_fused.log; echo "exit $?"; tail -n 1 $OUT/fsdp2_fused.jsonl; tail -n 2 $OUT/fsdp2_fused.log
 fi
 # stage "prefetch": what read-ahead and background writes gain, SSD-bound on 8 layers (the same store, both ways)

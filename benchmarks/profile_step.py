@@ -37,7 +37,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         path = write_random_store(Path(tmp) / "store", args, torch.bfloat16, log=lambda m: None)
         store = Store.open(path, writable=True, log=lambda m: None)
-        cfg = EngineConfig(torch.device("cuda"), torch.bfloat16, stochastic_rounding=True, compile=a.compile)
+        cfg = EngineConfig(torch.device("cuda"), torch.bfloat16, stochastic_rounding=True,
+                           compile="on" if a.compile else "off")
         engine = OffloadedModel(store, cfg, optimizer=AdamW() if a.optimizer == "adamw" else SGD())
         engine.deferred = True  # resident, no writes: the compute path alone
 

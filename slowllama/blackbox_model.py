@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slowllama.compiled import CompiledBlocks, compile_reason
+from slowllama.compiled import CompiledBlocks, compile_reason, wants_compile
 from slowllama.config import ModelArgs
 from slowllama.distributed import Fleet
 from slowllama.errors import SlowllamaError
@@ -106,7 +107,7 @@ class EngineConfig:
     head_chunk_bytes: int = 256 << 20  # logits of at most this many bytes at once (fp32)
     stochastic_rounding: bool = False  # for 16-bit stores without master weights
     master_weights: bool = False  # keep (and use) an fp32 master copy in the store
-    compile: bool = False  # run training's blocks through torch.compile (compiled.py)
+    compile: str = "off"  # run training's blocks through torch.compile: auto (on cuda), on, off (compiled.py)
 
 
 @dataclass
@@ -146,8 +147,10 @@ class OffloadedModel:
         self.deferred = False  # updates stay resident until write_back() (a model that fits in memory)
         self.optimizer = optimizer or SGD()
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.compile_note = compile_reason(cfg.compile, cfg.dropout, lora is not None)
-        self._compiled = CompiledBlocks(self.args) if cfg.compile and not self.compile_note else None
+        wanted = wants_compile(cfg.compile, cfg.device)
+        self.compile_note = compile_reason(wanted, cfg.dropout, lora is not None)
+        on_failure = None if cfg.compile == "on" else (lambda m: print(m, file=sys.stderr, flush=True))
+        self.compiled_blocks = CompiledBlocks(self.args, on_failure) if wanted and not self.compile_note else None
 
     # ---- building blocks ------------------------------------------------------------------
     def rope(self, seqlen: int):
@@ -265,8 +268,8 @@ class OffloadedModel:
     def _run_block(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    train: bool) -> torch.Tensor:
         """A training step's block runs compiled where asked for (eval and generation stay eager)."""
-        if train and self._compiled is not None:
-            return self._compiled(block, x, cos, sin)
+        if train and self.compiled_blocks is not None:
+            return self.compiled_blocks(block, x, cos, sin)
         return block(x, cos, sin)
 
     def _seed(self, step: int, micro: int, index: int) -> None:

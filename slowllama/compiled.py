@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from typing import Callable, Optional
+
 from slowllama.config import ModelArgs
 from slowllama.errors import SlowllamaError
 from slowllama.model import build_module
@@ -27,7 +29,9 @@ from slowllama.model import build_module
 class CompiledBlocks:
     """block(x, cos, sin) for any TransformerBlock of one model shape, through one compiled graph."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, on_failure: Optional[Callable[[str], None]] = None):
+        """on_failure: where a failed compile is reported before the blocks fall back to eager (None: an error)."""
+        self.on_failure, self.failed = on_failure, False
         self.template = build_module(args, "layers.0")  # meta tensors: only its code and structure are used
 
         def run(params: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -36,17 +40,28 @@ class CompiledBlocks:
         self.run = torch.compile(run)
 
     def __call__(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.failed:
+            return block(x, cos, sin)
         try:
             return self.run(dict(block.named_parameters()), x, cos, sin)
         except torch._dynamo.exc.TorchDynamoException as e:  # long; the first line says what went wrong
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SlowllamaError(f"--compile: torch.compile failed on this machine ({first}); run without "
-                                 "--compile") from e
+            if self.on_failure is None:
+                raise SlowllamaError(f"--compile on: torch.compile failed on this machine ({first}); use "
+                                     "--compile off") from e
+            self.on_failure(f"--compile auto: torch.compile failed on this machine ({first}); blocks run eager")
+            self.failed = True
+            return block(x, cos, sin)
 
 
-def compile_reason(requested: bool, dropout: float, lora: bool) -> str:
-    """Why blocks run eager although --compile was asked for ('' when they are compiled or it was not asked)."""
-    if not requested:
+def wants_compile(mode: str, device: torch.device) -> bool:
+    """--compile auto|on|off: auto compiles on cuda (where triton is), not on cpu or mps."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def compile_reason(wanted: bool, dropout: float, lora: bool) -> str:
+    """Why blocks run eager although compiling was wanted ('' when they are compiled or it was not wanted)."""
+    if not wanted:
         return ""
     if dropout > 0:
         return "--compile: blocks run eager with --dropout > 0 (compiled dropout masks differ from eager ones)"

@@ -11,7 +11,7 @@ from slowllama.train import finetune
 
 def run(store, **kw) -> list[str]:
     logs = []
-    finetune(FinetuneSettings(store=str(store), data=str(ALICE), device="cpu", eval_every=0, compile=True, **kw),
+    finetune(FinetuneSettings(store=str(store), data=str(ALICE), device="cpu", eval_every=0, compile="on", **kw),
              log=logs.append, emit=lambda m: None)
     return logs
 
