@@ -9,7 +9,6 @@ S7=/tmp/bench-7b          # random Llama-2-7B-shaped store, bf16 (reused by the 
 bench() {  # bench NAME ARGS...: one run, its JSON lines in $OUT/NAME.jsonl, its log in $OUT/NAME.log
     local name=$1; shift
     echo "== $name: slowllama bench $*"
-    git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null
     timeout 540 python -m slowllama bench "$@" --json > "$OUT/$name.jsonl" 2> "$OUT/$name.log"
     echo "exit $?"; tail -n 1 "$OUT/$name.jsonl" | python -c "
 import json, sys

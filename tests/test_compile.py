@@ -1,5 +1,6 @@
 """--compile: training's blocks through torch.compile train as eager blocks do (in-memory autograd)."""
 
+import pytest
 import torch
 
 from conftest import ALICE
@@ -34,3 +35,29 @@ def test_compile_with_dropout_runs_eager_and_says_so(tiny_fp32, store_fp32):
     assert any("--compile: blocks run eager with --dropout" in line for line in logs)
     expected = reference_model(tiny_fp32, store_fp32, 2, 2, 1, 32, 0.05, seed=3, dropout=0.2).state_dict()
     assert_state_close(store_state_dict(store_fp32), expected)
+
+
+def failing_compile(*args):
+    raise torch._dynamo.exc.TorchDynamoException("no working C++ compiler\nlong inductor report ...")
+
+
+def test_a_failed_compile_falls_back_to_eager_blocks_under_auto_and_is_an_error_under_on(tiny_fp32):
+    from slowllama.compiled import CompiledBlocks
+    from slowllama.errors import SlowllamaError
+    from slowllama.model import rope_tables
+
+    model = meta_model(tiny_fp32)
+    block, args = model.layers[0], model.args
+    x = torch.randn(2, 8, args.dim)
+    cos, sin = rope_tables(args, 0, 8)
+    said = []
+    auto = CompiledBlocks(args, on_failure=said.append)
+    auto.run = failing_compile
+    torch.testing.assert_close(auto(block, x, cos, sin), block(x, cos, sin), rtol=0, atol=0)
+    auto(block, x, cos, sin)  # no second attempt, no second message
+    assert said == ["--compile auto: torch.compile failed on this machine (no working C++ compiler); blocks run eager"]
+    on = CompiledBlocks(args)
+    on.run = failing_compile
+    with pytest.raises(SlowllamaError, match="--compile on: torch.compile failed on this machine "
+                                             r"\(no working C\+\+ compiler\); use --compile off"):
+        on(block, x, cos, sin)
