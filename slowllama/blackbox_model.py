@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slowllama.compiled import CompiledBlocks, compile_reason, wants_compile
+from slowllama.compiled import CompiledBlocks, CompiledUpdates, compile_reason, wants_compile
 from slowllama.config import ModelArgs
 from slowllama.distributed import Fleet
 from slowllama.errors import SlowllamaError
@@ -151,6 +151,7 @@ class OffloadedModel:
         self.compile_note = compile_reason(wanted, cfg.dropout, lora is not None)
         on_failure = None if cfg.compile == "on" else (lambda m: print(m, file=sys.stderr, flush=True))
         self.compiled_blocks = CompiledBlocks(self.args, on_failure) if wanted and not self.compile_note else None
+        self.compiled_updates = CompiledUpdates(on_failure) if wanted else None
 
     # ---- building blocks ------------------------------------------------------------------
     def rope(self, seqlen: int):
@@ -480,7 +481,7 @@ class OffloadedModel:
 
         The global norm is then the norm of all per-tensor norms, as clip_grad_norm_ computes it.
         """
-        norms = [torch.linalg.vector_norm(g) for g in grads.values()]
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads.values()]
         if not torch.isfinite(torch.stack(norms)).all().item():  # one device sync per module
             bad = next(k for k, g in grads.items() if not torch.isfinite(g).all())
             raise NonFiniteLoss(f"step {step}: non-finite gradient in {where}{bad}; nothing of this step "
@@ -520,15 +521,19 @@ class OffloadedModel:
         weights upcast, rounded back to the store's dtype (stochastically if so configured).
         The cached tensors may be updated in place, so a failed step must drop the cache (discard_step).
         """
-        grads = {k: g.float() for k, g in grads.items()}
         self._check_finite(step, f"{name}.", grads)
         if not self._apply:
             return None
+        self._touched = True
+        master = self.cfg.master_weights and self.store.dtype != torch.float32
+        if not master and self.compiled_updates is not None:
+            new = self._fused_update(name, grads, step, lr, clip_coef)
+            if new is not None:
+                return new
+        grads = {k: g.float() for k, g in grads.items()}
         if clip_coef != 1.0:
             for g in grads.values():
                 g.mul_(clip_coef)
-        self._touched = True
-        master = self.cfg.master_weights and self.store.dtype != torch.float32
         if master and self.pipe.has(("master", name)):
             weights = self.weights(name, "master")
         else:
@@ -538,14 +543,53 @@ class OffloadedModel:
             state = (self.weights(name, "optim") if self.pipe.has(("optim", name))
                      else self.optimizer.init_state(weights))
         self.optimizer.update(weights, grads, state, lr)
-        gen = None
-        if self.cfg.stochastic_rounding and not master and self.store.dtype == torch.bfloat16:
-            seed = module_seed(self.cfg.seed, step, -1, self.names.index(name))
-            gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = self._rounding_generator(name, step, master)
         new = {k: round_to(w, self.store.dtype, gen) for k, w in weights.items()}
         self._keep(name, "modules", new)
         if master:
             self._keep(name, "master", weights)
+        if state:
+            self._keep(name, "optim", state)
+        return new
+
+    def _rounding_generator(self, name: str, step: int, master: bool) -> Optional[torch.Generator]:
+        """The random bits of a module's stochastic rounding in a step (None: round to nearest)."""
+        if not (self.cfg.stochastic_rounding and not master and self.store.dtype == torch.bfloat16):
+            return None
+        seed = module_seed(self.cfg.seed, step, -1, self.names.index(name))
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _fused_update(self, name: str, grads: dict[str, torch.Tensor], step: int, lr: float,
+                      clip_coef: float) -> Optional[dict[str, torch.Tensor]]:
+        """_update through compiled.py's fused updates (no master weights); None if compiling failed."""
+        fused, weights = self.compiled_updates, self.weights(name)
+        gen = self._rounding_generator(name, step, master=False)
+
+        def noise(w: torch.Tensor) -> Optional[torch.Tensor]:  # as round_to draws them: same generator, same order
+            if gen is None:
+                return None
+            return torch.randint(0, 1 << 16, w.shape, dtype=torch.int32, device=w.device, generator=gen)
+
+        coef = torch.tensor(clip_coef, dtype=torch.float32, device=self.device)
+        new, state = {}, {}
+        if self.optimizer.stateful:
+            old = (self.weights(name, "optim") if self.pipe.has(("optim", name))
+                   else self.optimizer.init_state(weights))
+            state["step"] = old["step"] + 1
+            scalars = self.optimizer.fused_scalars(old["step"].item() + 1, lr, self.device)
+            for k, w in weights.items():
+                out = fused(fused.adamw, w, grads[k], old[f"{k}.exp_avg"], old[f"{k}.exp_avg_sq"], coef, scalars,
+                            noise(w))
+                if out is None:
+                    return None
+                new[k], state[f"{k}.exp_avg"], state[f"{k}.exp_avg_sq"] = out
+        else:
+            lr_t = torch.tensor(lr, dtype=torch.float32, device=self.device)
+            for k, w in weights.items():
+                new[k] = fused(fused.sgd, w, grads[k], coef, lr_t, noise(w))
+                if new[k] is None:
+                    return None
+        self._keep(name, "modules", new)
         if state:
             self._keep(name, "optim", state)
         return new

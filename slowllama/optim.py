@@ -59,6 +59,12 @@ class AdamW:
             state[f"{k}.exp_avg_sq"] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
         return state
 
+    def fused_scalars(self, step: float, lr: float, device) -> torch.Tensor:
+        """The scalars of update number `step` as compiled.py's fused AdamW takes them."""
+        b1, b2 = self.betas
+        return torch.tensor([1 - lr * self.weight_decay, 1 - b1, b2, 1 - b2, (1 - b2 ** step) ** 0.5, self.eps,
+                             lr / (1 - b1 ** step)], dtype=torch.float32, device=device)
+
     def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                state: dict[str, torch.Tensor], lr: float) -> None:
         b1, b2 = self.betas

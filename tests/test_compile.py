@@ -61,3 +61,72 @@ def test_a_failed_compile_falls_back_to_eager_blocks_under_auto_and_is_an_error_
     with pytest.raises(SlowllamaError, match="--compile on: torch.compile failed on this machine "
                                              r"\(no working C\+\+ compiler\); use --compile off"):
         on(block, x, cos, sin)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_updates_do_the_arithmetic_of_the_eager_ones(optimizer, dtype):
+    """One fused pass per weight = optim.py's update and round_to, with the same random bits."""
+    from slowllama.compiled import CompiledUpdates
+    from slowllama.optim import SGD, AdamW, round_to
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 48).to(dtype)
+    g = torch.randn(64, 48).to(dtype) * 1e-2
+    lr, coef = 1e-3, 0.5
+    opt = AdamW(weight_decay=0.1) if optimizer == "adamw" else SGD()
+    state = opt.init_state({"w": w})
+    if optimizer == "adamw":  # a second update, from moments that are not zero
+        state["step"] += 1
+        state["w.exp_avg"].normal_(0, 1e-3)
+        state["w.exp_avg_sq"].uniform_(0, 1e-5)
+    noise = torch.randint(0, 1 << 16, w.shape, dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    fused = CompiledUpdates()
+    coef_t = torch.tensor(coef)
+    if optimizer == "adamw":
+        scalars = opt.fused_scalars(state["step"].item() + 1, lr, "cpu")
+        got, m, v = fused(fused.adamw, w, g, state["w.exp_avg"], state["w.exp_avg_sq"], coef_t, scalars,
+                          noise if dtype == torch.bfloat16 else None)
+    else:
+        got = fused(fused.sgd, w, g, coef_t, torch.tensor(lr), noise if dtype == torch.bfloat16 else None)
+    w32 = {"w": w.float().clone()}  # (the eager update works in place)
+    opt.update(w32, {"w": g.float() * coef}, state, lr)
+    gen = torch.Generator().manual_seed(1) if dtype == torch.bfloat16 else None
+    expected = round_to(w32["w"], dtype, gen)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+    else:  # the same bf16 value, or (fp32 rounding differs in the last bit near a boundary) a neighbour
+        assert (got != expected).float().mean() < 0.01
+        step = (expected.float().abs() * 2 ** -7).clamp_min(1e-30)
+        assert ((got.float() - expected.float()).abs() <= step).all()
+    assert not torch.equal(got, w)  # it did update
+    if optimizer == "adamw":
+        # lerp's m + w (g - m) cancels where g is near m: absolute errors at fp32's resolution of g
+        torch.testing.assert_close(m, state["w.exp_avg"], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(v, state["w.exp_avg_sq"], rtol=1e-5, atol=1e-12)
+
+
+def test_compiled_adamw_on_a_bf16_store_trains_like_eager(tiny_bf16, tmp_path):
+    from slowllama.loader import prepare_meta
+
+    stores, graphs = {}, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for mode in ("on", "off"):
+        stores[mode] = prepare_meta(tiny_bf16, tmp_path / mode, log=lambda m: None)
+        finetune(FinetuneSettings(store=str(stores[mode]), data=str(ALICE), device="cpu", eval_every=0, compile=mode,
+                                  steps=2, batch_size=2, seq_len=32, lr=1e-3, optimizer="adamw", grad_clip=1.0),
+                 log=lambda m: None, emit=lambda m: None)
+        if mode == "on":
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    assert graphs > 2  # the blocks make two graphs (forward, forward + backward); the rest are the updates
+    on, off = store_state_dict(stores["on"]), store_state_dict(stores["off"])
+    moved = 0
+    for key in off:
+        same = (on[key] == off[key]).float().mean()
+        assert same > 0.99, (key, same)  # stochastic rounding with the same bits: nearly all values equal
+        # the rest: AdamW turns fp32 rounding differences in a near-zero gradient into an update of up to
+        # about lr per step, and the rounding may then land one bf16 step away
+        ulp = on[key].float().abs() * 2 ** -7
+        assert ((on[key].float() - off[key].float()).abs() <= 2 * 2e-3 + ulp).all(), key
+        moved += int(not torch.equal(off[key], meta_model(tiny_bf16).state_dict()[key].to(off[key].dtype)))
+    assert moved > len(off) // 2
