@@ -73,8 +73,20 @@ compiled)  # session 3, after --compile auto became the default on cuda: the cud
     bench adamw_hostram_compiled --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 1G
     bench sgd_host_k16_compiled --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 16 --steps 3 --max-memory 40G --max-gpu-memory 12G --save-every 100 --probe-size 1G
     ;;
+fusedupd)  # session 3: fused updates (SGD, AdamW); 8-layer SGD, the AdamW host-RAM profile
+    python -m pytest -q tests/test_cuda.py 2>&1 | tail -n 2
+    S8=/tmp/bench-7b-8l
+    bench sgd8_fused --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 4 --save-every 100 --probe-size 256M
+    python benchmarks/profile_step.py --layers 8 --steps 3 --compile > $OUT/profile_sgd8_fused.txt 2>&1; echo "profile exit $?"; head -n 1 $OUT/profile_sgd8_fused.txt
+    python benchmarks/profile_step.py --layers 8 --steps 3 --compile --optimizer adamw --gpu-budget 4 > $OUT/profile_adamw8_host.txt 2>&1; echo "profile exit $?"; head -n 1 $OUT/profile_adamw8_host.txt
+    ;;
+fusedupd7b)  # session 3: fused updates on the 7B shape: SGD and AdamW resident, AdamW from host RAM
+    bench sgd_16x256_fused --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --save-every 100 --probe-size 1G
+    bench adamw_resident_fused --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 1G
+    bench adamw_hostram_fused --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 1G
+    ;;
 more|final|prefetch|hostram) ;;
-*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2|compiled"; exit 2 ;;
+*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2|compiled|fusedupd|fusedupd7b"; exit 2 ;;
 esac
 # stage "more": AdamW SSD-bound (8 layers) and the token sweep, in one call
 if [ "${1:-}" = more ]; then

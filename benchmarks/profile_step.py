@@ -1,6 +1,7 @@
 """Profile resident training steps of a random Llama-2-7B-shaped model cut to a few layers (torch.profiler).
 
-    python benchmarks/profile_step.py [--layers 8] [--optimizer sgd|adamw] [--steps 3] [--compile] [--out DIR]
+    python benchmarks/profile_step.py [--layers 8] [--optimizer sgd|adamw] [--steps 3] [--gpu-budget GB] [--compile]
+                                      [--out DIR]
 
 Prints the top operators by GPU time and by CPU time, and the share of the step the GPU was busy,
 so that the largest costs of a step can be found and fixed. Needs a CUDA GPU.
@@ -27,6 +28,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--gpu-budget", type=float, default=None,
+                   help="GB of GPU memory for resident modules (default: all); the rest stay in host RAM")
     p.add_argument("--compile", action="store_true", help="blocks through torch.compile (finetune's --compile)")
     p.add_argument("--out", default=None, help="folder for the Chrome trace")
     a = p.parse_args()
@@ -37,8 +40,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         path = write_random_store(Path(tmp) / "store", args, torch.bfloat16, log=lambda m: None)
         store = Store.open(path, writable=True, log=lambda m: None)
+        budgets = {}
+        if a.gpu_budget is not None:  # modules beyond it in host RAM; activations on the GPU
+            budgets = dict(device_budget=int(a.gpu_budget * 1e9), host_budget=1 << 40)
         cfg = EngineConfig(torch.device("cuda"), torch.bfloat16, stochastic_rounding=True,
-                           compile="on" if a.compile else "off")
+                           compile="on" if a.compile else "off", **budgets)
         engine = OffloadedModel(store, cfg, optimizer=AdamW() if a.optimizer == "adamw" else SGD())
         engine.deferred = True  # resident, no writes: the compute path alone
 
@@ -63,7 +69,8 @@ def main() -> int:
         seconds = (time.perf_counter() - t0) / a.steps
         events = prof.key_averages()
         gpu = sum(e.self_device_time_total for e in events) / 1e6 / a.steps
-        print(f"{a.layers} layers, {a.optimizer}, {a.batch_size}x{a.seq_len}, compile {a.compile}: {seconds:.3f} s/step under the profiler,"
+        print(f"{a.layers} layers, {a.optimizer}, {a.batch_size}x{a.seq_len}, compile {a.compile}, GPU budget "
+              f"{a.gpu_budget} GB: {seconds:.3f} s/step under the profiler,"
               f" GPU busy {gpu:.3f} s/step ({100 * gpu / seconds:.0f}%)")
         print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
         print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
