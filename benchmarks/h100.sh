@@ -85,8 +85,16 @@ fusedupd7b)  # session 3: fused updates on the 7B shape: SGD and AdamW resident,
     bench adamw_resident_fused --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 1G
     bench adamw_hostram_fused --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 1G
     ;;
+host3)  # session 3: a host-resident module copied to the GPU once per use (not again for its update)
+    bench adamw_hostram_3 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 1G
+    bench sgd_host_k8_3 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --max-memory 24G --max-gpu-memory 12G --save-every 100 --probe-size 1G
+    ;;
+io3)  # session 3: files fsynced in the background (the disk flushes one while the next is written)
+    bench sgd_commit_each_3 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --save-every 1 --probe-size 1G
+    bench sgd_ssd_3 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 2G
+    ;;
 more|final|prefetch|hostram) ;;
-*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2|compiled|fusedupd|fusedupd7b"; exit 2 ;;
+*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2|compiled|fusedupd|fusedupd7b|host3|io3"; exit 2 ;;
 esac
 # stage "more": AdamW SSD-bound (8 layers) and the token sweep, in one call
 if [ "${1:-}" = more ]; then

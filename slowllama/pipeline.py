@@ -97,6 +97,7 @@ class Pipeline:
         self.plan: list[Key] = []
         self.pos = 0
         self.current: set[Key] = set()  # the keys of the module in use: asked for again by its update, kept
+        self.in_use: dict[Key, dict[str, torch.Tensor]] = {}  # device copies of host-resident keys of that module
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-read")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-write")
         self.writes: deque[Future] = deque()
@@ -138,8 +139,10 @@ class Pipeline:
         """The tensors of `key` on the device, in the store's dtypes; waits for its read if needed."""
         self._advance(key)
         if not any(k[1] == key[1] for k in self.current):
-            self.current = set()
+            self.current, self.in_use = set(), {}
         self.current.add(key)
+        if key in self.in_use:  # a host-resident module asked for again (by its update): the copy made for its use
+            return self.in_use[key]
         self._collect()
         entry = self.entries.get(key)
         if entry is None:
@@ -155,11 +158,13 @@ class Pipeline:
         if staged is not None:
             tensors, event = staged
             self._wait(event, tensors)
-            return tensors
-        if entry.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(entry.ready)
-        self.h2d_bytes += tensors_bytes(entry.tensors)
-        return {k: v.to(self.device, non_blocking=self.cuda) for k, v in entry.tensors.items()}
+        else:
+            if entry.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(entry.ready)
+            self.h2d_bytes += tensors_bytes(entry.tensors)
+            tensors = {k: v.to(self.device, non_blocking=self.cuda) for k, v in entry.tensors.items()}
+        self.in_use[key] = tensors
+        return tensors
 
     def _collect(self) -> None:
         """Admit finished reads that the plan no longer needs soon, so that their memory is counted and can be
@@ -303,6 +308,7 @@ class Pipeline:
     def put(self, key: Key, tensors: dict[str, torch.Tensor], persist: bool) -> None:
         """The new version of `key` (device tensors): kept if it fits; written to the store now if persist,
         else marked dirty (written at the next write_dirty or when evicted)."""
+        self.in_use.pop(key, None)
         old = self.entries.pop(key, None)
         if old is not None:
             self._release(key, old)
@@ -377,6 +383,7 @@ class Pipeline:
         self.writing.clear()
         self.loading.clear()
         self.staged.clear()
+        self.in_use.clear()
         for key in list(self.entries):
             self._release(key, self.entries.pop(key))
 

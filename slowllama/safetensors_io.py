@@ -96,6 +96,17 @@ def write_file(path: str, tensors: dict[str, torch.Tensor], metadata: Optional[d
     return len(head) + data_len, h.hexdigest()
 
 
+def fsync_file(path: str, drop_cache: bool = False) -> None:
+    """Make a written file durable (and, with drop_cache, evict it from the page cache afterwards)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if drop_cache:
+            drop_from_page_cache(fd)
+    finally:
+        os.close(fd)
+
+
 def read_header(f, path: str, metadata: Optional[dict] = None) -> tuple[dict, int]:
     """Parse the header of an open file; returns (header without metadata, start of the data section).
 

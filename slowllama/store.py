@@ -31,6 +31,7 @@ import shutil
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -223,6 +224,10 @@ class Store:
         self._pending: dict[tuple[str, str], dict] = {}  # (kind, name) -> file info written this step
         self._pending_lock = threading.Lock()
         self._fsync_dirs: set[Path] = set()
+        # fsyncs of written files run here, so that the disk flushes one file while the writer fills the
+        # page cache with the next; commit() waits for them all before the manifest's rename
+        self._syncer: Optional[ThreadPoolExecutor] = None
+        self._syncing: list[tuple[str, Future]] = []
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
@@ -331,6 +336,10 @@ class Store:
         shutil.rmtree(self.path / "scratch", ignore_errors=True)
 
     def close(self) -> None:
+        if self._syncer is not None:
+            self._wait_for_fsyncs(errors=False)  # uncommitted files: the next open removes them
+            self._syncer.shutdown()
+            self._syncer = None
         if self.lock:
             self.lock.release()
             self.lock = None
@@ -484,7 +493,7 @@ class Store:
         try:
             fault_point("store.write.before")
             size, digest = st.write_file(str(self.path / rel), {k: v.cpu() for k, v in tensors.items()},
-                                         drop_cache=self.drop_cache)
+                                         fsync=False)
         except BaseException as e:
             with contextlib.suppress(OSError):
                 (self.path / rel).unlink()  # a partial file
@@ -494,6 +503,9 @@ class Store:
         fault_point("store.write.after")
         info = {"file": rel, "bytes": size, "xxh3": digest}
         with self._pending_lock:
+            if self._syncer is None:
+                self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-fsync")
+            self._syncing.append((rel, self._syncer.submit(st.fsync_file, str(self.path / rel), self.drop_cache)))
             self._pending[(kind, name)] = info
             self._fsync_dirs.add(folder)
             self.bytes_written += size
@@ -505,6 +517,7 @@ class Store:
         updates: other manifest fields to set in the same atomic write (run state, for instance).
         """
         self._require_writable()
+        self._wait_for_fsyncs()
         with self._pending_lock:
             pending = dict(self._pending)  # they stay pending (rollback removes them) until the rename
             dirs, self._fsync_dirs = self._fsync_dirs, set()
@@ -542,8 +555,23 @@ class Store:
             for key in pending:
                 self._pending.pop(key, None)
 
+    def _wait_for_fsyncs(self, errors: bool = True) -> None:
+        """Wait until every file written so far is durable; raises the first fsync's error (if errors)."""
+        with self._pending_lock:
+            syncing, self._syncing = self._syncing, []
+        first = None
+        for rel, future in syncing:
+            try:
+                future.result()
+            except OSError as e:
+                if first is None:
+                    first = disk_full_error(e, str(self.path / rel)) if e.errno == errno.ENOSPC else e
+        if first is not None and errors:
+            raise first
+
     def rollback(self) -> None:
         """Drop every file written since the last commit (the step failed before committing)."""
+        self._wait_for_fsyncs(errors=False)
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for info in pending.values():

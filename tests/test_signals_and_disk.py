@@ -169,3 +169,29 @@ def test_disk_full_in_the_middle_of_a_file(tmp_path, tmp_path_factory, capsys, m
     assert Store.open(store).step == 1
     assert_clean(store)
     assert_bit_identical(state(store), expected["steps"][1])
+
+
+def test_disk_full_when_a_file_is_flushed(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    # files are fsynced in the background: an ENOSPC from an fsync (delayed allocation) stops the step
+    # at its commit, which never happens; the store stays at step 1 and resumes exactly
+    from slowllama import safetensors_io
+
+    expected = reference(tmp_path_factory, "sgd")
+    store = fresh_store(tmp_path_factory, tmp_path / "store")
+    real, calls = safetensors_io.fsync_file, []
+
+    def fsync_file(path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 7:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(safetensors_io, "fsync_file", fsync_file)
+    code, out = run_in_process(store, "sgd", "", capsys)
+    assert_one_line_error(collections.namedtuple("proc", "returncode stderr")(code, out.err), calls[6], "disk full")
+    assert Store.open(store).step == 1
+    assert_clean(store)
+    assert_bit_identical(state(store), expected["steps"][1])
+    monkeypatch.setattr(safetensors_io, "fsync_file", real)
+    resume_in_process(store, "sgd", capsys)
+    assert_bit_identical(exported(store, tmp_path / "export"), expected["export"])
