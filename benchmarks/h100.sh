@@ -92,6 +92,7 @@ host3)  # session 3: a host-resident module copied to the GPU once per use (not 
 io3)  # session 3: files fsynced in the background (the disk flushes one while the next is written)
     bench sgd_commit_each_3 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --save-every 1 --probe-size 1G
     bench sgd_ssd_3 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 2G
+    bench sgd_resident_k8_3 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --save-every 100 --probe-size 1G
     ;;
 more|final|prefetch|hostram) ;;
 *) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2|compiled|fusedupd|fusedupd7b|host3|io3"; exit 2 ;;
