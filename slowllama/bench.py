@@ -328,7 +328,8 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                       "store_dtype": s.dtype, "compute_dtype": dtype_name(compute_dtype),
                       "optimizer": "adamw" if s.lora_rank else s.optimizer, "ranks": fleet.world,
                       "batch_size": s.batch_size, "accumulate": s.accumulate, "seq_len": s.seq_len,
-                      "prefetch": s.prefetch, "async_writes": s.async_writes, "compile": s.compile, "blocks_compiled": engine.compiled_blocks is not None,
+                      "prefetch": s.prefetch, "async_writes": s.async_writes, "compile": s.compile,
+                      "blocks_compiled": engine.compiled_blocks is not None,
                       "tokens_per_step": s.batch_size * s.accumulate * s.seq_len,
                       "model_flops": flops.model, "hardware_flops": flops.hardware, "drop_cache": s.drop_cache,
                       "counts_host_device": True, "machine": machine_record}

@@ -107,7 +107,7 @@ class EngineConfig:
     head_chunk_bytes: int = 256 << 20  # logits of at most this many bytes at once (fp32)
     stochastic_rounding: bool = False  # for 16-bit stores without master weights
     master_weights: bool = False  # keep (and use) an fp32 master copy in the store
-    compile: str = "off"  # run training's blocks through torch.compile: auto (on cuda), on, off (compiled.py)
+    compile: str = "off"  # training's blocks and updates through torch.compile: auto (on cuda), on, off
 
 
 @dataclass

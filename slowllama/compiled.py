@@ -1,25 +1,25 @@
-"""Transformer blocks run through torch.compile, so that their elementwise work is fused.
+"""Training's transformer blocks and optimizer updates through torch.compile, so that elementwise work is fused.
 
 Profiles of resident training steps (benchmarks/RESULTS.md) show the GPU busy but spending most of
 its kernel time outside the matmuls: RMSNorm and RoPE in fp32, SwiGLU, residual adds and dtype
 casts, each a separate pass over memory, run twice (forward, then the backward's recompute) plus
-their own backward. Compiling the block fuses them.
+their own backward; then the update, a dozen more passes over each weight. Compiling fuses them.
 
 The engine builds a fresh module around every loaded block, so the compiled function does not take
 the module: it takes its parameters as a dict and calls one template block (on the meta device)
 with them through torch.func.functional_call. Every block then shares one graph, with no recompile
 per block and no guard on module identity. Compiled dropout draws its masks differently from eager
-dropout (still from torch's seed, so replays match), so runs with dropout stay eager, as do LoRA
-blocks (their modules change shape).
+dropout (still from torch's seed, so replays match), so runs with dropout keep eager blocks, as do
+LoRA blocks (their modules change shape).
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn as nn
 from torch.func import functional_call
-
-from typing import Callable, Optional
 
 from slowllama.config import ModelArgs
 from slowllama.errors import SlowllamaError

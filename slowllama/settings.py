@@ -53,10 +53,11 @@ def skip_bad_lines_opt():
 
 
 def compile_opt():
-    return opt("auto", "run training's transformer blocks through torch.compile, which fuses their elementwise work "
-               "(20-27%% faster steps on an H100, after a compile of about a minute): auto: on cuda, falling back "
-               "to eager blocks if compiling fails; on: also on cpu (needs a C++ compiler); off. Blocks with "
-               "dropout or LoRA run eager", choices=["auto", "on", "off"])
+    return opt("auto", "run training's transformer blocks and optimizer updates through torch.compile, which fuses "
+               "their elementwise work (on an H100 a 7B step at 4K tokens goes from 0.75 to 0.46 s; the first step "
+               "pays a few seconds of compiling): auto: on cuda, falling back to eager if compiling fails; on: also "
+               "on cpu (needs a C++ compiler); off. Blocks with dropout or LoRA run eager",
+               choices=["auto", "on", "off"])
 
 
 @dataclass
