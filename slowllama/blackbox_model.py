@@ -474,7 +474,7 @@ class OffloadedModel:
             seed = module_seed(self.cfg.seed, step, -1, self.names.index(name))
             gen = torch.Generator(device=self.device).manual_seed(seed)
         tensors[key][ids] = round_to(rows, self.store.dtype, gen)
-        self._keep(name, "modules", tensors)
+        self.pipe.put(("modules", name), tensors, persist=not self.deferred, rows={key: ids})  # only those rows
 
     def _check_finite(self, step: int, where: str, grads: dict[str, torch.Tensor]) -> None:
         """Record each gradient's norm; a non-finite one stops the step before anything is written.

@@ -77,6 +77,7 @@ class Entry:
     counted: int  # bytes this entry holds of its tier's budget (0 when a pool buffer, counted by the pool, backs it)
     buffer: Optional[torch.Tensor] = None  # the pool buffer behind host tensors
     dirty: bool = False  # newer than the store's copy
+    dirty_rows: Optional[dict[str, torch.Tensor]] = None  # if dirty: {weight: the row ids that differ}; None: all
     ready: Optional[object] = None  # host tensors copied from the device: a cuda event to wait for first
 
 
@@ -261,7 +262,8 @@ class Pipeline:
         entry = self.entries.pop(key)
         if entry.tier == "device" and self.split and self.host_budget.free >= entry.counted:
             host, buf, event = self._copy_to_host(entry.tensors)
-            self.entries[key] = Entry(host, "host", 0, buffer=buf, dirty=entry.dirty, ready=event)
+            self.entries[key] = Entry(host, "host", 0, buffer=buf, dirty=entry.dirty, dirty_rows=entry.dirty_rows,
+                                      ready=event)
             self._release(key, entry)
             return
         staged = self.staged.pop(key, None)
@@ -305,20 +307,37 @@ class Pipeline:
         return host, buf, event
 
     # ---- updates and writes -----------------------------------------------------------------
-    def put(self, key: Key, tensors: dict[str, torch.Tensor], persist: bool) -> None:
+    def put(self, key: Key, tensors: dict[str, torch.Tensor], persist: bool,
+            rows: Optional[dict[str, torch.Tensor]] = None) -> None:
         """The new version of `key` (device tensors): kept if it fits; written to the store now if persist,
-        else marked dirty (written at the next write_dirty or when evicted)."""
+        else marked dirty (written at the next write_dirty or when evicted).
+        rows = {weight: row ids}: only those rows differ from the store's version, and only they are
+        written where the store finds a row patch worth it."""
         self.in_use.pop(key, None)
         old = self.entries.pop(key, None)
+        if old is not None and old.dirty and rows is not None:  # rows changed since the store's version
+            rows = None if old.dirty_rows is None else {
+                k: torch.unique(torch.cat([old.dirty_rows[k].to(ids.device), ids])) for k, ids in rows.items()}
         if old is not None:
             self._release(key, old)
         size = tensors_bytes(tensors)
         self.device_budget.take(size)
-        self.entries[key] = Entry(tensors, "device", size, dirty=not persist)
+        self.entries[key] = Entry(tensors, "device", size, dirty=not persist, dirty_rows=None if persist else rows)
         self.staged.pop(key, None)
         if persist:
-            self._write(key, tensors)
+            self._write_changed(key, tensors, rows)
         self._fit()
+
+    def _write_changed(self, key: Key, tensors: dict[str, torch.Tensor], rows: Optional[dict[str, torch.Tensor]],
+                       ready=None) -> None:
+        """Write what changed of a module: some rows (a row patch, where the store finds it worth it) or all."""
+        if rows is not None and self.store.rows_worth_writing(
+                key[1], sum(len(ids) * (8 + nbytes(tensors[k][0])) for k, ids in rows.items()), key[0]):
+            if ready is not None:
+                ready.synchronize()  # host tensors still being copied from the device
+            self._write_rows(key, {k: (ids, tensors[k][ids.to(tensors[k].device)]) for k, ids in rows.items()})
+        else:
+            self._write(key, tensors, ready)
 
     def _write(self, key: Key, tensors: dict[str, torch.Tensor], ready=None, owned=None) -> None:
         """Queue the write of a module (copied to a host buffer first, async on cuda); waits while the queue
@@ -330,11 +349,20 @@ class Pipeline:
             host, buf, event = self._copy_to_host(tensors)
         elif ready is not None:
             ready.synchronize()
+        self._queue(key, self._write_job, key, host, buf, event)
+
+    def _write_rows(self, key: Key, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Queue the write of some rows of a module (small: copied to the host here)."""
+        host = {k: (ids.cpu(), values.cpu()) for k, (ids, values) in rows.items()}
+        self._queue(key, self.store.write_rows, key[1], host, key[0])
+
+    def _queue(self, key: Key, job, *args) -> None:
+        """Run job(*args) on the writer thread, once fewer than write_queue writes are in flight."""
         t0 = time.perf_counter()
         while self.writes and len(self.writes) >= self.write_queue:
             self.writes.popleft().result()
         self.write_wait += time.perf_counter() - t0
-        future = self.writer.submit(self._write_job, key, host, buf, event)
+        future = self.writer.submit(job, *args)
         self.writes.append(future)
         self.writing[key] = future
         if self.write_queue == 0:  # synchronous writes (for comparison): wait for this one too
@@ -353,8 +381,8 @@ class Pipeline:
         """Queue the write of every resident module newer than the store (deferred commits)."""
         for key, entry in self.entries.items():
             if entry.dirty:
-                self._write(key, entry.tensors, entry.ready)
-                entry.dirty = False
+                self._write_changed(key, entry.tensors, entry.dirty_rows, entry.ready)
+                entry.dirty, entry.dirty_rows = False, None
 
     def flush(self) -> None:
         """Wait until every queued write is in the store; raises the first write's error."""

@@ -51,6 +51,11 @@ JOURNAL = "journal.json"
 OWN_PATHS = (MANIFEST, JOURNAL, "lock", *KINDS, "scratch", "run", "run/settings.json", "run/metrics.jsonl")
 
 
+def entry_files(info: dict) -> list[str]:
+    """The files of one manifest entry: its module file, then its row patches in the order they apply."""
+    return [info["file"]] + [patch["file"] for patch in info.get("rows", [])]
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -222,6 +227,7 @@ class Store:
         self.bytes_read = 0
         self.bytes_written = 0
         self._pending: dict[tuple[str, str], dict] = {}  # (kind, name) -> file info written this step
+        self._written: set[str] = set()  # files written since the last commit (a rollback removes them)
         self._pending_lock = threading.Lock()
         self._fsync_dirs: set[Path] = set()
         # fsyncs of written files run here, so that the disk flushes one file while the writer fills the
@@ -273,14 +279,18 @@ class Store:
             raise SlowllamaError(f"{where}: field 'files' must be an object of objects")
         for kind, kind_files in m["files"].items():
             for name, info in kind_files.items():
-                rel = info.get("file", "") if isinstance(info, dict) else ""
-                if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts \
-                        or "\0" in rel:
-                    raise SlowllamaError(f"{where}: file entry {rel!r} points outside the store")
-                size, digest = info.get("bytes"), info.get("xxh3")
-                if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str):
-                    raise SlowllamaError(f"{where}: the entry of {kind} {name!r} needs 'bytes' (an integer) "
-                                         "and 'xxh3' (a string)")
+                rows = info.get("rows", []) if isinstance(info, dict) else []
+                if not isinstance(rows, list):
+                    raise SlowllamaError(f"{where}: 'rows' of {kind} {name!r} must be a list of file entries")
+                for entry in [info, *rows]:
+                    rel = entry.get("file", "") if isinstance(entry, dict) else ""
+                    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts \
+                            or "\0" in rel:
+                        raise SlowllamaError(f"{where}: file entry {rel!r} points outside the store")
+                    size, digest = entry.get("bytes"), entry.get("xxh3")
+                    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str):
+                        raise SlowllamaError(f"{where}: the entry of {kind} {name!r} needs 'bytes' (an integer) "
+                                             "and 'xxh3' (a string)")
         run = m.get("run")
         if run is not None and not (isinstance(run, dict) and isinstance(run.get("start_step"), int)
                                     and isinstance(run.get("settings"), dict)
@@ -304,7 +314,7 @@ class Store:
     def _recover(self, log) -> None:
         """Remove what an interrupted step left behind: files the committed manifest does not name."""
         journal = self.path / JOURNAL
-        referenced = {info["file"] for kind in self.manifest["files"].values() for info in kind.values()}
+        referenced = {f for kind in self.manifest["files"].values() for info in kind.values() for f in entry_files(info)}
         removed = 0
         for kind in KINDS:
             folder = self.path / kind
@@ -419,12 +429,30 @@ class Store:
         Checked against the manifest's size and hash, and against the model's names and shapes.
         """
         info = self.file_info(name, kind)
+        tensors, path = self._read_entry(info, alloc)
+        self._check_shapes(name, kind, tensors, path)
+        for patch in info.get("rows", []):
+            self._apply_rows(tensors, patch)
+        return tensors
+
+    def _read_entry(self, info: dict, alloc=None) -> tuple[dict[str, torch.Tensor], Path]:
         expect = (int(info["bytes"]), info["xxh3"]) if self.verify else None
         path = self.file_path(info)
         tensors = st.read_file(str(path), alloc=alloc, expect=expect, drop_cache=self.drop_cache)
         self.bytes_read += int(info["bytes"])
-        self._check_shapes(name, kind, tensors, path)
-        return tensors
+        return tensors, path
+
+    def _apply_rows(self, tensors: dict[str, torch.Tensor], patch: dict) -> None:
+        """Apply a row patch (written by write_rows) to a module's tensors, checked like any file."""
+        rows, path = self._read_entry(patch)
+        for key in [k[:-len(".ids")] for k in rows if k.endswith(".ids")]:
+            ids, values = rows[f"{key}.ids"], rows.get(f"{key}.rows")
+            target = tensors.get(key)
+            if (target is None or values is None or ids.dtype != torch.int64 or ids.dim() != 1
+                    or values.dtype != target.dtype or tuple(values.shape) != (len(ids), *target.shape[1:])
+                    or (len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < target.shape[0])):
+                raise SlowllamaError(f"{path}: the rows of {key!r} do not fit the module (altered outside slowllama)")
+            target[ids] = values
 
     def _check_shapes(self, name: str, kind: str, tensors: dict, path: Path) -> None:
         """Refuse a file whose tensors are not the module's (a store edited outside slowllama)."""
@@ -458,6 +486,9 @@ class Store:
         from safetensors import safe_open
 
         info = self.file_info(name, kind)
+        if info.get("rows"):  # patched rows: the whole tensor, as read() makes it
+            t = self.read(name, kind)[key]
+            return t if dim is None else t.narrow(dim, start, length)
         with safe_open(str(self.file_path(info)), framework="pt") as f:
             if dim is None:
                 return f.get_tensor(key)
@@ -485,11 +516,41 @@ class Store:
 
         Thread-safe, so a background writer may call it. The file joins the store at commit().
         """
-        self._require_writable()
         gen = self.step + 1 if gen is None else gen
-        folder = self.path / kind
+        info = self._write_file(f"{kind}/{name}@{gen}.safetensors", tensors)
+        with self._pending_lock:
+            self._pending[(kind, name)] = info
+        return info
+
+    def rows_worth_writing(self, name: str, nbytes: int, kind: str = "modules") -> bool:
+        """Whether a row patch of nbytes beats rewriting the module: patches stay under a quarter of its size
+        (past that, the next write is the whole module, and the patches go)."""
+        info = self.file_info(name, kind)
+        return sum(p["bytes"] for p in info.get("rows", [])) + nbytes <= int(info["bytes"]) // 4
+
+    def write_rows(self, name: str, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], kind: str = "modules",
+                   gen: Optional[int] = None) -> dict:
+        """Write only some rows of a module's weights: rows = {key: (row ids, their new values)}.
+
+        A row patch file of generation `gen`, applied on top of the module's file (and its earlier
+        patches) by every read; like write(), it joins the store at commit().
+        """
+        gen = self.step + 1 if gen is None else gen
+        tensors = {}
+        for key, (ids, values) in rows.items():
+            tensors[f"{key}.ids"], tensors[f"{key}.rows"] = ids.to(torch.int64), values
+        patch = self._write_file(f"{kind}/{name}@{gen}.rows.safetensors", tensors)
+        with self._pending_lock:
+            base = self._pending.get((kind, name)) or self.manifest["files"][kind][name]
+            info = {**base, "rows": [*base.get("rows", []), patch]}
+            self._pending[(kind, name)] = info
+        return info
+
+    def _write_file(self, rel: str, tensors: dict[str, torch.Tensor]) -> dict:
+        """Write one file of the store (not yet durable: a background fsync, which commit() waits for)."""
+        self._require_writable()
+        folder = self.path / Path(rel).parent
         folder.mkdir(exist_ok=True)
-        rel = f"{kind}/{name}@{gen}.safetensors"
         try:
             fault_point("store.write.before")
             size, digest = st.write_file(str(self.path / rel), {k: v.cpu() for k, v in tensors.items()},
@@ -501,15 +562,14 @@ class Store:
                 raise disk_full_error(e, str(self.path / rel)) from None
             raise
         fault_point("store.write.after")
-        info = {"file": rel, "bytes": size, "xxh3": digest}
         with self._pending_lock:
             if self._syncer is None:
                 self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-fsync")
             self._syncing.append((rel, self._syncer.submit(st.fsync_file, str(self.path / rel), self.drop_cache)))
-            self._pending[(kind, name)] = info
+            self._written.add(rel)
             self._fsync_dirs.add(folder)
             self.bytes_written += size
-        return info
+        return {"file": rel, "bytes": size, "xxh3": digest}
 
     def commit(self, step: int, updates: Optional[dict] = None) -> None:
         """Make every file written since the last commit part of the store, at step `step`, atomically.
@@ -527,8 +587,8 @@ class Store:
         manifest = json.loads(json.dumps(self.manifest))
         for (kind, name), info in pending.items():
             prev = manifest["files"].setdefault(kind, {}).get(name)
-            if prev and prev["file"] != info["file"]:
-                old_files.append(prev["file"])
+            if prev:
+                old_files += [f for f in entry_files(prev) if f not in entry_files(info)]
             manifest["files"][kind][name] = info
         manifest["step"] = step
         manifest.update(updates or {})
@@ -552,8 +612,9 @@ class Store:
     def _committed(self, manifest: dict, pending: dict) -> None:
         self.manifest = manifest
         with self._pending_lock:
-            for key in pending:
+            for key, info in pending.items():
                 self._pending.pop(key, None)
+                self._written.difference_update(entry_files(info))
 
     def _wait_for_fsyncs(self, errors: bool = True) -> None:
         """Wait until every file written so far is durable; raises the first fsync's error (if errors)."""
@@ -573,10 +634,10 @@ class Store:
         """Drop every file written since the last commit (the step failed before committing)."""
         self._wait_for_fsyncs(errors=False)
         with self._pending_lock:
-            pending, self._pending = self._pending, {}
-        for info in pending.values():
+            written, self._written, self._pending = self._written, set(), {}
+        for rel in written:
             with contextlib.suppress(FileNotFoundError):
-                (self.path / info["file"]).unlink()
+                (self.path / rel).unlink()
         with contextlib.suppress(FileNotFoundError):
             (self.path / JOURNAL).unlink()
 
@@ -611,7 +672,8 @@ class Store:
         """Evict every file the manifest names from the page cache: the next reads come from the disk."""
         for kind_files in self.manifest["files"].values():
             for info in kind_files.values():
-                st.evict_file(str(self.path / info["file"]))
+                for rel in entry_files(info):
+                    st.evict_file(str(self.path / rel))
 
     def verify_all(self, progress=None) -> list[str]:
         """Check the size and checksum of every file the manifest names; returns the problems found."""
@@ -654,6 +716,10 @@ class StoreBuilder:
         info = store.file_info(name, kind)
         dest = self.tmp / kind / Path(info["file"]).name
         dest.parent.mkdir(exist_ok=True)
+        if info.get("rows"):  # row patches: one file with them applied
+            size, digest = st.write_file(str(dest), store.read(name, kind))
+            self.files.setdefault(kind, {})[name] = {"file": f"{kind}/{dest.name}", "bytes": size, "xxh3": digest}
+            return
         try:
             os.link(store.path / info["file"], dest)
         except OSError:

@@ -21,7 +21,8 @@ CHAINS = {
         ("forward.module:2", 0, 0, "rolled back the interrupted step 1"),  # step 1, forward, after the embeddings
         ("store.write.after:6", 1, 2, "rolled back the interrupted step 2"),  # step 2, between module writes
         ("store.commit.before_rename:1", 1, 4, "rolled back the interrupted step 2"),  # new manifest not renamed
-        ("store.commit.after_rename:1", 2, 4, "step 2 was committed"),  # renamed, old files not yet removed
+        # renamed, old files not yet removed: 3 (the embeddings' row patch of step 1 stays, under step 2's)
+        ("store.commit.after_rename:1", 2, 3, "step 2 was committed"),
         ("backward.module:3", 2, 2, "rolled back the interrupted step 3"),  # step 3, backward, 2 modules written
     ],
     "adamw": [
@@ -56,8 +57,9 @@ def test_killed_runs_resume_bit_for_bit(run, tmp_path, tmp_path_factory, capsys)
             assert len(leftovers) <= left, (faults, leftovers)
         else:
             assert len(leftovers) == left, (faults, leftovers)
+        # (SGD writes only the embedding rows a step used: a row-patched module keeps older files)
         assert all(generation(f) in (step - 1, step, step + 1) for f in leftovers | referenced(store)
-                   if "extras" not in f)
+                   if "extras" not in f and not (run == "sgd" and "tok_embeddings" in f))
 
     err = resume_in_process(store, run, capsys)
     recovered = [line for line in err.splitlines() if line.startswith("recovered:")]
