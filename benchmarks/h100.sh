@@ -94,8 +94,14 @@ io3)  # session 3: files fsynced in the background (the disk flushes one while t
     bench sgd_ssd_3 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 2G
     bench sgd_resident_k8_3 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --accumulate 8 --steps 3 --save-every 100 --probe-size 1G
     ;;
+rows)  # session 3: the embeddings written back as row patches (SSD-bound SGD), AdamW SSD-bound again
+    python -m pytest -q tests/test_cuda.py 2>&1 | tail -n 2
+    bench sgd_ssd_rows --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    rm -rf $S7
+    bench adamw_ssd_8layers_3 --preset 7b --layers 8 --store-dir /tmp/bench-7b-8l --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --max-memory 12G --max-gpu-memory 16G --drop-cache --probe-size 1G
+    ;;
 more|final|prefetch|hostram) ;;
-*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2|compiled|fusedupd|fusedupd7b|host3|io3"; exit 2 ;;
+*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2|compiled|fusedupd|fusedupd7b|host3|io3|rows"; exit 2 ;;
 esac
 # stage "more": AdamW SSD-bound (8 layers) and the token sweep, in one call
 if [ "${1:-}" = more ]; then
