@@ -427,7 +427,7 @@ class OffloadedModel:
 
     def _embeddings_backward(self, batches, grads, tied_grad, step: int, lr: float, clip_coef: float,
                              micro_offset: int = 0) -> None:
-        """The embeddings' gradient, only in the rows the step used; SGD updates only those rows.
+        """The embeddings' gradient, only in the rows the step used; SGD updates and writes only those rows.
 
         The rows are gathered once (ids sorted), and each microbatch's lookup and dropout are re-run on
         them: the same values and masks as the forward pass, and a gradient of (used rows, dim)

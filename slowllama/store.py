@@ -5,6 +5,7 @@ Layout of a store folder:
     tokenizer.model (or the source's tokenizer files: tokenizer.json, tokenizer_config.json, ...)
     config.json, generation_config.json, model.safetensors.index.json   (a Hugging Face source's, verbatim)
     modules/<name>@<gen>.safetensors  weights of tok_embeddings, layers.N, head (and extras)
+    modules/<name>@<gen>.rows.safetensors  a row patch: ids and new values of the rows step <gen> changed
     optim/<name>@<gen>.safetensors    optimizer state of a module (AdamW moments, step)
     master/<name>@<gen>.safetensors   fp32 master weights of a 16-bit store (optional)
     journal.json                  present while a step is being written
@@ -12,9 +13,10 @@ Layout of a store folder:
     run/                          logs of training runs: settings, metrics.jsonl
     lock                          pid of the process that writes the store
 
-A step writes every updated module to a new file (a new <gen>), then commits by replacing the
-manifest atomically (write, fsync, rename, fsync the folder); only then are the files of the
-previous generation removed. Files the manifest does not name are garbage of an interrupted step,
+A step writes every updated module to a new file (a new <gen>), or only its changed rows to a
+row patch that reads apply on top of the module's file (the manifest lists them in order), then
+commits by replacing the manifest atomically (write, fsync, rename, fsync the folder) once every
+file is fsynced; only then are the files the new manifest no longer names removed. Files the manifest does not name are garbage of an interrupted step,
 removed when the store is next opened for writing. So the store is always entirely at one step.
 Only this module touches module files.
 """
@@ -314,7 +316,8 @@ class Store:
     def _recover(self, log) -> None:
         """Remove what an interrupted step left behind: files the committed manifest does not name."""
         journal = self.path / JOURNAL
-        referenced = {f for kind in self.manifest["files"].values() for info in kind.values() for f in entry_files(info)}
+        referenced = {f for kind in self.manifest["files"].values() for info in kind.values()
+                      for f in entry_files(info)}
         removed = 0
         for kind in KINDS:
             folder = self.path / kind

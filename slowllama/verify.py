@@ -72,7 +72,8 @@ def layout_problems(store: Store) -> tuple[list[str], list[str]]:
         if path.exists() and not path.is_symlink() and path.is_dir() != (rel != "lock"):
             problems.append(f"{path}: a {'folder' if rel == 'lock' else 'file'} where slowllama keeps its "
                             f"{'lock file' if rel == 'lock' else 'folder'}")
-    referenced = {f for kind in store.manifest["files"].values() for info in kind.values() for f in entry_files(info)}
+    referenced = {f for kind in store.manifest["files"].values() for info in kind.values()
+                  for f in entry_files(info)}
     for kind in KINDS:
         folder = store.path / kind
         if not folder.is_dir() or folder.is_symlink():
