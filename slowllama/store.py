@@ -350,7 +350,7 @@ class Store:
 
     def close(self) -> None:
         if self._syncer is not None:
-            self._wait_for_fsyncs(errors=False)  # uncommitted files: the next open removes them
+            self.sync(errors=False)  # uncommitted files: the next open removes them
             self._syncer.shutdown()
             self._syncer = None
         if self.lock:
@@ -580,7 +580,7 @@ class Store:
         updates: other manifest fields to set in the same atomic write (run state, for instance).
         """
         self._require_writable()
-        self._wait_for_fsyncs()
+        self.sync()
         with self._pending_lock:
             pending = dict(self._pending)  # they stay pending (rollback removes them) until the rename
             dirs, self._fsync_dirs = self._fsync_dirs, set()
@@ -619,7 +619,7 @@ class Store:
                 self._pending.pop(key, None)
                 self._written.difference_update(entry_files(info))
 
-    def _wait_for_fsyncs(self, errors: bool = True) -> None:
+    def sync(self, errors: bool = True) -> None:
         """Wait until every file written so far is durable; raises the first fsync's error (if errors)."""
         with self._pending_lock:
             syncing, self._syncing = self._syncing, []
@@ -635,7 +635,7 @@ class Store:
 
     def rollback(self) -> None:
         """Drop every file written since the last commit (the step failed before committing)."""
-        self._wait_for_fsyncs(errors=False)
+        self.sync(errors=False)
         with self._pending_lock:
             written, self._written, self._pending = self._written, set(), {}
         for rel in written:

@@ -185,6 +185,7 @@ def test_drop_cache_evicts_written_files(tmp_path):
         tensors = store.read("layers.0")
         store.drop_cache = True
         store.write("layers.0", tensors)
+        store.sync()  # evicted once durable: the fsync runs in the background
         assert page_cache_residency(str(store.path / store.file_info("layers.0")["file"])) == 0.0
         store.drop_cache = False
         store.write("head", store.read("head"))
