@@ -48,7 +48,7 @@ tokens)  # more tokens per step amortize the same SSD traffic (GPU 24 GiB holds 
     ;;
 layers)  # step time against depth, SSD-bound
     for l in 8 16; do
-        bench sgd_ssd_${l}layers --preset 7b --layers $l --store-dir /tmp/bench-7b-$l --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+        bench sgd_ssd_${l}layers --preset 7b --layers $l --store-dir /tmp/bench-7b-$l --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
         rm -rf /tmp/bench-7b-$l
     done
     ;;
