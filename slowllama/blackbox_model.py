@@ -31,7 +31,7 @@ from slowllama.faults import fault_point
 from slowllama.memory import Activations, Budget
 from slowllama.model import IGNORE_INDEX, build_module, cross_entropy_sum, module_names, rope_tables
 from slowllama.lora import LoRAConfig, block_params, inject
-from slowllama.optim import SGD, clip_coefficient, round_to
+from slowllama.optim import SGD, clip_coefficient, round_to, rounding_bits
 from slowllama.pipeline import Key, Pipeline
 from slowllama.store import Store
 
@@ -469,12 +469,8 @@ class OffloadedModel:
         tensors = self.weights(name)
         rows = tensors[key][ids].float()
         self.optimizer.update({key: rows}, {key: grad}, {}, lr)
-        gen = None
-        if self.cfg.stochastic_rounding and self.store.dtype == torch.bfloat16:
-            seed = module_seed(self.cfg.seed, step, -1, self.names.index(name))
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-        tensors[key][ids] = round_to(rows, self.store.dtype, gen)
-        self.pipe.put(("modules", name), tensors, persist=not self.deferred, rows={key: ids})  # only those rows
+        tensors[key][ids] = round_to(rows, self.store.dtype, self._rounding_generator(name, step, master=False))
+        self._keep(name, "modules", tensors, rows={key: ids})  # only those rows changed
 
     def _check_finite(self, step: int, where: str, grads: dict[str, torch.Tensor]) -> None:
         """Record each gradient's norm; a non-finite one stops the step before anything is written.
@@ -566,9 +562,7 @@ class OffloadedModel:
         gen = self._rounding_generator(name, step, master=False)
 
         def noise(w: torch.Tensor) -> Optional[torch.Tensor]:  # as round_to draws them: same generator, same order
-            if gen is None:
-                return None
-            return torch.randint(0, 1 << 16, w.shape, dtype=torch.int32, device=w.device, generator=gen)
+            return rounding_bits(w, gen) if gen is not None else None
 
         coef = torch.tensor(clip_coef, dtype=torch.float32, device=self.device)
         new, state = {}, {}
@@ -594,8 +588,10 @@ class OffloadedModel:
             self._keep(name, "optim", state)
         return new
 
-    def _keep(self, name: str, kind: str, tensors: dict[str, torch.Tensor]) -> None:
-        self.pipe.put((kind, name), tensors, persist=not self.deferred)
+    def _keep(self, name: str, kind: str, tensors: dict[str, torch.Tensor],
+              rows: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Hand a module's new version to the pipeline (rows: {weight: ids} when only those rows changed)."""
+        self.pipe.put((kind, name), tensors, persist=not self.deferred, rows=rows)
 
     def write_back(self) -> None:
         """Make the store hold every update so far (queue what is resident and newer, wait for all writes)."""

@@ -24,6 +24,7 @@ from torch.func import functional_call
 from slowllama.config import ModelArgs
 from slowllama.errors import SlowllamaError
 from slowllama.model import build_module
+from slowllama.optim import round_with_bits
 
 
 class _Compiled:
@@ -84,20 +85,10 @@ def compile_reason(wanted: bool, dropout: float, lora: bool) -> str:
     return ""
 
 
-def _rounded(w32: torch.Tensor, dtype: torch.dtype, noise: Optional[torch.Tensor]) -> torch.Tensor:
-    """optim.round_to's arithmetic, with its random bits drawn beforehand (noise: int32, or None: nearest)."""
-    if dtype == torch.float32:
-        return w32
-    if noise is None:
-        return w32.to(dtype)
-    rounded = ((w32.view(torch.int32) + noise) & -65536).view(torch.float32)
-    return torch.where(torch.isfinite(rounded), rounded.to(torch.bfloat16), w32.to(torch.bfloat16))
-
-
 def _sgd(w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, lr: torch.Tensor,
          noise: Optional[torch.Tensor]) -> torch.Tensor:
     """optim.SGD's update of one 16- or 32-bit weight, from its gradient times the clip coefficient."""
-    return _rounded(w.float() - lr * (g.float() * coef), w.dtype, noise)
+    return round_with_bits(w.float() - lr * (g.float() * coef), w.dtype, noise)
 
 
 def _adamw(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, coef: torch.Tensor,
@@ -109,7 +100,7 @@ def _adamw(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, c
     m32 = m.float().lerp(g32, one_minus_b1)
     v32 = v.float() * b2 + one_minus_b2 * g32 * g32
     w32 = w.float() * decay - step_size * (m32 / (v32.sqrt() / bc2_sqrt + eps))
-    return _rounded(w32, w.dtype, noise), m32.to(m.dtype), v32.to(v.dtype)
+    return round_with_bits(w32, w.dtype, noise), m32.to(m.dtype), v32.to(v.dtype)
 
 
 class CompiledUpdates(_Compiled):
