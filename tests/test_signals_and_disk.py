@@ -83,6 +83,14 @@ def run_in_process(store, run, fault_spec, capsys):
     return code, capsys.readouterr()
 
 
+def assert_full_disk_kept_step_1(code: int, err: str, store, expected, *fragments: str) -> None:
+    """One 'disk full' line (with the fragments); the store is at step 1, clean, with the reference's tensors."""
+    assert_one_line_error(collections.namedtuple("proc", "returncode stderr")(code, err), "disk full", *fragments)
+    assert Store.open(store).step == 1
+    assert_clean(store)
+    assert_bit_identical(state(store), expected["steps"][1])
+
+
 @pytest.mark.parametrize("fault", [
     "store.write.before:7:enospc",  # step 2's third module file
     "store.commit.before_rename:2:enospc",  # step 2's manifest
@@ -92,11 +100,7 @@ def test_disk_full_in_a_step_keeps_the_last_committed_step(fault, tmp_path, tmp_
     expected = reference(tmp_path_factory, "sgd")
     store = fresh_store(tmp_path_factory, tmp_path / "store")
     code, out = run_in_process(store, "sgd", fault, capsys)
-    assert_one_line_error(collections.namedtuple("proc", "returncode stderr")(code, out.err), "disk full",
-                          "the store stays at its last committed step")
-    assert Store.open(store).step == 1
-    assert_clean(store)
-    assert_bit_identical(state(store), expected["steps"][1])
+    assert_full_disk_kept_step_1(code, out.err, store, expected, "the store stays at its last committed step")
     resume_in_process(store, "sgd", capsys)  # the next run resumes to the uninterrupted run's result
     assert_bit_identical(exported(store, tmp_path / "export"), expected["export"])
 
@@ -146,52 +150,44 @@ def test_a_really_full_disk(tmp_path, tmp_path_factory, capsys):
     assert_bit_identical(exported(store, tmp_path / "export"), expected["export"])
 
 
-def test_disk_full_in_the_middle_of_a_file(tmp_path, tmp_path_factory, capsys, monkeypatch):
-    # the third file of step 2 is cut short by ENOSPC: the partial file goes at once, with the rest of step 2
+def enospc_at_call(monkeypatch, name: str, call: int, partial: bool = False) -> list[str]:
+    """Make safetensors_io.<name>(path, ...) raise ENOSPC at its call-th call (after writing 100 bytes of the
+    file if partial); returns the paths it is called with."""
     from slowllama import safetensors_io
 
+    real, calls = getattr(safetensors_io, name), []
+
+    def failing(path, *a, **kw):
+        calls.append(path)
+        if len(calls) == call:
+            if partial:
+                with open(path, "wb") as f:
+                    f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(safetensors_io, name, failing)
+    return calls
+
+
+def test_disk_full_in_the_middle_of_a_file(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    # the third file of step 2 is cut short by ENOSPC: the partial file goes at once, with the rest of step 2
     expected = reference(tmp_path_factory, "sgd")
     store = fresh_store(tmp_path_factory, tmp_path / "store")
-    real, calls = safetensors_io.write_file, []
-
-    def write_file(path, tensors, *a, **kw):
-        calls.append(path)
-        if len(calls) == 7:
-            with open(path, "wb") as f:
-                f.write(b"\0" * 100)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        return real(path, tensors, *a, **kw)
-
-    monkeypatch.setattr(safetensors_io, "write_file", write_file)
+    calls = enospc_at_call(monkeypatch, "write_file", 7, partial=True)
     code, out = run_in_process(store, "sgd", "", capsys)
     # the 7th write failed (a write queued after it may have run since: writes are in the background)
-    assert_one_line_error(collections.namedtuple("proc", "returncode stderr")(code, out.err), calls[6], "disk full")
-    assert Store.open(store).step == 1
-    assert_clean(store)
-    assert_bit_identical(state(store), expected["steps"][1])
+    assert_full_disk_kept_step_1(code, out.err, store, expected, calls[6])
 
 
 def test_disk_full_when_a_file_is_flushed(tmp_path, tmp_path_factory, capsys, monkeypatch):
     # files are fsynced in the background: an ENOSPC from an fsync (delayed allocation) stops the step
     # at its commit, which never happens; the store stays at step 1 and resumes exactly
-    from slowllama import safetensors_io
-
     expected = reference(tmp_path_factory, "sgd")
     store = fresh_store(tmp_path_factory, tmp_path / "store")
-    real, calls = safetensors_io.fsync_file, []
-
-    def fsync_file(path, *a, **kw):
-        calls.append(path)
-        if len(calls) == 7:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        return real(path, *a, **kw)
-
-    monkeypatch.setattr(safetensors_io, "fsync_file", fsync_file)
+    calls = enospc_at_call(monkeypatch, "fsync_file", 7)
     code, out = run_in_process(store, "sgd", "", capsys)
-    assert_one_line_error(collections.namedtuple("proc", "returncode stderr")(code, out.err), calls[6], "disk full")
-    assert Store.open(store).step == 1
-    assert_clean(store)
-    assert_bit_identical(state(store), expected["steps"][1])
-    monkeypatch.setattr(safetensors_io, "fsync_file", real)
+    assert_full_disk_kept_step_1(code, out.err, store, expected, calls[6])
+    monkeypatch.undo()
     resume_in_process(store, "sgd", capsys)
     assert_bit_identical(exported(store, tmp_path / "export"), expected["export"])
