@@ -100,8 +100,19 @@ rows)  # session 3: the embeddings written back as row patches (SSD-bound SGD), 
     rm -rf $S7
     bench adamw_ssd_8layers_3 --preset 7b --layers 8 --store-dir /tmp/bench-7b-8l --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --max-memory 12G --max-gpu-memory 16G --drop-cache --probe-size 1G
     ;;
+parts)  # session 4: AdamW's state streamed in parts: SSD-bound at the 4 GiB host / 8 GiB GPU (8 layers)
+    python -m pytest -q tests/test_cuda.py 2>&1 | tail -n 2
+    S8=/tmp/bench-7b-8l
+    bench adamw_ssd_8layers_4g8g --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    bench sgd_ssd_8layers_4g8g --preset 7b --layers 8 --store-dir $S8 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    ;;
+parts2)  # session 4: the resident and host-RAM AdamW steps with state in parts (32 layers)
+    bench adamw_resident_parts --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 1G
+    bench adamw_hostram_parts --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 1G
+    bench sgd_16x256_resident_parts --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --save-every 100 --probe-size 1G
+    ;;
 more|final|prefetch|hostram) ;;
-*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2|compiled|fusedupd|fusedupd7b|host3|io3|rows"; exit 2 ;;
+*) echo "usage: h100.sh smoke|resident|ssd|adamw|tokens|layers|more|final|prefetch|hostram|fused|fused7b|hostram2|compiled|fusedupd|fusedupd7b|host3|io3|rows|parts|parts2"; exit 2 ;;
 esac
 # stage "more": AdamW SSD-bound (8 layers) and the token sweep, in one call
 if [ "${1:-}" = more ]; then

@@ -31,8 +31,9 @@ from slowllama.faults import fault_point
 from slowllama.memory import Activations, Budget
 from slowllama.model import IGNORE_INDEX, build_module, cross_entropy_sum, module_names, rope_tables
 from slowllama.lora import LoRAConfig, block_params, inject
-from slowllama.optim import SGD, clip_coefficient, round_to, rounding_bits
+from slowllama.optim import SGD, clip_coefficient, round_to, round_with_bits, rounding_bits
 from slowllama.pipeline import Key, Pipeline
+from slowllama.state_parts import DEFAULT_PART_ELEMENTS, state_parts
 from slowllama.store import Store
 
 
@@ -50,32 +51,52 @@ class NonFiniteLoss(SlowllamaError):
         self.untouched = untouched
 
 
-def largest_module_bytes(args: ModelArgs, store_dtype: torch.dtype, stateful: bool = False,
-                         master: bool = False) -> int:
-    """Bytes of the largest module with its optimizer state and master weights: one read or write in flight."""
+def largest_file_bytes(args: ModelArgs, store_dtype: torch.dtype, stateful: bool = False, master: bool = False,
+                       part_elements: int = DEFAULT_PART_ELEMENTS) -> int:
+    """Bytes of the largest file a step reads or writes: a module's weights, or one part (state_parts.py) of
+    its optimizer state (fp32 moments) or master weights."""
     from slowllama.config import model_param_count
 
     counts = model_param_count(args)
-    p = max(counts["embeddings"], counts["block"], counts["head"])
-    return p * (torch.empty((), dtype=store_dtype).element_size() + (8 if stateful else 0) + (4 if master else 0))
+    biggest = max(counts["embeddings"], counts["block"], counts["head"]) * store_dtype.itemsize
+    if stateful or master:
+        biggest = max(biggest, largest_part_elements(args, part_elements) * (8 if stateful else 4))
+    return biggest
+
+
+def staging_bytes(args: ModelArgs, store_dtype: torch.dtype, stateful: bool, master: bool, lookahead: int,
+                  write_queue: int, part_elements: int = DEFAULT_PART_ELEMENTS) -> int:
+    """Host memory for the pinned buffers of reads and writes in flight on cuda, and two spares kept for reuse
+    (pinning is slow)."""
+    return (lookahead + write_queue + 2) * largest_file_bytes(args, store_dtype, stateful, master, part_elements)
+
+
+def largest_part_elements(args: ModelArgs, part_elements: int = DEFAULT_PART_ELEMENTS) -> int:
+    """Elements of the largest part of any module's state."""
+    from slowllama.model import module_shapes
+
+    return max(math.prod(p.shape) for name in ("tok_embeddings", "layers.0", "head")
+               for p in state_parts(name, module_shapes(args, name), part_elements))
 
 
 def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, *, train: bool,
                   stateful: bool = False, master: bool = False, lora: bool = False, batch_size: int = 1,
                   seq_len: int = 1, microbatches: int = 1, lookahead: int = 2, write_queue: int = 2,
-                  head_chunk: int = 256 << 20) -> int:
+                  head_chunk: int = 256 << 20, part_elements: int = DEFAULT_PART_ELEMENTS) -> int:
     """An upper estimate of the memory one module in flight needs, beyond what stays resident."""
     from slowllama.config import model_param_count
 
-    es = torch.empty((), dtype=store_dtype).element_size()
-    ec = torch.empty((), dtype=compute_dtype).element_size()
+    es, ec = store_dtype.itemsize, compute_dtype.itemsize
     counts = model_param_count(args)
     p = max(counts["embeddings"], counts["block"], counts["head"])
-    per_module = largest_module_bytes(args, store_dtype, stateful, master)
-    total = p * es + (p * ec if ec != es else 0) + lookahead * per_module
+    per_file = largest_file_bytes(args, store_dtype, stateful, master, part_elements)
+    total = p * es + (p * ec if ec != es else 0) + lookahead * per_file
     if train and not lora:
-        total += p * ec + 8 * p + (8 * p if stateful else 0) + (4 * p if master else 0)  # grads, fp32 grads + weights
-        total += write_queue * p * es
+        total += p * ec + p * es  # gradients, the new weights
+        # one part's update: fp32 weights and gradient, its state and the state's new copy, master weights
+        q = largest_part_elements(args, part_elements)
+        total += q * (8 + (16 if stateful else 0) + (4 if master else 0))
+        total += write_queue * per_file
     tokens = batch_size * seq_len
     total += microbatches * tokens * args.dim * ec  # gradients w.r.t. the module's inputs
     # one block run (and backward) on one microbatch: projections, FFN, attention probabilities
@@ -143,9 +164,13 @@ class OffloadedModel:
         self.host_budget = Budget(cfg.host_budget, "host") if cfg.device.type != "cpu" else self.device_budget
         self.activation_budget = Budget(cfg.activation_budget, "activations")
         self.host_activation_budget = Budget(cfg.host_activation_budget, "host activations")
-        self.pipe = Pipeline(store, cfg.device, self.device_budget, self.host_budget, cfg.lookahead, cfg.write_queue)
-        self.deferred = False  # updates stay resident until write_back() (a model that fits in memory)
         self.optimizer = optimizer or SGD()
+        master = cfg.master_weights and store.dtype != torch.float32 and lora is None
+        staging = staging_bytes(self.args, store.dtype, self.optimizer.stateful and lora is None, master,
+                                cfg.lookahead, cfg.write_queue, store.state_part_elements)
+        self.pipe = Pipeline(store, cfg.device, self.device_budget, self.host_budget, cfg.lookahead, cfg.write_queue,
+                             staging)
+        self.deferred = False  # updates stay resident until write_back() (a model that fits in memory)
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         wanted = wants_compile(cfg.compile, cfg.device)
         self.compile_note = compile_reason(wanted, cfg.dropout, lora is not None)
@@ -170,12 +195,12 @@ class OffloadedModel:
         return [f"layers.{i}" for i in range(self.args.n_layers)]
 
     def _with_state(self, name: str) -> list[Key]:
+        """A module's weights, then the parts of its master weights and optimizer state, in the update's order."""
         keys = [("modules", name)]
         if self.lora is None:
-            if self.cfg.master_weights and self.store.dtype != torch.float32:
-                keys.append(("master", name))
-            if self.optimizer.stateful:
-                keys.append(("optim", name))
+            kinds = (["master"] if self.cfg.master_weights and self.store.dtype != torch.float32 else []) + \
+                (["optim"] if self.optimizer.stateful else [])
+            keys += [(kind, part.name) for part in self.store.state_parts(name) for kind in kinds]
         return keys
 
     def eval_plan(self) -> list[Key]:
@@ -513,8 +538,11 @@ class OffloadedModel:
 
         Returns the new weights in the store's dtype (None in a norm pass, which updates nothing).
 
-        The update runs in fp32: on the master copy if there is one (in place), else on the stored
-        weights upcast, rounded back to the store's dtype (stochastically if so configured).
+        The update runs part by part (state_parts.py: rows of one weight), so that only a part's
+        optimizer state and master weights are in flight at once: each is read ahead, updated and
+        written back while the next is read. Arithmetic in fp32, on the master copy if there is one
+        (in place), else on the stored weights upcast, rounded back to the store's dtype
+        (stochastically if so configured), fused into one pass where compiled.
         The cached tensors may be updated in place, so a failed step must drop the cache (discard_step).
         """
         self._check_finite(step, f"{name}.", grads)
@@ -522,30 +550,36 @@ class OffloadedModel:
             return None
         self._touched = True
         master = self.cfg.master_weights and self.store.dtype != torch.float32
-        if not master and self.compiled_updates is not None:
-            new = self._fused_update(name, grads, step, lr, clip_coef)
-            if new is not None:
-                return new
-        grads = {k: g.float() for k, g in grads.items()}
-        if clip_coef != 1.0:
-            for g in grads.values():
-                g.mul_(clip_coef)
-        if master and self.pipe.has(("master", name)):
-            weights = self.weights(name, "master")
-        else:
-            weights = {k: v.float() for k, v in self.weights(name).items()}
-        state = {}
-        if self.optimizer.stateful:
-            state = (self.weights(name, "optim") if self.pipe.has(("optim", name))
-                     else self.optimizer.init_state(weights))
-        self.optimizer.update(weights, grads, state, lr)
+        weights = self.weights(name)
         gen = self._rounding_generator(name, step, master)
-        new = {k: round_to(w, self.store.dtype, gen) for k, w in weights.items()}
+        pieces: dict[str, list[torch.Tensor]] = {k: [] for k in weights}
+        for part in self.store.state_parts(name):
+            w, g = weights[part.key][part.rows], grads[part.key][part.rows]
+            bits = rounding_bits(w, gen) if gen is not None else None  # drawn in part order, however updated
+            state = {}
+            if self.optimizer.stateful:
+                state = (self.weights(part.name, "optim") if self.pipe.has(("optim", part.name))
+                         else self.optimizer.init_state({part.key: w}))
+            fused = None
+            if not master and self.compiled_updates is not None:
+                fused = self._fused_part(part.key, w, g, state, lr, clip_coef, bits)
+            if fused is not None:
+                new_w, state = fused
+            else:
+                g = g.float() * clip_coef if clip_coef != 1.0 else g.float()
+                if master and self.pipe.has(("master", part.name)):
+                    w32 = self.weights(part.name, "master")[part.key]
+                else:
+                    w32 = w.float()
+                self.optimizer.update({part.key: w32}, {part.key: g}, state, lr)
+                new_w = round_with_bits(w32, self.store.dtype, bits)
+                if master:
+                    self._keep(part.name, "master", {part.key: w32})
+            if state:
+                self._keep(part.name, "optim", state)
+            pieces[part.key].append(new_w)
+        new = {k: p[0] if len(p) == 1 else torch.cat(p) for k, p in pieces.items()}
         self._keep(name, "modules", new)
-        if master:
-            self._keep(name, "master", weights)
-        if state:
-            self._keep(name, "optim", state)
         return new
 
     def _rounding_generator(self, name: str, step: int, master: bool) -> Optional[torch.Generator]:
@@ -555,38 +589,21 @@ class OffloadedModel:
         seed = module_seed(self.cfg.seed, step, -1, self.names.index(name))
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def _fused_update(self, name: str, grads: dict[str, torch.Tensor], step: int, lr: float,
-                      clip_coef: float) -> Optional[dict[str, torch.Tensor]]:
-        """_update through compiled.py's fused updates (no master weights); None if compiling failed."""
-        fused, weights = self.compiled_updates, self.weights(name)
-        gen = self._rounding_generator(name, step, master=False)
-
-        def noise(w: torch.Tensor) -> Optional[torch.Tensor]:  # as round_to draws them: same generator, same order
-            return rounding_bits(w, gen) if gen is not None else None
-
+    def _fused_part(self, key: str, w: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
+                    clip_coef: float, bits: Optional[torch.Tensor]):
+        """One part's update through compiled.py's fused passes: (new weight rows, new state), or None if
+        compiling failed (the caller runs it eager)."""
+        fused = self.compiled_updates
         coef = torch.tensor(clip_coef, dtype=torch.float32, device=self.device)
-        new, state = {}, {}
-        if self.optimizer.stateful:
-            old = (self.weights(name, "optim") if self.pipe.has(("optim", name))
-                   else self.optimizer.init_state(weights))
-            state["step"] = old["step"] + 1
-            scalars = self.optimizer.fused_scalars(old["step"].item() + 1, lr, self.device)
-            for k, w in weights.items():
-                out = fused(fused.adamw, w, grads[k], old[f"{k}.exp_avg"], old[f"{k}.exp_avg_sq"], coef, scalars,
-                            noise(w))
-                if out is None:
-                    return None
-                new[k], state[f"{k}.exp_avg"], state[f"{k}.exp_avg_sq"] = out
-        else:
-            lr_t = torch.tensor(lr, dtype=torch.float32, device=self.device)
-            for k, w in weights.items():
-                new[k] = fused(fused.sgd, w, grads[k], coef, lr_t, noise(w))
-                if new[k] is None:
-                    return None
-        self._keep(name, "modules", new)
-        if state:
-            self._keep(name, "optim", state)
-        return new
+        if not self.optimizer.stateful:
+            new_w = fused(fused.sgd, w, g, coef, torch.tensor(lr, dtype=torch.float32, device=self.device), bits)
+            return None if new_w is None else (new_w, {})
+        scalars = self.optimizer.fused_scalars(state["step"].item() + 1, lr, self.device)
+        out = fused(fused.adamw, w, g, state[f"{key}.exp_avg"], state[f"{key}.exp_avg_sq"], coef, scalars, bits)
+        if out is None:
+            return None
+        new_w, m, v = out
+        return new_w, {"step": state["step"] + 1, f"{key}.exp_avg": m, f"{key}.exp_avg_sq": v}
 
     def _keep(self, name: str, kind: str, tensors: dict[str, torch.Tensor],
               rows: Optional[dict[str, torch.Tensor]] = None) -> None:

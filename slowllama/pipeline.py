@@ -1,8 +1,8 @@
 """The load/store pipeline: modules read ahead of their use, kept resident by budget, written back in the background.
 
 Each pass over the model declares the order in which it will use modules (a plan of (kind, name)
-keys: weights, then optimizer state and master weights where the update needs them; the plan
-repeats, so the end of one step looks ahead into the next). A reader thread loads the next modules
+keys: weights, then the parts of optimizer state and master weights where the update needs them,
+state_parts.py; the plan repeats, so the end of one step looks ahead into the next). A reader thread loads the next modules
 of the plan while the current one computes: the file is read straight into a host buffer (pinned
 on cuda), checked against the manifest's checksum, and copied to the device on a copy stream.
 
@@ -20,6 +20,7 @@ dirty, and write_dirty() queues them at a commit point.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -30,9 +31,10 @@ from typing import Optional
 import torch
 
 from slowllama.memory import Budget, nbytes
+from slowllama.state_parts import part_module
 from slowllama.store import Store
 
-Key = tuple[str, str]  # (kind, name): kind is "modules", "optim" or "master"
+Key = tuple[str, str]  # (kind, name): "modules" and a module's name, or "optim"/"master" and a part's
 
 
 def tensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -42,32 +44,39 @@ def tensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
 class BufferPool:
     """Pinned host buffers for reads and write-backs on cuda (fast async copies).
 
-    Pinning is slow (cudaHostAlloc), so up to `keep` released buffers of each size are kept for
-    reuse: the staging memory of reads and writes in flight, part of the working set. A buffer in
-    use counts against the host budget. A buffer goes back to the pool only when nothing can use it
-    any more: its copy to the device is done, its write is done, or the host-resident module it held
-    was evicted (the compute only ever sees device copies of those).
+    Pinning is slow (cudaHostAlloc), so released buffers are kept for reuse, up to `retain` bytes:
+    the staging memory of reads and writes in flight, part of the working set. A request takes the
+    smallest kept buffer that holds it (at most twice its size), as a view. A buffer in use counts
+    against the host budget. A buffer goes back to the pool only when nothing can use it any more:
+    its copy to the device is done, its write is done, or the host-resident module it held was
+    evicted (the compute only ever sees device copies of those).
     """
 
-    def __init__(self, budget: Budget, keep: int):
-        self.budget, self.keep = budget, keep
-        self.free: dict[int, list[torch.Tensor]] = {}
+    def __init__(self, budget: Budget, retain: int):
+        self.budget, self.retain = budget, retain
+        self.free: list[torch.Tensor] = []  # released buffers, oldest first
+        self.lent: dict[int, torch.Tensor] = {}  # data_ptr of a view handed out -> its buffer
         self.lock = threading.Lock()
 
     def take(self, n: int) -> torch.Tensor:
-        self.budget.take(n)
         with self.lock:
-            bucket = self.free.get(n)
-            if bucket:
-                return bucket.pop()
-        return torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            fits = [i for i, b in enumerate(self.free) if n <= b.numel() <= 2 * n]
+            buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel())) if fits else None
+        if buf is None:
+            buf = torch.empty(max(n, 1), dtype=torch.uint8, pin_memory=True)
+        self.budget.take(buf.numel())
+        view = buf[:n]
+        with self.lock:
+            self.lent[view.data_ptr()] = buf
+        return view
 
-    def give(self, buf: torch.Tensor) -> None:
-        self.budget.give(buf.numel())
+    def give(self, view: torch.Tensor) -> None:
         with self.lock:
-            bucket = self.free.setdefault(buf.numel(), [])
-            if len(bucket) < self.keep:
-                bucket.append(buf)  # else it is unpinned and freed when the last reference goes
+            buf = self.lent.pop(view.data_ptr())
+            self.free.append(buf)
+            while sum(b.numel() for b in self.free) > self.retain:
+                self.free.pop(0)  # unpinned and freed when its last reference goes
+        self.budget.give(buf.numel())
 
 
 @dataclass
@@ -83,21 +92,22 @@ class Entry:
 
 class Pipeline:
     def __init__(self, store: Store, device: torch.device, device_budget: Budget, host_budget: Budget,
-                 lookahead: int = 2, write_queue: int = 2):
+                 lookahead: int = 2, write_queue: int = 2, staging: int = 1 << 62):
         self.store, self.device = store, device
         self.cuda = device.type == "cuda"
         self.split = device.type != "cpu"  # device memory apart from host memory
         self.device_budget = device_budget
         self.host_budget = host_budget if self.split else device_budget
-        self.pool = BufferPool(self.host_budget, keep=lookahead + write_queue + 2) if self.cuda else None
+        self.pool = BufferPool(self.host_budget, retain=staging) if self.cuda else None
         self.lookahead = lookahead
         self.entries: dict[Key, Entry] = {}
         self.loading: dict[Key, Future] = {}
         self.staged: dict[Key, tuple[dict, object]] = {}  # host-resident modules already copied to the device
         self.writing: dict[Key, Future] = {}
         self.plan: list[Key] = []
+        self.uses: dict[Key, list[int]] = {}  # key -> its positions in the plan
         self.pos = 0
-        self.current: set[Key] = set()  # the keys of the module in use: asked for again by its update, kept
+        self.current: set[Key] = set()  # the keys of the module in use (and its state's parts) until put: kept
         self.in_use: dict[Key, dict[str, torch.Tensor]] = {}  # device copies of host-resident keys of that module
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-read")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-write")
@@ -112,15 +122,17 @@ class Pipeline:
     # ---- the plan ---------------------------------------------------------------------------
     def set_plan(self, plan: list[Key]) -> None:
         """The order in which the coming passes (repeating) will ask for modules."""
-        self.plan, self.pos = list(plan), 0
+        self.plan, self.pos, self.uses = list(plan), 0, {}
+        for i, key in enumerate(self.plan):
+            self.uses.setdefault(key, []).append(i)
 
     def _distance(self, key: Key) -> int:
         """How far ahead in the cyclic plan `key` is needed next (len(plan) if never)."""
-        n = len(self.plan)
-        for d in range(n):
-            if self.plan[(self.pos + d) % n] == key:
-                return d
-        return n
+        n, uses = len(self.plan), self.uses.get(key)
+        if not uses:
+            return n
+        i = bisect.bisect_left(uses, self.pos)
+        return uses[i] - self.pos if i < len(uses) else uses[0] + n - self.pos
 
     def _advance(self, key: Key) -> None:
         """Move past `key` in the plan (asking again for the key just used does not move)."""
@@ -139,7 +151,7 @@ class Pipeline:
     def get(self, key: Key) -> dict[str, torch.Tensor]:
         """The tensors of `key` on the device, in the store's dtypes; waits for its read if needed."""
         self._advance(key)
-        if not any(k[1] == key[1] for k in self.current):
+        if not any(part_module(k[1]) == part_module(key[1]) for k in self.current):
             self.current, self.in_use = set(), {}
         self.current.add(key)
         if key in self.in_use:  # a host-resident module asked for again (by its update): the copy made for its use
@@ -314,6 +326,7 @@ class Pipeline:
         rows = {weight: row ids}: only those rows differ from the store's version, and only they are
         written where the store finds a row patch worth it."""
         self.in_use.pop(key, None)
+        self.current.discard(key)  # done with for this use: it may be evicted like any other
         old = self.entries.pop(key, None)
         if old is not None and old.dirty and rows is not None:  # rows changed since the store's version
             rows = None if old.dirty_rows is None else {

@@ -6,8 +6,8 @@ Layout of a store folder:
     config.json, generation_config.json, model.safetensors.index.json   (a Hugging Face source's, verbatim)
     modules/<name>@<gen>.safetensors  weights of tok_embeddings, layers.N, head (and extras)
     modules/<name>@<gen>.rows.safetensors  a row patch: ids and new values of the rows step <gen> changed
-    optim/<name>@<gen>.safetensors    optimizer state of a module (AdamW moments, step)
-    master/<name>@<gen>.safetensors   fp32 master weights of a 16-bit store (optional)
+    optim/<name>#<i>@<gen>.safetensors  optimizer state of a module, part i: rows of one weight (AdamW moments, step)
+    master/<name>#<i>@<gen>.safetensors fp32 master weights of a 16-bit store, in the same parts (optional)
     journal.json                  present while a step is being written
     scratch/                      spilled activations of the running step
     run/                          logs of training runs: settings, metrics.jsonl
@@ -43,10 +43,12 @@ from slowllama.config import ModelArgs, dtype_from_name
 from slowllama.errors import SlowllamaError
 from slowllama.faults import fault_point
 from slowllama import safetensors_io as st
+from slowllama.state_parts import DEFAULT_PART_ELEMENTS, StatePart, state_parts
 
 FORMAT = "slowllama-store"
 VERSION = 1
 KINDS = ("modules", "optim", "master")  # weights, optimizer state, fp32 master weights
+STATE_KINDS = ("optim", "master")  # kept in parts (state_parts.py)
 MANIFEST = "manifest.json"
 JOURNAL = "journal.json"
 # paths a writer creates or writes through: none may be a symbolic link (it would lead the writes outside)
@@ -261,6 +263,7 @@ class Store:
             store.lock = StoreLock(path)
             store.lock.acquire(log)
             store._recover(log)
+            store._split_whole_state(log)
         elif not follower:
             StoreLock(path).refuse_if_written()
         return store
@@ -293,6 +296,9 @@ class Store:
                     if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str):
                         raise SlowllamaError(f"{where}: the entry of {kind} {name!r} needs 'bytes' (an integer) "
                                              "and 'xxh3' (a string)")
+        cap = m.get("state_part_elements", DEFAULT_PART_ELEMENTS)
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+            raise SlowllamaError(f"{where}: field 'state_part_elements' must be a positive integer, got {cap!r}")
         run = m.get("run")
         if run is not None and not (isinstance(run, dict) and isinstance(run.get("start_step"), int)
                                     and isinstance(run.get("settings"), dict)
@@ -347,6 +353,20 @@ class Store:
         elif removed:
             log(f"recovered: removed {removed} files an interrupted step left; the store is at step {self.step}")
         shutil.rmtree(self.path / "scratch", ignore_errors=True)
+
+    def _split_whole_state(self, log) -> None:
+        """Stores written before state parts hold a module's optimizer state (or master weights) in one file:
+        split each into its parts, in one commit at the same step."""
+        whole = [(kind, name) for kind in STATE_KINDS for name in self.manifest["files"].get(kind, {})
+                 if name in self.expected_shapes]
+        if not whole:
+            return
+        for kind, name in whole:
+            tensors = self.read(name, kind)
+            for part in self.state_parts(name):
+                self.write(part.name, part_tensors(tensors, part, kind), kind, gen=self.step)
+        self.commit(self.step, remove=whole)
+        log(f"split the optimizer state of {len(whole)} modules into parts (the store's new layout)")
 
     def close(self) -> None:
         if self._syncer is not None:
@@ -403,6 +423,23 @@ class Store:
             raise SlowllamaError(f"{self.path}: the store has no {kind} file for {name!r}")
         return info
 
+    @property
+    def state_part_elements(self) -> int:
+        return int(self.manifest.get("state_part_elements", DEFAULT_PART_ELEMENTS))
+
+    def state_parts(self, module: str) -> list[StatePart]:
+        """The parts a module's optimizer state and master weights are kept in."""
+        return self._parts[module]
+
+    @functools.cached_property
+    def _parts(self) -> dict[str, list[StatePart]]:
+        return {name: state_parts(name, shapes, self.state_part_elements)
+                for name, shapes in self.expected_shapes.items()}
+
+    @functools.cached_property
+    def _part_by_name(self) -> dict[str, StatePart]:
+        return {p.name: p for parts in self._parts.values() for p in parts}
+
     def module_bytes(self, name: str, kind: str = "modules") -> int:
         return int(self.file_info(name, kind)["bytes"])
 
@@ -445,6 +482,15 @@ class Store:
         self.bytes_read += int(info["bytes"])
         return tensors, path
 
+    def read_state(self, name: str, kind: str = "optim") -> dict[str, torch.Tensor]:
+        """A module's whole optimizer state (or master weights), its parts joined (AdamW's step: the first part's)."""
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for part in self.state_parts(name):
+            for key, t in self.read(part.name, kind).items():
+                if key != "step" or key not in pieces:
+                    pieces.setdefault(key, []).append(t)
+        return {k: p[0] if len(p) == 1 else torch.cat(p) for k, p in pieces.items()}
+
     def _apply_rows(self, tensors: dict[str, torch.Tensor], patch: dict) -> None:
         """Apply a row patch (written by write_rows) to a module's tensors, checked like any file."""
         rows, path = self._read_entry(patch)
@@ -459,9 +505,13 @@ class Store:
 
     def _check_shapes(self, name: str, kind: str, tensors: dict, path: Path) -> None:
         """Refuse a file whose tensors are not the module's (a store edited outside slowllama)."""
-        if name not in self.expected_shapes or kind not in KINDS:
+        part = self._part_by_name.get(name) if kind in STATE_KINDS else None
+        if part is not None:
+            expected = {part.key: part.shape}
+        elif name in self.expected_shapes and kind in KINDS:
+            expected = self.expected_shapes[name]  # a module (or, before parts, a module's whole state)
+        else:
             return  # extras: the source's own keys
-        expected = self.expected_shapes[name]
         for key, t in tensors.items():
             weight = key if kind != "optim" else key.rsplit(".", 1)[0]
             if kind == "optim" and key == "step":
@@ -574,10 +624,11 @@ class Store:
             self.bytes_written += size
         return {"file": rel, "bytes": size, "xxh3": digest}
 
-    def commit(self, step: int, updates: Optional[dict] = None) -> None:
+    def commit(self, step: int, updates: Optional[dict] = None, remove: tuple = ()) -> None:
         """Make every file written since the last commit part of the store, at step `step`, atomically.
 
-        updates: other manifest fields to set in the same atomic write (run state, for instance).
+        updates: other manifest fields to set in the same atomic write (run state, for instance);
+        remove: (kind, name) entries that leave the store, their files deleted once committed.
         """
         self._require_writable()
         self.sync()
@@ -593,6 +644,8 @@ class Store:
             if prev:
                 old_files += [f for f in entry_files(prev) if f not in entry_files(info)]
             manifest["files"][kind][name] = info
+        for kind, name in remove:
+            old_files += entry_files(manifest["files"][kind].pop(name))
         manifest["step"] = step
         manifest.update(updates or {})
         with signals_deferred():  # a second Ctrl-C lands before or after the commit, never inside it
@@ -733,7 +786,8 @@ class StoreBuilder:
         shutil.copyfile(src, self.tmp / name)
 
     def finish(self, manifest: dict) -> Path:
-        manifest = {"format": FORMAT, "version": VERSION, **manifest, "files": self.files, "step": 0}
+        manifest = {"format": FORMAT, "version": VERSION, "state_part_elements": DEFAULT_PART_ELEMENTS, **manifest,
+                    "files": self.files, "step": 0}
         write_json_atomic(self.tmp / MANIFEST, manifest)
         if self.path.exists():  # --force: the old store goes only once the new one is complete
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
@@ -747,6 +801,14 @@ class StoreBuilder:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def part_tensors(tensors: dict[str, torch.Tensor], part: StatePart, kind: str) -> dict[str, torch.Tensor]:
+    """The tensors of one part, cut from a module's whole optimizer state or master weights."""
+    if kind == "master":
+        return {part.key: tensors[part.key][part.rows]}
+    return {"step": tensors["step"], **{f"{part.key}.{m}": tensors[f"{part.key}.{m}"][part.rows]
+                                        for m in ("exp_avg", "exp_avg_sq")}}
 
 
 def spec_of(tensors: dict[str, torch.Tensor]) -> dict:

@@ -14,8 +14,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from slowllama.blackbox_model import (EngineConfig, LoRAState, NonFiniteLoss, OffloadedModel, largest_module_bytes,
-                                      working_bytes)
+from slowllama.blackbox_model import EngineConfig, LoRAState, NonFiniteLoss, OffloadedModel, staging_bytes, working_bytes
 from slowllama.checkpoints import AdapterCheckpoint, FollowerCheckpoint, StoreCheckpoint, share_adapters
 from slowllama.data import TokenData, count_windows, eval_batches, load_data, load_train_val, microbatches, step_windows
 from slowllama.distributed import Fleet, data_digest, start_fleet
@@ -42,7 +41,8 @@ def make_engine(store: Store, settings, optimizer=None, lora=None, *, train: boo
     master = config.get("master_weights", False)
     stateful = bool(optimizer is not None and optimizer.stateful)
     work = working_bytes(store.args, store.dtype, dtype, train=train, stateful=stateful, master=master,
-                         lora=lora is not None, batch_size=batch_size, seq_len=seq_len, microbatches=microbatches)
+                         lora=lora is not None, batch_size=batch_size, seq_len=seq_len, microbatches=microbatches,
+                         part_elements=store.state_part_elements)
     acts = activations or (store.args.n_layers * microbatches * batch_size * seq_len * store.args.dim * dtype.itemsize
                            if train else 0)
     host = budget_setting(settings.max_memory, "--max-memory", physical_memory() // 2)
@@ -60,9 +60,8 @@ def make_engine(store: Store, settings, optimizer=None, lora=None, *, train: boo
             raise SlowllamaError(f"--max-gpu-memory: {format_size(gpu)} is below the {format_size(work)} this model "
                                  f"and step need in flight")
         act = min(acts, free // 2)
-        # pinned staging buffers of the reads and writes in flight (kept for reuse: pinning is slow)
-        staging = (config.get("lookahead", 2) + config.get("write_queue", 2) + 2) * largest_module_bytes(
-            store.args, store.dtype, stateful, master)
+        staging = staging_bytes(store.args, store.dtype, stateful, master, config.get("lookahead", 2),
+                                config.get("write_queue", 2), store.state_part_elements)
         if host <= staging:
             raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(staging)} of host "
                                  "buffers that reads and writes in flight need")

@@ -19,7 +19,7 @@ from slowllama.tiny import write_tiny
 from slowllama.train import finetune
 
 # 2 blocks: 4 modules (tok_embeddings, layers.0, layers.1, head); per step 3 forward and 4 backward
-# fault points, 4 module files written (SGD) or 8 (AdamW: weights + state)
+# fault points, 4 module files written (SGD) or 25 (AdamW: weights + 21 parts of state)
 COMMON = ["--device", "cpu", "--steps", "3", "--batch-size", "2", "--accumulate", "2", "--seq-len", "16",
           "--dropout", "0.1", "--seed", "3", "--log-every", "0", "--eval-every", "0", "--data", str(ALICE)]
 

@@ -27,10 +27,12 @@ CHAINS = {
     ],
     "adamw": [
         # step 1 first measures the gradient norm (clipping, no norm of a previous step yet): 4 backward
-        # points without writes, then the update pass: the kill comes after head's weights and state
-        ("backward.module:6", 0, 2, "rolled back the interrupted step 1"),
-        ("store.write.after:11", 1, 3, "rolled back the interrupted step 2"),  # step 2, weights of layers.1 written
-        ("store.commit.after_rename:1", 2, 8, "step 2 was committed"),
+        # points without writes, then the update pass: the kill comes after head's state (2 parts) and weights
+        ("backward.module:6", 0, 3, "rolled back the interrupted step 1"),
+        # a step writes 25 files (per block 9 parts of state, then its weights): this is step 2, after head's
+        # 3 files and 5 of the 9 parts of layers.1's state
+        ("store.write.after:33", 1, 8, "rolled back the interrupted step 2"),
+        ("store.commit.after_rename:1", 2, 25, "step 2 was committed"),
     ],
 }
 

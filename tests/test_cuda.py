@@ -7,7 +7,7 @@ import torch
 
 from conftest import ALICE, run_cli
 from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
-from slowllama.blackbox_model import largest_module_bytes, working_bytes
+from slowllama.blackbox_model import staging_bytes, working_bytes
 from slowllama.data import load_text
 from slowllama.loader import prepare_meta
 from slowllama.settings import FinetuneSettings
@@ -29,10 +29,11 @@ def tight(store, stateful=False, host: str = "") -> dict:
     """A GPU budget just above the working set: nothing stays on the GPU; by default little in host memory
     beyond the pinned buffers of reads and writes in flight (host="1G": modules and activations held in host
     memory, copied over and back each step)."""
-    args = Store.open(store).args
+    opened = Store.open(store)
+    args, parts = opened.args, opened.state_part_elements
     work = working_bytes(args, torch.float32, torch.float32, train=True, stateful=stateful,
-                         batch_size=2, seq_len=32, microbatches=2)
-    staging = 6 * largest_module_bytes(args, torch.float32, stateful)  # as make_engine counts them
+                         batch_size=2, seq_len=32, microbatches=2, part_elements=parts)
+    staging = staging_bytes(args, torch.float32, stateful, False, 2, 2, parts)  # as make_engine counts them
     return dict(max_gpu_memory=str(work + 200_000), max_memory=host or str(staging + 2_000_000))
 
 
@@ -64,6 +65,11 @@ def test_adamw_with_dropout_is_the_same_under_any_budget(tiny_fp32, tmp_path):
     c = prepare_meta(tiny_fp32, tmp_path / "c", log=lambda m: None)
     run(c, **common, **tight(c, stateful=True, host="1G"))  # modules, moments and activations in host memory
     assert_state_close(store_state_dict(c), store_state_dict(a), rtol=1e-5, atol=1e-7)
+    d = prepare_meta(tiny_fp32, tmp_path / "d", log=lambda m: None)
+    with Store.open(d, writable=True, log=lambda m: None) as opened:
+        opened.update_manifest({"state_part_elements": 16384})  # moments in flight a part at a time
+    run(d, **common, **tight(d, stateful=True))
+    assert_state_close(store_state_dict(d), store_state_dict(a), rtol=1e-5, atol=1e-7)
 
 
 def test_bf16_training_lora_eval_and_generation(tiny_bf16, tmp_path):

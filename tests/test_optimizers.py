@@ -38,7 +38,7 @@ def test_three_adamw_steps_equal_torch_adamw(tiny_fp32, store_fp32, weight_decay
     assert_state_close(store_state_dict(store_fp32), model.state_dict())
     # the state lives in the store beside each module: exp_avg, exp_avg_sq (fp32) and the step
     store = Store.open(store_fp32)
-    state = store.read("layers.1", "optim")
+    state = store.read_state("layers.1", "optim")
     assert state["step"].item() == 3
     assert state["attention.wq.weight.exp_avg"].dtype == torch.float32
     expected = opt.state[model.layers[1].attention.wq.weight]["exp_avg_sq"]
@@ -47,7 +47,7 @@ def test_three_adamw_steps_equal_torch_adamw(tiny_fp32, store_fp32, weight_decay
 
 def test_adamw_state_in_bf16(store_fp32):
     run_finetune(store_fp32, steps=2, batch_size=2, seq_len=32, lr=1e-3, optimizer="adamw", optim_dtype="bf16")
-    state = Store.open(store_fp32).read("head", "optim")
+    state = Store.open(store_fp32).read_state("head", "optim")
     assert state["output.weight.exp_avg"].dtype == torch.bfloat16
     assert state["output.weight.exp_avg"].abs().sum() > 0
 
@@ -161,7 +161,7 @@ def test_updates_below_bf16_resolution(tiny_bf16, tmp_path):
     nearest = after["nearest"].read(module)["feed_forward.w2.weight"].float()
     assert torch.equal(nearest[below], before[key][below])
     # an fp32 master copy keeps them: it equals the in-memory fp32 result; the bf16 copy is its rounding
-    master = after["master"].read(module, "master")["feed_forward.w2.weight"]
+    master = after["master"].read_state(module, "master")["feed_forward.w2.weight"]
     torch.testing.assert_close(master, model.state_dict()[key], rtol=1e-4, atol=1e-9)
     assert torch.equal(after["master"].read(module)["feed_forward.w2.weight"], master.to(torch.bfloat16))
     # stochastic rounding keeps them in expectation: weights move, and on average by the exact update
