@@ -30,6 +30,8 @@ TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 MAX_HEADER = 100 << 20  # a header larger than this is not a module file of ours
 
 Hasher = xxhash.xxh3_128
+# checked reads go by chunks of this size, each hashed while the disk reads the next (posix_fadvise WILLNEED)
+READ_CHUNK = 32 << 20
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -154,15 +156,19 @@ def read_file(path: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
         header, start = read_header(f, path)
         data_len = size - start
         buf = alloc(data_len) if alloc else torch.empty(data_len, dtype=torch.uint8)
-        view = buf.numpy() if data_len else np.empty(0, np.uint8)
-        got = f.readinto(memoryview(view)) if data_len else 0
-        if got != data_len:
-            raise SlowllamaError(f"{path}: truncated while reading")
-        if expect is not None:
-            h = Hasher()
-            f.seek(0)
-            h.update(f.read(start))
-            h.update(memoryview(view))
+        view = memoryview(buf.numpy() if data_len else np.empty(0, np.uint8))
+        if expect is None:
+            if data_len and f.readinto(view) != data_len:
+                raise SlowllamaError(f"{path}: truncated while reading")
+        else:
+            h = Hasher(os.pread(f.fileno(), start, 0))
+            for begin in range(0, data_len, READ_CHUNK):
+                end = min(begin + READ_CHUNK, data_len)
+                if end < data_len and hasattr(os, "posix_fadvise"):  # the disk reads the next chunk meanwhile
+                    os.posix_fadvise(f.fileno(), start + end, READ_CHUNK, os.POSIX_FADV_WILLNEED)
+                if f.readinto(view[begin:end]) != end - begin:
+                    raise SlowllamaError(f"{path}: truncated while reading")
+                h.update(view[begin:end])
             if h.hexdigest() != expect[1]:
                 raise SlowllamaError(f"{path}: checksum mismatch (altered or corrupted outside slowllama)")
         if drop_cache:
