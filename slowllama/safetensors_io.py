@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import numpy as np
@@ -30,8 +31,10 @@ TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 MAX_HEADER = 100 << 20  # a header larger than this is not a module file of ours
 
 Hasher = xxhash.xxh3_128
-# checked reads go by chunks of this size, each hashed while the disk reads the next (posix_fadvise WILLNEED)
-READ_CHUNK = 32 << 20
+READ_CHUNK = 32 << 20  # checked reads go by chunks of this size, each hashed while the next is read
+# the thread that hashes what checked reads have read (one, so that a file's chunks are hashed in order;
+# it starts on first use)
+HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-hash")
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -160,15 +163,16 @@ def read_file(path: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
         if expect is None:
             if data_len and f.readinto(view) != data_len:
                 raise SlowllamaError(f"{path}: truncated while reading")
-        else:
+        else:  # by chunks, each hashed on the hashing thread while the next is read (xxhash releases the GIL)
             h = Hasher(os.pread(f.fileno(), start, 0))
+            hashed = None
             for begin in range(0, data_len, READ_CHUNK):
                 end = min(begin + READ_CHUNK, data_len)
-                if end < data_len and hasattr(os, "posix_fadvise"):  # the disk reads the next chunk meanwhile
-                    os.posix_fadvise(f.fileno(), start + end, READ_CHUNK, os.POSIX_FADV_WILLNEED)
                 if f.readinto(view[begin:end]) != end - begin:
                     raise SlowllamaError(f"{path}: truncated while reading")
-                h.update(view[begin:end])
+                hashed = HASHER.submit(h.update, view[begin:end])  # in order: one thread
+            if hashed is not None:
+                hashed.result()
             if h.hexdigest() != expect[1]:
                 raise SlowllamaError(f"{path}: checksum mismatch (altered or corrupted outside slowllama)")
         if drop_cache:
