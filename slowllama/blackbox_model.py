@@ -552,6 +552,8 @@ class OffloadedModel:
         master = self.cfg.master_weights and self.store.dtype != torch.float32
         weights = self.weights(name)
         gen = self._rounding_generator(name, step, master)
+        fused = self.compiled_updates if not master else None
+        number = consts = None  # this update's number (AdamW), and the fused updates' scalars: once per module
         pieces: dict[str, list[torch.Tensor]] = {k: [] for k in weights}
         for part in self.store.state_parts(name):
             w, g = weights[part.key][part.rows], grads[part.key][part.rows]
@@ -560,18 +562,21 @@ class OffloadedModel:
             if self.optimizer.stateful:
                 state = (self.weights(part.name, "optim") if self.pipe.has(("optim", part.name))
                          else self.optimizer.init_state({part.key: w}))
-            fused = None
-            if not master and self.compiled_updates is not None:
-                fused = self._fused_part(part.key, w, g, state, lr, clip_coef, bits)
+                if number is None:  # every part of a module has had the same updates: one device sync
+                    number = state["step"].item() + 1
+            out = None
             if fused is not None:
-                new_w, state = fused
+                consts = consts or self._fused_constants(lr, clip_coef, number)
+                out = self._fused_part(part.key, w, g, state, consts, bits)
+            if out is not None:
+                new_w, state = out
             else:
                 g = g.float() * clip_coef if clip_coef != 1.0 else g.float()
                 if master and self.pipe.has(("master", part.name)):
                     w32 = self.weights(part.name, "master")[part.key]
                 else:
                     w32 = w.float()
-                self.optimizer.update({part.key: w32}, {part.key: g}, state, lr)
+                self.optimizer.update({part.key: w32}, {part.key: g}, state, lr, step=number)
                 new_w = round_with_bits(w32, self.store.dtype, bits)
                 if master:
                     self._keep(part.name, "master", {part.key: w32})
@@ -589,17 +594,25 @@ class OffloadedModel:
         seed = module_seed(self.cfg.seed, step, -1, self.names.index(name))
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def _fused_part(self, key: str, w: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
-                    clip_coef: float, bits: Optional[torch.Tensor]):
+    def _fused_constants(self, lr: float, clip_coef: float, number: Optional[float]) -> dict[str, torch.Tensor]:
+        """The device scalars of a module's fused updates (made once: each costs a copy to the device)."""
+        out = {"coef": torch.tensor(clip_coef, dtype=torch.float32, device=self.device)}
+        if number is None:
+            out["lr"] = torch.tensor(lr, dtype=torch.float32, device=self.device)
+        else:
+            out["adamw"] = self.optimizer.fused_scalars(number, lr, self.device)
+        return out
+
+    def _fused_part(self, key: str, w: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor],
+                    consts: dict[str, torch.Tensor], bits: Optional[torch.Tensor]):
         """One part's update through compiled.py's fused passes: (new weight rows, new state), or None if
         compiling failed (the caller runs it eager)."""
         fused = self.compiled_updates
-        coef = torch.tensor(clip_coef, dtype=torch.float32, device=self.device)
-        if not self.optimizer.stateful:
-            new_w = fused(fused.sgd, w, g, coef, torch.tensor(lr, dtype=torch.float32, device=self.device), bits)
+        if "lr" in consts:
+            new_w = fused(fused.sgd, w, g, consts["coef"], consts["lr"], bits)
             return None if new_w is None else (new_w, {})
-        scalars = self.optimizer.fused_scalars(state["step"].item() + 1, lr, self.device)
-        out = fused(fused.adamw, w, g, state[f"{key}.exp_avg"], state[f"{key}.exp_avg_sq"], coef, scalars, bits)
+        out = fused(fused.adamw, w, g, state[f"{key}.exp_avg"], state[f"{key}.exp_avg_sq"], consts["coef"],
+                    consts["adamw"], bits)
         if out is None:
             return None
         new_w, m, v = out

@@ -26,7 +26,7 @@ class SGD:
         return {}
 
     def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-               state: dict[str, torch.Tensor], lr: float) -> None:
+               state: dict[str, torch.Tensor], lr: float, step: Optional[float] = None) -> None:
         for k, p in params.items():
             p.add_(grads[k], alpha=-lr)
 
@@ -66,10 +66,11 @@ class AdamW:
                              lr / (1 - b1 ** step)], dtype=torch.float32, device=device)
 
     def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-               state: dict[str, torch.Tensor], lr: float) -> None:
+               state: dict[str, torch.Tensor], lr: float, step: Optional[float] = None) -> None:
+        """step: the number of this update, where the caller knows it (state["step"] + 1: no device sync)."""
         b1, b2 = self.betas
         state["step"] += 1
-        step = state["step"].item()
+        step = state["step"].item() if step is None else step
         bias_correction1 = 1 - b1 ** step
         bias_correction2 = 1 - b2 ** step
         step_size = lr / bias_correction1
