@@ -40,11 +40,6 @@ class StatePart:
     def shape(self) -> tuple[int, ...]:
         return (self.stop - self.start, *self.weight_shape[1:])
 
-    @property
-    def whole(self) -> bool:
-        """Whether the part is all of its weight."""
-        return self.start == 0 and self.stop == self.weight_shape[0]
-
 
 def state_parts(module: str, shapes: dict[str, tuple[int, ...]], max_elements: int) -> list[StatePart]:
     """The parts of a module's state: each weight (in the module's order) cut into even row ranges of at

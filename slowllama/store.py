@@ -356,17 +356,17 @@ class Store:
 
     def _split_whole_state(self, log) -> None:
         """Stores written before state parts hold a module's optimizer state (or master weights) in one file:
-        split each into its parts, in one commit at the same step."""
+        split each into its parts, one commit per file at the same step (the disk holds one file twice at most;
+        cut off, the next open goes on)."""
         whole = [(kind, name) for kind in STATE_KINDS for name in self.manifest["files"].get(kind, {})
                  if name in self.expected_shapes]
-        if not whole:
-            return
         for kind, name in whole:
             tensors = self.read(name, kind)
             for part in self.state_parts(name):
                 self.write(part.name, part_tensors(tensors, part, kind), kind, gen=self.step)
-        self.commit(self.step, remove=whole)
-        log(f"split the optimizer state of {len(whole)} modules into parts (the store's new layout)")
+            self.commit(self.step, remove=[(kind, name)])
+        if whole:
+            log(f"split {len(whole)} files of optimizer state or master weights into parts (the store's new layout)")
 
     def close(self) -> None:
         if self._syncer is not None:
