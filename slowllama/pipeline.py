@@ -3,8 +3,9 @@
 Each pass over the model declares the order in which it will use modules (a plan of (kind, name)
 keys: weights, then the parts of optimizer state and master weights where the update needs them,
 state_parts.py; the plan repeats, so the end of one step looks ahead into the next). A reader thread
-loads the next modules of the plan while the current one computes: the file is read straight into a host buffer (pinned
-on cuda), checked against the manifest's checksum, and copied to the device on a copy stream.
+loads the next modules of the plan while the current one computes: the file is read straight into a
+host buffer (pinned on cuda), checked against the manifest's checksum, and copied to the device on a
+copy stream.
 
 Modules stay resident, on the device first, then in host memory, as far as the budgets allow. When
 room is needed, the resident module whose next use lies farthest ahead goes first (Belady's rule:
