@@ -60,6 +60,11 @@ def entry_files(info: dict) -> list[str]:
     return [info["file"]] + [patch["file"] for patch in info.get("rows", [])]
 
 
+def named_files(manifest: dict) -> set[str]:
+    """Every file a manifest names (paths relative to the store)."""
+    return {f for kind in manifest["files"].values() for info in kind.values() for f in entry_files(info)}
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -322,8 +327,7 @@ class Store:
     def _recover(self, log) -> None:
         """Remove what an interrupted step left behind: files the committed manifest does not name."""
         journal = self.path / JOURNAL
-        referenced = {f for kind in self.manifest["files"].values() for info in kind.values()
-                      for f in entry_files(info)}
+        referenced = named_files(self.manifest)
         removed = 0
         for kind in KINDS:
             folder = self.path / kind
@@ -726,10 +730,8 @@ class Store:
 
     def evict_from_page_cache(self) -> None:
         """Evict every file the manifest names from the page cache: the next reads come from the disk."""
-        for kind_files in self.manifest["files"].values():
-            for info in kind_files.values():
-                for rel in entry_files(info):
-                    st.evict_file(str(self.path / rel))
+        for rel in named_files(self.manifest):
+            st.evict_file(str(self.path / rel))
 
     def verify_all(self, progress=None) -> list[str]:
         """Check the size and checksum of every file the manifest names; returns the problems found."""

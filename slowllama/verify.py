@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from slowllama.errors import SlowllamaError
 from slowllama.memory import format_size
-from slowllama.store import KINDS, MANIFEST, OWN_PATHS, Store, entry_files
+from slowllama.store import KINDS, MANIFEST, OWN_PATHS, Store, named_files
 
 
 def verify_store(path: Path, log: Callable[[str], None] = print) -> dict:
@@ -72,8 +72,7 @@ def layout_problems(store: Store) -> tuple[list[str], list[str]]:
         if path.exists() and not path.is_symlink() and path.is_dir() != (rel != "lock"):
             problems.append(f"{path}: a {'folder' if rel == 'lock' else 'file'} where slowllama keeps its "
                             f"{'lock file' if rel == 'lock' else 'folder'}")
-    referenced = {f for kind in store.manifest["files"].values() for info in kind.values()
-                  for f in entry_files(info)}
+    referenced = named_files(store.manifest)
     for kind in KINDS:
         folder = store.path / kind
         if not folder.is_dir() or folder.is_symlink():

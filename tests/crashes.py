@@ -14,7 +14,7 @@ from conftest import ALICE, run_cli
 from slowllama import cli
 from slowllama.loader import export_meta, prepare_meta
 from slowllama.settings import FinetuneSettings
-from slowllama.store import KINDS, MANIFEST, Store, entry_files
+from slowllama.store import KINDS, MANIFEST, Store, named_files
 from slowllama.tiny import write_tiny
 from slowllama.train import finetune
 
@@ -126,8 +126,7 @@ def files_on_disk(store: Path) -> set[str]:
 
 
 def referenced(store: Path) -> set[str]:
-    return {f for files in Store.open(store).manifest["files"].values() for info in files.values()
-            for f in entry_files(info)}
+    return named_files(Store.open(store).manifest)
 
 
 def generation(rel: str) -> int:

@@ -5,25 +5,15 @@ import json
 import torch
 
 from conftest import ALICE, run_cli
+from crashes import files_on_disk, referenced
 from reference import assert_state_close, meta_state_dict, store_state_dict
 from test_training import reference_model, run_finetune
 from slowllama.settings import FinetuneSettings
-from slowllama.store import entry_files
 from slowllama.train import finetune
 
 
 def embedding_entry(store) -> dict:
     return json.loads((store / "manifest.json").read_text())["files"]["modules"]["tok_embeddings"]
-
-
-def files_on_disk(store) -> set[str]:
-    return {f"{kind}/{f.name}" for kind in ("modules", "optim", "master") if (store / kind).is_dir()
-            for f in (store / kind).iterdir()}
-
-
-def referenced(store) -> set[str]:
-    files = json.loads((store / "manifest.json").read_text())["files"]
-    return {f for kind in files.values() for info in kind.values() for f in entry_files(info)}
 
 
 def test_a_step_writes_the_rows_it_used_and_reads_give_the_trained_weights(tiny_fp32, store_fp32, tmp_path):
