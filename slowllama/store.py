@@ -16,8 +16,9 @@ Layout of a store folder:
 A step writes every updated module to a new file (a new <gen>), or only its changed rows to a
 row patch that reads apply on top of the module's file (the manifest lists them in order), then
 commits by replacing the manifest atomically (write, fsync, rename, fsync the folder) once every
-file is fsynced; only then are the files the new manifest no longer names removed. Files the manifest does not name are garbage of an interrupted step,
-removed when the store is next opened for writing. So the store is always entirely at one step.
+file is fsynced; only then are the files the new manifest no longer names removed. Files the
+manifest does not name are garbage of an interrupted step, removed when the store is next opened
+for writing. So the store is always entirely at one step.
 Only this module touches module files.
 """
 
@@ -156,8 +157,7 @@ def staged_folder(out: Path):
     try:
         yield tmp
         for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+            st.fsync_file(str(p))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
