@@ -11,8 +11,10 @@ from types import SimpleNamespace
 import pytest
 
 from slowllama.cli import main
+from slowllama.data import load_text, microbatches, step_windows
 from slowllama.loader import prepare_meta
 from slowllama.tiny import write_tiny
+from slowllama.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 ALICE = REPO / "test_data" / "alice.txt"
@@ -32,6 +34,18 @@ def tiny_fp32(tmp_path_factory) -> Path:
 @pytest.fixture
 def store_fp32(tiny_fp32, tmp_path) -> Path:
     return prepare_meta(tiny_fp32, tmp_path / "store", log=lambda m: None)
+
+
+def committed_step(store, engine, number: int, lr: float) -> None:
+    """Training step `number` of an engine on a store opened for writing (4 windows of alice's text,
+    32 tokens each, in 2 microbatches), written back and committed."""
+    x, y = step_windows(load_text(ALICE, load_tokenizer(store.path)), number - 1, 4, 32, "random", 0)
+    acts = engine.activations()
+    store.begin_step(number)
+    engine.train_step(number, microbatches(x, y, 2), lr, acts)
+    engine.write_back()
+    store.commit(number)
+    acts.clear()
 
 
 def run_cli(*args, check=None, env=None, timeout=300, **kw):

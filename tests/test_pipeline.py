@@ -6,14 +6,12 @@ import signal
 import pytest
 import torch
 
-from conftest import ALICE, assert_one_line_error, run_cli
+from conftest import ALICE, assert_one_line_error, committed_step, run_cli
 from reference import assert_state_close, store_state_dict
 from slowllama.blackbox_model import EngineConfig, OffloadedModel
-from slowllama.data import load_text, microbatches, step_windows
 from slowllama.loader import prepare_meta
 from slowllama.settings import FinetuneSettings
 from slowllama.store import Store
-from slowllama.tokenizer import load_tokenizer
 from slowllama.train import finetune
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
@@ -24,18 +22,6 @@ def engine_with(store_path, module_budget: int):
     store = Store.open(store_path, writable=True, log=lambda m: None)
     cfg = EngineConfig(torch.device("cpu"), torch.float32, device_budget=module_budget)
     return store, OffloadedModel(store, cfg)
-
-
-def one_step(store, engine, number: int, reads: list):
-    """One SGD step, committed; `reads` collects the (kind, name) of every file the store reads."""
-    data = load_text(ALICE, load_tokenizer(store.path))
-    x, y = step_windows(data, number - 1, 4, 32, "random", 0)
-    acts = engine.activations()
-    store.begin_step(number)
-    engine.train_step(number, microbatches(x, y, 2), 0.05, acts)
-    engine.write_back()
-    store.commit(number)
-    acts.clear()
 
 
 @pytest.fixture
@@ -52,7 +38,7 @@ def recorded(monkeypatch):
 
 def test_reads_follow_the_order_of_use(store_fp32, recorded):
     store, engine = engine_with(store_fp32, module_budget=0)  # nothing stays resident
-    one_step(store, engine, 1, recorded)
+    committed_step(store, engine, 1, 0.05)
     forward = ["tok_embeddings"] + BLOCKS
     backward = ["head"] + BLOCKS[::-1] + ["tok_embeddings"]
     assert [name for _, name in recorded[:11]] == forward + backward
@@ -64,12 +50,12 @@ def test_reads_follow_the_order_of_use(store_fp32, recorded):
 def test_the_last_modules_of_the_forward_pass_are_not_read_again(store_fp32, recorded):
     block = Store.open(store_fp32).module_bytes("layers.0")
     store, engine = engine_with(store_fp32, module_budget=int(2.5 * block))
-    one_step(store, engine, 1, recorded)
+    committed_step(store, engine, 1, 0.05)
     names = [name for _, name in recorded]
     turn = names.index("head")
     assert "layers.3" not in names[turn:] and "layers.2" not in names[turn:]  # still resident at the turn
     recorded.clear()
-    one_step(store, engine, 2, recorded)
+    committed_step(store, engine, 2, 0.05)
     names = [name for _, name in recorded]
     # the backward pass ended with layers.0 and the embeddings, the first the next forward pass needs
     assert names[:1] != ["tok_embeddings"] and "layers.0" not in names[:names.index("head")]
@@ -91,15 +77,8 @@ def test_any_budget_gives_the_same_weights(tiny_fp32, tmp_path, budget):
     engine = OffloadedModel(s, EngineConfig(torch.device("cpu"), torch.float32, device_budget=size, dropout=0.1))
     from slowllama.optim import AdamW
     engine.optimizer = AdamW()
-    data = load_text(ALICE, load_tokenizer(store))
     for number in (1, 2, 3):
-        x, y = step_windows(data, number - 1, 4, 32, "random", 0)
-        acts = engine.activations()
-        s.begin_step(number)
-        engine.train_step(number, microbatches(x, y, 2), 1e-3, acts)
-        engine.write_back()
-        s.commit(number)
-        acts.clear()
+        committed_step(s, engine, number, 1e-3)
     engine.pipe.close()
     s.close()
     assert_state_close(store_state_dict(store), store_state_dict(reference), rtol=0, atol=0)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from conftest import ALICE, assert_one_line_error, run_cli
+from conftest import ALICE, assert_one_line_error, committed_step, run_cli
 from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
 from slowllama.blackbox_model import EngineConfig, OffloadedModel, staging_bytes, working_bytes
 from slowllama.synthetic import bench_args
-from slowllama.data import load_text, microbatches, step_windows
+from slowllama.data import load_text
 from slowllama.loader import prepare_meta
 from slowllama.optim import AdamW
 from slowllama.settings import FinetuneSettings
@@ -101,15 +101,8 @@ def test_a_device_budget_below_a_modules_state_holds_one_part_at_a_time(tiny_fp3
     state = 8 * block // 4  # a block's fp32 moments
     engine = OffloadedModel(store, EngineConfig(torch.device("cpu"), torch.float32, device_budget=block // 2),
                             optimizer=AdamW(weight_decay=0.1))
-    data = load_text(ALICE, load_tokenizer(path))
     for number in (1, 2):
-        x, y = step_windows(data, number - 1, 4, 32, "random", 0)
-        acts = engine.activations()
-        store.begin_step(number)
-        engine.train_step(number, microbatches(x, y, 2), 1e-3, acts)
-        engine.write_back()
-        store.commit(number)
-        acts.clear()
+        committed_step(store, engine, number, 1e-3)
     engine.pipe.close()
     store.close()
     # the module in use, its new weights and a part or two of state in flight: far below a block's moments
