@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from slowllama.config import DTYPES, preset_args  # noqa: E402
-from slowllama.model import Transformer  # noqa: E402
-from slowllama.roofline import step_flops  # noqa: E402
+from slowllama.model.args import DTYPES, preset_args  # noqa: E402
+from slowllama.model.layers import Transformer  # noqa: E402
+from slowllama.bench.roofline import step_flops  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

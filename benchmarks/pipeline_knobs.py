@@ -7,7 +7,7 @@ An experiment behind RESULTS.md's choice of the defaults (2 and 2); bench itself
 
 import sys
 
-import slowllama.bench as bench
+import slowllama.commands.bench as bench
 from slowllama.cli import main
 
 lookahead, write_queue, *rest = sys.argv[1:sys.argv.index("--")]

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from slowllama.blackbox_model import EngineConfig, OffloadedModel
-from slowllama.optim import SGD, AdamW
-from slowllama.store import Store
-from slowllama.synthetic import bench_args, random_batches, write_random_store
+from slowllama.engine.offloaded import EngineConfig, OffloadedModel
+from slowllama.optim.sgd import SGD
+from slowllama.optim.adamw import AdamW
+from slowllama.store.store import Store
+from slowllama.bench.synthetic import bench_args, random_batches, write_random_store
 
 
 def main() -> int:

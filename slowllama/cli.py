@@ -96,24 +96,24 @@ def emit_json(obj: dict) -> None:
 def run_command(command: str, s) -> int:
     """Run one command with its settings; returns the exit code."""
     if command == "init-tiny":
-        from slowllama.tiny import write_tiny
+        from slowllama.formats.tiny import write_tiny
 
         out = write_tiny(Path(s.out), text=s.text, shards=s.shards, dtype=s.dtype, seed=s.seed, force=s.force,
                          n_layers=s.layers, dim=s.dim)
         log(f"wrote a tiny random Llama to {out}")
     elif command == "prepare":
-        from slowllama.loader import prepare
+        from slowllama.formats.convert import prepare
 
         out = prepare(Path(s.src), Path(s.store), dtype=s.dtype, force=s.force, log=log)
         log(f"prepared store {out}")
     elif command == "export":
-        from slowllama.loader import export
+        from slowllama.formats.convert import export
 
         out = export(Path(s.store), Path(s.out), format=s.format, shards=s.shards, max_shard_size=s.max_shard_size,
                      dtype=s.dtype, force=s.force, log=log)
         log(f"exported {s.store} to {out}")
     elif command == "fuse":
-        from slowllama.lora import fuse
+        from slowllama.commands.convert import fuse
 
         if not s.adapter_path:
             raise SlowllamaError("--adapter-path: required (the LoRA adapter folder to merge in)")
@@ -121,7 +121,7 @@ def run_command(command: str, s) -> int:
                    force=s.force, log=log)
         log(f"wrote {s.store} with the adapters of {s.adapter_path} merged in to {out}")
     elif command == "eval":
-        from slowllama.train import run_eval
+        from slowllama.commands.evaluate import run_eval
 
         result = run_eval(s, log)
         if s.json:
@@ -129,25 +129,25 @@ def run_command(command: str, s) -> int:
         else:
             print(f"eval_loss {result['eval_loss']:.6f}  eval_ppl {result['eval_ppl']:.4f}  tokens {result['tokens']}")
     elif command == "generate":
-        from slowllama.generate import generate_command
+        from slowllama.commands.generate import generate_command
 
         generate_command(s, log)
     elif command == "finetune":
-        from slowllama.train import finetune
+        from slowllama.commands.finetune import finetune
 
         finetune(s, log, emit_json if s.json else (lambda m: None))
     elif command == "plot":
-        from slowllama.plots import plot_command
+        from slowllama.commands.plot import plot_command
 
         log(f"wrote {plot_command(s, log)}")
     elif command == "verify":
-        from slowllama.verify import verify_store
+        from slowllama.commands.verify import verify_store
 
         summary = verify_store(Path(s.store), log=print)
         if s.json:
             emit_json(summary)
     elif command == "bench":
-        from slowllama.bench import bench
+        from slowllama.commands.bench import bench
 
         bench(s, log)
     return 0

@@ -63,7 +63,7 @@ def compile_opt():
 @dataclass
 class InitTinySettings:
     out: str = opt(None, "folder to write the tiny Meta-format model to", positional=True)
-    text: Optional[str] = opt(None, "text to train the tokenizer on (default: test_data/alice.txt)")
+    text: Optional[str] = opt(None, "text to train the tokenizer on (default: chapter 1 of Alice in Wonderland, shipped with slowllama)")
     layers: int = opt(4, "number of transformer blocks")
     dim: int = opt(128, "model width")
     shards: int = opt(2, "number of consolidated.NN.pth shards")
@@ -246,7 +246,7 @@ COMMANDS = {
 
 def resolve_device(settings) -> tuple[torch.device, torch.dtype]:
     """The device and compute dtype a command runs with (auto: cuda, then mps, then cpu)."""
-    from slowllama.config import dtype_from_name
+    from slowllama.model.args import dtype_from_name
 
     name = settings.device
     if name == "auto":

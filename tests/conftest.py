@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 
 from slowllama.cli import main
-from slowllama.data import load_text, microbatches, step_windows
-from slowllama.loader import prepare_meta
-from slowllama.tiny import write_tiny
-from slowllama.tokenizer import load_tokenizer
+from slowllama.data.windows import load_text, microbatches, step_windows
+from slowllama.formats.meta import prepare_meta
+from slowllama.formats.tiny import write_tiny
+from slowllama.model.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 ALICE = REPO / "test_data" / "alice.txt"

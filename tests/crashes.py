@@ -12,11 +12,11 @@ import torch
 
 from conftest import ALICE, run_cli
 from slowllama import cli
-from slowllama.loader import export_meta, prepare_meta
+from slowllama.formats.meta import export_meta, prepare_meta
 from slowllama.settings import FinetuneSettings
-from slowllama.store import KINDS, MANIFEST, Store, named_files
-from slowllama.tiny import write_tiny
-from slowllama.train import finetune
+from slowllama.store.store import KINDS, MANIFEST, Store, named_files
+from slowllama.formats.tiny import write_tiny
+from slowllama.commands.finetune import finetune
 
 # 2 blocks: 4 modules (tok_embeddings, layers.0, layers.1, head); per step 3 forward and 4 backward
 # fault points, 4 module files written (SGD) or 25 (AdamW: weights + 21 parts of state)
@@ -28,8 +28,8 @@ def streaming_budget(stateful: bool) -> str:
     """--max-memory just above the working set of the module in flight: no module stays resident, so
     every step reads and writes every module and commits (the path of models larger than memory)."""
     import torch
-    from slowllama.blackbox_model import working_bytes
-    from slowllama.config import PRESETS, ModelArgs
+    from slowllama.engine.offloaded import working_bytes
+    from slowllama.model.args import PRESETS, ModelArgs
 
     args = ModelArgs(**{**PRESETS["tiny"], "n_layers": 2, "dim": 64})
     return str(working_bytes(args, torch.float32, torch.float32, train=True, stateful=stateful, batch_size=2,

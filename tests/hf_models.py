@@ -55,7 +55,7 @@ ARCHS = {
 
 
 def train_sentencepiece(out_dir: Path) -> Path:
-    from slowllama.tokenizer import train_tokenizer
+    from slowllama.model.tokenizer import train_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = train_tokenizer(ALICE, out_dir / "tokenizer", 512)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from slowllama.loader import META_SPLIT_DIM, read_meta_params, shard_files
-from slowllama.model import Transformer, split_key
-from slowllama.reference import store_state_dict, train_in_memory  # noqa: F401  (re-exported for tests)
+from slowllama.formats.meta import META_SPLIT_DIM, read_meta_params, shard_files
+from slowllama.model.layers import Transformer, split_key
+from slowllama.testing.reference import store_state_dict, train_in_memory  # noqa: F401  (re-exported for tests)
 
 
 def meta_state_dict(folder: Path) -> dict[str, torch.Tensor]:

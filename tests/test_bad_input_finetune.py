@@ -1,16 +1,14 @@
 """Bad input to finetune / eval: one clear line, non-zero exit, the store left at its last completed step."""
 
 import json
-import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import ALICE, REPO, assert_one_line_error, run_cli
 from reference import store_state_dict
-from slowllama.store import Store
+from slowllama.store.store import Store
 
 
 def finetune(store, *args):
@@ -81,7 +79,7 @@ def test_non_finite_loss_stops_before_writing_that_step(store_fp32):
 def test_a_store_in_use_by_another_finetune(store_fp32, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\n"
-        "from slowllama.store import Store\n"
+        "from slowllama.store.store import Store\n"
         f"s = Store.open({str(store_fp32)!r}, writable=True, log=lambda m: None)\n"
         "print('locked', flush=True)\n"
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -105,7 +103,7 @@ def test_eval_bad_input(store_fp32, tmp_path):
 
 
 def test_stochastic_rounding_asked_for_on_an_fp16_store(tiny_fp32, tmp_path):
-    from slowllama.loader import prepare_meta
+    from slowllama.formats.meta import prepare_meta
 
     store = prepare_meta(tiny_fp32, tmp_path / "store", dtype="fp16", log=lambda m: None)
     before = store_state_dict(store)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_one_line_error, run_cli
 from slowllama.errors import SlowllamaError
-from slowllama.loader import prepare_meta
+from slowllama.formats.meta import prepare_meta
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_vocab_size_that_does_not_match_the_embedding(src, tmp_path):
 
 
 def test_tokenizer_larger_than_the_vocabulary(src, tmp_path, tiny_bf16):
-    from slowllama.tiny import write_tiny
+    from slowllama.formats.tiny import write_tiny
     small = write_tiny(tmp_path / "small", vocab_size=400)
     shutil.copyfile(tiny_bf16 / "tokenizer.model", small / "tokenizer.model")  # 512 tokens
     line = assert_one_line_error(run_cli("prepare", small, tmp_path / "store"), "tokenizer", "512", "400")

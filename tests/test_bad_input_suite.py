@@ -20,7 +20,7 @@ import xxhash
 from conftest import ALICE, assert_one_line_error, run_cli
 from crashes import base_store, folder_hash
 from slowllama import cli
-from slowllama import safetensors_io as st
+from slowllama.store import safetensors_io as st
 
 CASES = {}
 

@@ -10,17 +10,15 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli
-from slowllama.bench import bench
-from slowllama.config import ModelArgs, preset_args
+from slowllama.commands.bench import bench
+from slowllama.model.args import ModelArgs, preset_args
 from slowllama.errors import SlowllamaError
-from slowllama.machine import (copy_bandwidth, disk_read_bandwidth, disk_write_bandwidth, matmul_peak,
-                               page_cache_read_bandwidth, page_cache_residency, peak_rss, reset_peak_rss)
-from slowllama.model import Transformer, build_module, module_names, module_shapes
-from slowllama.roofline import (Machine, attention_flops, bound, efficiency, matmul_params, median_after_warmup,
-                                step_flops, tier_seconds)
+from slowllama.bench.machine import copy_bandwidth, disk_read_bandwidth, disk_write_bandwidth, matmul_peak, page_cache_read_bandwidth, page_cache_residency, peak_rss, reset_peak_rss
+from slowllama.model.layers import Transformer, build_module, module_names, module_shapes
+from slowllama.bench.roofline import Machine, attention_flops, bound, efficiency, matmul_params, median_after_warmup, step_flops, tier_seconds
 from slowllama.settings import BenchSettings
-from slowllama.store import Store
-from slowllama.synthetic import bench_args, open_or_build, random_batches, store_bytes, write_random_store
+from slowllama.store.store import Store
+from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes, write_random_store
 
 # dim 8, 2 heads of 4, 1 kv head, FFN 12, vocab 10, 2 layers: small enough to count by hand
 SMALL = ModelArgs(dim=8, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=10, multiple_of=4, hidden_dim_override=12)
@@ -210,7 +208,7 @@ SMALL_RUN = dict(preset="tiny", layers=2, batch_size=2, seq_len=32, probe_size="
 
 def streaming_budget(stateful: bool = False, microbatches: int = 1) -> str:
     """--max-memory just above the working set of the module in flight: no module stays resident."""
-    from slowllama.blackbox_model import working_bytes
+    from slowllama.engine.offloaded import working_bytes
 
     work = working_bytes(bench_args("tiny", layers=2), torch.bfloat16, torch.float32, train=True, stateful=stateful,
                          batch_size=2, seq_len=32, microbatches=microbatches)

@@ -7,7 +7,7 @@ from conftest import ALICE
 from reference import assert_state_close, meta_model, store_state_dict
 from test_training import reference_model
 from slowllama.settings import FinetuneSettings
-from slowllama.train import finetune
+from slowllama.commands.finetune import finetune
 
 
 def run(store, **kw) -> list[str]:
@@ -42,9 +42,9 @@ def failing_compile(*args):
 
 
 def test_a_failed_compile_falls_back_to_eager_blocks_under_auto_and_is_an_error_under_on(tiny_fp32):
-    from slowllama.compiled import CompiledBlocks
+    from slowllama.engine.compiled import CompiledBlocks
     from slowllama.errors import SlowllamaError
-    from slowllama.model import rope_tables
+    from slowllama.model.layers import rope_tables
 
     model = meta_model(tiny_fp32)
     block, args = model.layers[0], model.args
@@ -67,8 +67,10 @@ def test_a_failed_compile_falls_back_to_eager_blocks_under_auto_and_is_an_error_
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_updates_do_the_arithmetic_of_the_eager_ones(optimizer, dtype):
     """One fused pass per weight = optim.py's update and round_to, with the same random bits."""
-    from slowllama.compiled import CompiledUpdates
-    from slowllama.optim import SGD, AdamW, round_to
+    from slowllama.engine.compiled import CompiledUpdates
+    from slowllama.optim.sgd import SGD
+    from slowllama.optim.adamw import AdamW
+    from slowllama.optim.rounding import round_to
 
     torch.manual_seed(0)
     w = torch.randn(64, 48).to(dtype)
@@ -108,7 +110,7 @@ def test_fused_updates_do_the_arithmetic_of_the_eager_ones(optimizer, dtype):
 
 
 def test_compiled_adamw_on_a_bf16_store_trains_like_eager(tiny_bf16, tmp_path):
-    from slowllama.loader import prepare_meta
+    from slowllama.formats.meta import prepare_meta
 
     stores, graphs = {}, torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for mode in ("on", "off"):

@@ -7,13 +7,13 @@ import torch
 
 from conftest import ALICE, run_cli
 from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
-from slowllama.blackbox_model import staging_bytes, working_bytes
-from slowllama.data import load_text
-from slowllama.loader import prepare_meta
+from slowllama.engine.offloaded import staging_bytes, working_bytes
+from slowllama.data.windows import load_text
+from slowllama.formats.meta import prepare_meta
 from slowllama.settings import FinetuneSettings
-from slowllama.store import Store
-from slowllama.tokenizer import load_tokenizer
-from slowllama.train import finetune
+from slowllama.store.store import Store
+from slowllama.model.tokenizer import load_tokenizer
+from slowllama.commands.finetune import finetune
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 quiet = dict(log=lambda m: None, emit=lambda m: None)

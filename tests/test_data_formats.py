@@ -8,17 +8,16 @@ import torch
 
 from conftest import ALICE, REPO
 from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
-from slowllama.blackbox_model import EngineConfig, OffloadedModel
-from slowllama.data import (count_windows, eval_batches, load_train_val, pack, pad, split_indices,
-                            step_windows, window)
+from slowllama.engine.offloaded import EngineConfig, OffloadedModel
+from slowllama.data.windows import count_windows, eval_batches, load_train_val, pack, pad, split_indices, step_windows, window
 from slowllama.errors import SlowllamaError
-from slowllama.loader import prepare_meta
-from slowllama.model import IGNORE_INDEX, cross_entropy_sum
-from slowllama.sequences import load_examples
+from slowllama.formats.meta import prepare_meta
+from slowllama.model.layers import IGNORE_INDEX, cross_entropy_sum
+from slowllama.data.sequences import load_examples
 from slowllama.settings import FinetuneSettings
-from slowllama.store import Store
-from slowllama.tokenizer import load_tokenizer
-from slowllama.train import finetune
+from slowllama.store.store import Store
+from slowllama.model.tokenizer import load_tokenizer
+from slowllama.commands.finetune import finetune
 
 SAMSUM = REPO / "test_data" / "samsum_mini.jsonl"
 SAMSUM_CHAT = REPO / "test_data" / "samsum_mini_chat.jsonl"

@@ -14,10 +14,10 @@ import torch
 from conftest import ALICE
 from crashes import (ONE_THREAD, assert_bit_identical, assert_clean, fresh_store, in_one_thread, settings,
                      state, streaming_budget)
-from slowllama.lora import AdapterFolder
-from slowllama.safetensors_io import read_file
-from slowllama.store import Store
-from slowllama.train import finetune
+from slowllama.store.adapters import AdapterFolder
+from slowllama.store.safetensors_io import read_file
+from slowllama.store.store import Store
+from slowllama.commands.finetune import finetune
 
 COMMON = ["--device", "cpu", "--steps", "3", "--batch-size", "2", "--accumulate", "2", "--seq-len", "16",
           "--seed", "3", "--log-every", "0", "--eval-every", "0", "--data", str(ALICE)]
@@ -120,7 +120,7 @@ def test_a_global_batch_that_does_not_divide_among_the_ranks_is_refused(tmp_path
 
 
 def _check_same(rank: int, init_file: str, results: str) -> None:
-    from slowllama.distributed import Fleet
+    from slowllama.engine.fleet import Fleet
     from slowllama.errors import SlowllamaError
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -151,9 +151,9 @@ def test_mismatched_settings_between_ranks_are_named(tmp_path):
 
 
 def test_each_rank_spills_activations_to_its_own_scratch_folder(tmp_path, tmp_path_factory):
-    from slowllama.distributed import Fleet
-    from slowllama.memory import Budget
-    from slowllama.train import make_engine
+    from slowllama.engine.fleet import Fleet
+    from slowllama.engine.activations import Budget
+    from slowllama.commands.common import make_engine
 
     store = Store.open(fresh_store(tmp_path_factory, tmp_path / "store"))
     s = settings(store.path, COMMON)

@@ -12,14 +12,15 @@ import torch
 from safetensors import safe_open
 
 from conftest import ALICE, REPO, run_cli
-from hf_models import ARCHS, hf_config, logits
-from slowllama import hf
+from hf_models import ARCHS, logits
+from slowllama.formats import hf_names as hf
 from slowllama.errors import SlowllamaError
-from slowllama.loader import export, prepare, prepare_meta
-from slowllama.model import rope_tables
-from slowllama.reference import load_transformer, store_state_dict
+from slowllama.formats.convert import export, prepare
+from slowllama.formats.meta import prepare_meta
+from slowllama.model.layers import rope_tables
+from slowllama.testing.reference import load_transformer, store_state_dict
 from slowllama.settings import EvalSettings, FinetuneSettings
-from slowllama.store import Store
+from slowllama.store.store import Store
 
 quiet = dict(log=lambda m: None)
 
@@ -62,7 +63,7 @@ def test_logits_equal_transformers_and_round_trip_is_byte_identical(name, hf_mod
 
 
 def test_sliding_window_limits_the_sequence_length(hf_model, tmp_path):
-    from slowllama.train import run_eval
+    from slowllama.commands.evaluate import run_eval
 
     folder, _ = hf_model("mistral-v0.1-window")
     store = prepare(folder, tmp_path / "store", **quiet)
@@ -73,7 +74,7 @@ def test_sliding_window_limits_the_sequence_length(hf_model, tmp_path):
 def test_eval_equals_transformers_loss_with_a_tokenizer_json(hf_model, tmp_path):
     from tokenizers import Tokenizer
 
-    from slowllama.train import run_eval
+    from slowllama.commands.evaluate import run_eval
 
     folder, model = hf_model("llama3")
     store = prepare(folder, tmp_path / "store", **quiet)
@@ -156,7 +157,7 @@ def test_tied_checkpoint_that_also_stores_lm_head(hf_model, tmp_path):
 
 
 def test_tied_embeddings_stay_tied_through_training_and_export(hf_model, tmp_path):
-    from slowllama.train import finetune
+    from slowllama.commands.finetune import finetune
 
     folder, model = hf_model("llama3.2-tied-128k")
     store = prepare(folder, tmp_path / "store", **quiet)
@@ -208,7 +209,7 @@ def test_hf_store_exports_to_meta(hf_model, tmp_path):
 
 
 def test_name_tables_and_rotary_permutation(hf_model):
-    from slowllama.tiny import random_state_dict
+    from slowllama.formats.tiny import random_state_dict
 
     _, model = hf_model("llama2-70b-gqa")
     args, _ = hf.args_from_config(model.config.to_dict())
@@ -256,7 +257,7 @@ def test_llama3_rope_scaling_matches_transformers(head_dim, theta, factor, origi
 PEAK_SCRIPT = """
 import sys
 from pathlib import Path
-from slowllama.loader import export, prepare
+from slowllama.formats.convert import export, prepare
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -279,7 +280,7 @@ print(status("VmHWM") - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_hf_prepare_and_export_stream_tensor_by_tensor(tmp_path):
-    from slowllama.tiny import write_tiny
+    from slowllama.formats.tiny import write_tiny
 
     # ~100 MB of fp32 weights in shards of at most 16 MiB; a block's largest tensor is ~2.9 MB
     meta = write_tiny(tmp_path / "meta", shards=1, dtype="fp32", dim=512, n_layers=8, n_heads=8, n_kv_heads=4,

@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from hf_models import CHAT_TEMPLATE
 from slowllama.errors import SlowllamaError
-from slowllama.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from slowllama.model.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 TEXT = "Alice was beginning to get very tired of sitting by her sister on the bank."
 

@@ -8,14 +8,13 @@ import torch
 
 from conftest import ALICE, assert_one_line_error, run_cli
 from reference import meta_model, store_state_dict, train_in_memory
-from slowllama.data import load_text
-from slowllama.loader import prepare_meta
-from slowllama.lora import TARGETS, LoRAConfig, LoRALinear, init_params, inject
+from slowllama.data.windows import load_text
+from slowllama.formats.meta import prepare_meta
+from slowllama.model.lora import LoRAConfig, LoRALinear, init_params, inject
 from slowllama.settings import FinetuneSettings
-from slowllama.store import Store
-from slowllama.tokenizer import load_tokenizer
-from slowllama.train import finetune
-from slowllama import safetensors_io as st
+from slowllama.model.tokenizer import load_tokenizer
+from slowllama.commands.finetune import finetune
+from slowllama.store import safetensors_io as st
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
 TARGET_LIST = "wq,wk,wv,wo,w1,w2,w3"
@@ -134,7 +133,7 @@ def test_generate_with_adapter(store_fp32, tmp_path):
 
 
 def test_adapter_that_does_not_match_the_store(store_fp32, tmp_path, tiny_fp32):
-    from slowllama.tiny import write_tiny
+    from slowllama.formats.tiny import write_tiny
     other = prepare_meta(write_tiny(tmp_path / "other", dtype="fp32", dim=64, n_heads=2, n_kv_heads=1),
                          tmp_path / "other-store", log=lambda m: None)
     run_lora(other, tmp_path / "ad", steps=1, lr=1e-2)

@@ -8,13 +8,13 @@ import torch
 
 from conftest import ALICE, run_cli
 from reference import meta_model
-from slowllama.blackbox_model import EngineConfig, OffloadedModel
-from slowllama.config import ModelArgs
-from slowllama.data import eval_batches, load_text
-from slowllama.generate import generate
-from slowllama.model import KVCache, Transformer, cross_entropy_sum, rope_tables
-from slowllama.store import Store
-from slowllama.tokenizer import load_tokenizer
+from slowllama.engine.offloaded import EngineConfig, OffloadedModel
+from slowllama.model.args import ModelArgs
+from slowllama.data.windows import load_text
+from slowllama.engine.generation import generate
+from slowllama.model.layers import KVCache, Transformer, cross_entropy_sum, rope_tables
+from slowllama.store.store import Store
+from slowllama.model.tokenizer import load_tokenizer
 
 
 def cpu_engine(store_path, **kw):
@@ -42,7 +42,7 @@ def test_rope_matches_complex_rotation():
     args = ModelArgs(dim=64, n_heads=4, rope_theta=10000.0)
     cos, sin = rope_tables(args, 3, 5)
     x = torch.randn(1, 5, 4, 16)
-    from slowllama.model import apply_rope
+    from slowllama.model.layers import apply_rope
     hd = 16
     freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd))
     cis = torch.polar(torch.ones(5, hd // 2), torch.outer(torch.arange(3, 8).float(), freqs))

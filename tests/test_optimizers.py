@@ -7,14 +7,14 @@ import torch
 
 from conftest import ALICE, assert_one_line_error, run_cli
 from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
-from slowllama.data import load_text, microbatches, step_windows
-from slowllama.loader import prepare_meta
-from slowllama.model import IGNORE_INDEX, cross_entropy_sum
-from slowllama.optim import lr_at, round_to
+from slowllama.data.windows import load_text
+from slowllama.formats.meta import prepare_meta
+from slowllama.optim.schedule import lr_at
+from slowllama.optim.rounding import round_to
 from slowllama.settings import FinetuneSettings
-from slowllama.store import Store
-from slowllama.tokenizer import load_tokenizer
-from slowllama.train import finetune
+from slowllama.store.store import Store
+from slowllama.model.tokenizer import load_tokenizer
+from slowllama.commands.finetune import finetune
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
 

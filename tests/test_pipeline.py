@@ -8,11 +8,11 @@ import torch
 
 from conftest import ALICE, assert_one_line_error, committed_step, run_cli
 from reference import assert_state_close, store_state_dict
-from slowllama.blackbox_model import EngineConfig, OffloadedModel
-from slowllama.loader import prepare_meta
+from slowllama.engine.offloaded import EngineConfig, OffloadedModel
+from slowllama.formats.meta import prepare_meta
 from slowllama.settings import FinetuneSettings
-from slowllama.store import Store
-from slowllama.train import finetune
+from slowllama.store.store import Store
+from slowllama.commands.finetune import finetune
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
 BLOCKS = [f"layers.{i}" for i in range(4)]
@@ -75,7 +75,7 @@ def test_any_budget_gives_the_same_weights(tiny_fp32, tmp_path, budget):
     size = {"none": 0, "some": 3 * block, "all": 100 * block}[budget]
     s = Store.open(store, writable=True, log=lambda m: None)
     engine = OffloadedModel(s, EngineConfig(torch.device("cpu"), torch.float32, device_budget=size, dropout=0.1))
-    from slowllama.optim import AdamW
+    from slowllama.optim.adamw import AdamW
     engine.optimizer = AdamW()
     for number in (1, 2, 3):
         committed_step(s, engine, number, 1e-3)

@@ -10,9 +10,9 @@ from safetensors import safe_open
 
 from conftest import REPO, run_cli
 from reference import meta_state_dict
-from slowllama.loader import export_meta, prepare_meta
-from slowllama.store import Store
-from slowllama.tiny import write_tiny
+from slowllama.formats.meta import export_meta, prepare_meta
+from slowllama.store.store import Store
+from slowllama.formats.tiny import write_tiny
 
 quiet = dict(log=lambda m: None)
 
@@ -90,7 +90,7 @@ def test_cli_prepare_export_round_trip(tiny_bf16, tmp_path):
 PEAK_SCRIPT = """
 import sys
 from pathlib import Path
-from slowllama.loader import prepare_meta
+from slowllama.formats.meta import prepare_meta
 
 def status(field):
     for line in open("/proc/self/status"):

@@ -9,7 +9,7 @@ from crashes import files_on_disk, referenced
 from reference import assert_state_close, meta_state_dict, store_state_dict
 from test_training import reference_model, run_finetune
 from slowllama.settings import FinetuneSettings
-from slowllama.train import finetune
+from slowllama.commands.finetune import finetune
 
 
 def embedding_entry(store) -> dict:

@@ -13,8 +13,9 @@ import pytest
 from conftest import REPO, assert_one_line_error
 from crashes import (ONE_THREAD, RUNS, assert_bit_identical, assert_clean, committed_hash, exported, finetune_cli,
                      fresh_store, in_one_thread, reference, resume_in_process, state)
-from slowllama import cli, faults
-from slowllama.store import Store
+from slowllama import cli
+from slowllama import faults
+from slowllama.store.store import Store
 
 RESUME_HINT = "Run the same command again to resume."
 
@@ -153,7 +154,7 @@ def test_a_really_full_disk(tmp_path, tmp_path_factory, capsys):
 def enospc_at_call(monkeypatch, name: str, call: int, partial: bool = False) -> list[str]:
     """Make safetensors_io.<name>(path, ...) raise ENOSPC at its call-th call (after writing 100 bytes of the
     file if partial); returns the paths it is called with."""
-    from slowllama import safetensors_io
+    from slowllama.store import safetensors_io
 
     real, calls = getattr(safetensors_io, name), []
 

@@ -7,14 +7,14 @@ import torch
 
 from conftest import ALICE, run_cli
 from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
-from slowllama.blackbox_model import EngineConfig, OffloadedModel, module_seed, working_bytes
-from slowllama.data import load_text, microbatches, step_windows
-from slowllama.loader import export_meta, prepare_meta
-from slowllama.model import cross_entropy_sum
+from slowllama.engine.offloaded import EngineConfig, OffloadedModel, module_seed, working_bytes
+from slowllama.data.windows import load_text, microbatches, step_windows
+from slowllama.formats.meta import export_meta, prepare_meta
+from slowllama.model.layers import cross_entropy_sum
 from slowllama.settings import FinetuneSettings
-from slowllama.store import Store
-from slowllama.tokenizer import load_tokenizer
-from slowllama.train import finetune
+from slowllama.store.store import Store
+from slowllama.model.tokenizer import load_tokenizer
+from slowllama.commands.finetune import finetune
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
 
@@ -151,7 +151,7 @@ def test_loss_is_the_mean_over_all_targets(tiny_fp32, store_fp32):
 MEMORY_SCRIPT = """
 import sys
 from slowllama.settings import FinetuneSettings
-from slowllama.train import finetune
+from slowllama.commands.finetune import finetune
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -165,8 +165,8 @@ settings = FinetuneSettings(store=sys.argv[1], data=sys.argv[2], steps=int(sys.a
                           device="cpu", eval_every=0, log_every=0)
 # a budget of the working set of the module in flight and 1 MB: nothing stays resident
 import torch
-from slowllama.blackbox_model import working_bytes
-from slowllama.store import Store
+from slowllama.engine.offloaded import working_bytes
+from slowllama.store.store import Store
 settings.max_memory = str(working_bytes(Store.open(sys.argv[1]).args, torch.float32, torch.float32, train=True,
                                         batch_size=2, seq_len=64) + (1 << 20))
 finetune(settings, log=lambda m: None, emit=lambda m: None)
@@ -179,7 +179,7 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
     import subprocess
     import sys
     from conftest import REPO
-    from slowllama.tiny import write_tiny
+    from slowllama.formats.tiny import write_tiny
 
     dim = 512
     peaks = {}
@@ -206,11 +206,11 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
 
 def test_tied_embeddings_train_like_in_memory(tiny_fp32, tmp_path):
     # Llama 3.2 1B/3B style: the output projection is the embedding matrix, trained from both ends
-    from slowllama.loader import store_from_state_dict
-    from slowllama.model import Transformer
+    from slowllama.formats.meta import store_from_state_dict
+    from slowllama.model.layers import Transformer
     from reference import meta_state_dict
 
-    _, args = __import__("slowllama.loader", fromlist=["read_meta_params"]).read_meta_params(tiny_fp32)
+    _, args = __import__("slowllama.formats.meta", fromlist=["read_meta_params"]).read_meta_params(tiny_fp32)
     args.tie_word_embeddings = True
     sd = meta_state_dict(tiny_fp32)
     sd.pop("output.weight")

@@ -11,7 +11,7 @@ import xxhash
 from conftest import ALICE, assert_one_line_error
 from crashes import committed_hash, fresh_store
 from slowllama import cli
-from slowllama import safetensors_io as st
+from slowllama.store import safetensors_io as st
 
 
 class Result:
@@ -178,7 +178,7 @@ def test_a_reader_overtaken_by_a_finetune_says_so(store, capsys):
     # eval/export opened the store at step 0; a finetune started since then and committed step 1,
     # removing step 0's files: the reader stops with a line that says what happened
     from slowllama.errors import SlowllamaError
-    from slowllama.store import Store
+    from slowllama.store.store import Store
 
     reader = Store.open(store)
     r = slowllama(capsys, "finetune", store, "--data", ALICE, "--seq-len", 16, "--batch-size", 2, "--steps", 1,

@@ -1,0 +1,58 @@
+"""`slowllama fuse`: the base model with LoRA adapters merged in (W + (alpha / rank) · B A), written in
+the source's format."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+
+from slowllama.errors import SlowllamaError
+from slowllama.store.adapters import AdapterFolder
+from slowllama.model.lora import block_params
+from slowllama.model.lora import merged_module
+
+
+def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] = None, dtype: Optional[str] = None,
+         force: bool = False, log=print) -> Path:
+    """Write the base model with the adapters merged in (W + scale · B A), in the source's format.
+
+    The merged modules go to a temporary store beside OUT (unchanged modules are hard-linked), which
+    is exported like any store and then removed.
+    """
+    from slowllama.formats.convert import export
+    from slowllama.model.layers import module_names
+    from slowllama.store.store import Store, StoreBuilder, check_free_space
+
+    store = Store.open(store_path)
+    out = Path(out)
+    if out.exists() and not force:
+        raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
+    folder = AdapterFolder(Path(adapter_path))
+    if not folder.exists():
+        raise SlowllamaError(f"{folder.path}: no adapter_config.json (not a slowllama adapter folder)")
+    cfg = folder.load_config(store.args)
+    params = folder.load_params(store.args, cfg, "cpu")
+    blocks = [n for n in module_names(store.args) if n.startswith("layers.")]
+    check_free_space(out.parent, sum(store.module_bytes(n) for n in blocks), str(out))
+    tmp = out.with_name(f".{out.name}.fused-{os.getpid()}")
+    builder = StoreBuilder(tmp, force=True)
+    try:
+        for name in store.manifest["files"]["modules"]:
+            if name in blocks:
+                builder.write_module(name, merged_module(store.read(name), block_params(params, name), cfg,
+                                                         store.dtype))
+            else:
+                builder.link_module(name, store)
+        source = store.manifest.get("source") or {}
+        for f in list(source.get("files") or []) + list(source.get("tokenizer_files") or ["tokenizer.model"]):
+            if (store.path / f).exists():  # config.json, tokenizer files...: what export copies from a store
+                builder.copy_file(store.path / f, f)
+        manifest = {k: v for k, v in store.manifest.items() if k not in ("files", "step", "run", "format", "version")}
+        fused = builder.finish(manifest)
+        return export(fused, out, shards=shards, dtype=dtype, force=force, log=log)
+    finally:
+        builder.abort()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,294 @@
+"""`slowllama finetune`: the run (data, resume, steps, eval, logging, progress, signals), on one
+rank or several."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, replace
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from slowllama.engine.offloaded import NonFiniteLoss
+from slowllama.train.checkpoints import AdapterCheckpoint, FollowerCheckpoint, StoreCheckpoint, share_adapters
+from slowllama.data.windows import load_train_val, microbatches, step_windows
+from slowllama.engine.fleet import Fleet, data_digest, start_fleet
+from slowllama.errors import SlowllamaError
+from slowllama.engine.generation import generate
+from slowllama.sizes import format_size, host_peak_rss
+from slowllama.optim.schedule import SCHEDULES, clip_coefficient, lr_at
+from slowllama.optim.registry import make_optimizer
+from slowllama.commands.plot import plot_run
+from slowllama.settings import FinetuneSettings, resolve_device
+from slowllama.store.store import Store
+from slowllama.model.tokenizer import load_tokenizer
+from slowllama.train.signals import StopRequest
+from slowllama.train.signals import StoppedBySignal
+from slowllama.commands.common import check_disk_for_steps
+from slowllama.commands.common import check_seq_len
+from slowllama.commands.evaluate import evaluate
+from slowllama.commands.common import make_engine
+
+
+def validate_finetune(s: FinetuneSettings) -> None:
+    if not s.data:
+        raise SlowllamaError("--data: required (a .txt or .jsonl file)")
+    if s.val_data and s.val_split:
+        raise SlowllamaError("--val-data and --val-split: give one of them, not both")
+    if not (0.0 <= s.val_split < 1.0):
+        raise SlowllamaError(f"--val-split: must be a fraction in [0, 1), got {s.val_split}")
+    for name in ("steps", "batch_size", "accumulate", "seq_len"):
+        if getattr(s, name) < 1:
+            raise SlowllamaError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(s, name)}")
+    if not (math.isfinite(s.lr) and s.lr > 0):
+        raise SlowllamaError(f"--lr: must be a positive number, got {s.lr}")
+    if not 0.0 <= s.dropout < 1.0:
+        raise SlowllamaError(f"--dropout: must be in [0, 1), got {s.dropout}")
+    if s.log_every < 0:
+        raise SlowllamaError(f"--log-every: must be >= 0, got {s.log_every}")
+    if s.eval_every < 0:
+        raise SlowllamaError(f"--eval-every: must be >= 0, got {s.eval_every}")
+    if s.lora_rank < 0:
+        raise SlowllamaError(f"--lora-rank: must be >= 0, got {s.lora_rank}")
+    if s.save_every < 1:
+        raise SlowllamaError(f"--save-every: must be at least 1, got {s.save_every}")
+    if s.lora_rank and s.master_weights != "none":
+        raise SlowllamaError("--master-weights: LoRA trains fp32 adapters; the base is never updated")
+    if s.completion_tokens < 0:
+        raise SlowllamaError(f"--completion-tokens: must be >= 0, got {s.completion_tokens}")
+    if s.warmup_steps < 0:
+        raise SlowllamaError(f"--warmup-steps: must be >= 0, got {s.warmup_steps}")
+    if not (math.isfinite(s.grad_clip) and s.grad_clip >= 0):
+        raise SlowllamaError(f"--grad-clip: must be >= 0, got {s.grad_clip}")
+    if s.optimizer == "sgd" and s.weight_decay:
+        raise SlowllamaError("--weight-decay: applies to --optimizer adamw (SGD here has no weight decay)")
+    if s.lr_schedule not in SCHEDULES:
+        raise SlowllamaError(f"--lr-schedule: unknown schedule {s.lr_schedule!r}")
+
+
+def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[dict], None]) -> dict:
+    """Fine-tune: the store in place, or LoRA adapters on it (--lora-rank); returns the last step's metrics.
+
+    emit() receives each step's metrics. Under torchrun every rank runs this; rank 0 alone reads and
+    writes the store, logs and emits (distributed.py).
+    """
+    validate_finetune(s)
+    if s.optimizer == "auto":  # recorded as what it resolves to
+        s = replace(s, optimizer="adamw" if s.lora_rank else "sgd")
+    fleet = start_fleet(s.device, s.dist_backend, log)
+    try:
+        if fleet.main:
+            result = _finetune_leader(fleet, s, log, emit)
+        else:
+            result = _finetune_follower(fleet, s, emit)
+    except StoppedBySignal:  # every rank stopped after the same committed step
+        fleet.close()
+        raise
+    fleet.close()  # not after an error: with NCCL it can wait forever for the ranks that stopped
+    return result
+
+
+def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:
+    lora = s.lora_rank > 0
+    if fleet.active:
+        check_fleet(fleet, s)
+    try:
+        store = Store.open(s.store, writable=not lora, log=log)  # recovers an interrupted step first
+    finally:
+        fleet.barrier()  # the followers open the store once it is consistent (or learn that it failed)
+    checkpoint = None
+    try:
+        checkpoint = AdapterCheckpoint(store, s, resolve_device(s)[0], log) if lora else StoreCheckpoint(store)
+        return _finetune(store, checkpoint, s, log, emit, fleet)
+    except KeyboardInterrupt as e:  # a second Ctrl-C: the step in progress was rolled back
+        where = "the adapters are at their last saved step" if lora else f"the store is at step {store.step}, committed"
+        log(f"interrupted: {where}; run the same command again to resume")
+        raise StoppedBySignal(getattr(e, "code", 130)) from None
+    finally:
+        if isinstance(checkpoint, AdapterCheckpoint):
+            checkpoint.close()
+        store.close()
+
+
+def _finetune_follower(fleet: Fleet, s: FinetuneSettings, emit) -> dict:
+    """A rank > 0: computes its share of every step; rank 0 reports every error the ranks share."""
+    quiet = lambda message: None  # noqa: E731 (rank 0 says everything once)
+    try:
+        check_fleet(fleet, s)
+        fleet.barrier()
+        store = Store.open(s.store, follower=True)
+        return _finetune(store, None, s, quiet, lambda m: None, fleet)
+    except (NonFiniteLoss, SameOnEveryRank):
+        raise SystemExit(2) from None
+    except KeyboardInterrupt as e:
+        raise StoppedBySignal(getattr(e, "code", 130)) from None
+    except SlowllamaError as e:
+        raise SlowllamaError(f"rank {fleet.rank}: {e}") from e
+    except (RuntimeError, OSError) as e:  # most often: another rank stopped, and its collectives with it
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SlowllamaError(f"rank {fleet.rank}: stopped ({type(e).__name__}: {first})") from e
+
+
+class SameOnEveryRank(SlowllamaError):
+    """An error every rank finds the same way: rank 0 reports it, the others exit quietly."""
+
+
+def check_fleet(fleet: Fleet, s: FinetuneSettings) -> None:
+    """What several ranks need of the settings (every rank checks; rank 0 says it)."""
+    windows = s.batch_size * s.accumulate
+    if windows % fleet.world:
+        raise SameOnEveryRank(f"--batch-size x --accumulate: the global batch of {windows} windows does not "
+                              f"divide among {fleet.world} ranks")
+    try:
+        device = resolve_device(s)[0]
+    except SlowllamaError as e:
+        raise SameOnEveryRank(str(e)) from None
+    if device.type == "mps":
+        raise SameOnEveryRank("--device mps: several ranks need cuda (NCCL) or cpu (gloo)")
+
+
+def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: Fleet) -> dict:
+    check_seq_len(s.seq_len, store.args)
+    tokenizer = load_tokenizer(store.path)
+    data, val = load_train_val(s, tokenizer, log)
+    if fleet.active:
+        try:
+            fleet.check_same(asdict(s), data_digest([data.tokens, data.labels] + ([val.tokens] if val else [])))
+        except SlowllamaError as e:
+            raise SameOnEveryRank(str(e)) from None
+    if fleet.main:
+        run, done = checkpoint.resume(s, log)
+    run, done = fleet.broadcast_object((run, done) if fleet.main else None)
+    if not fleet.main:
+        checkpoint = FollowerCheckpoint(fleet, None, resolve_device(s)[0])
+    elif fleet.active:
+        share_adapters(fleet, getattr(checkpoint, "lora", None), resolve_device(s)[0])
+    if done >= s.steps:
+        log(f"{checkpoint.run_dir if s.lora_rank else store.path}: the run has already finished {done} of "
+            f"{s.steps} steps; nothing to do")
+        return {"steps_done": done, "nothing_to_do": True}
+    optimizer = make_optimizer(s)
+    master = s.master_weights == "fp32" or any(store.manifest["files"].get("master", {}))
+    if master and s.master_weights != "fp32":
+        log(f"{store.path}: using the fp32 master weights the store already has")
+    if s.rounding == "stochastic" and store.dtype == torch.float16 and not s.lora_rank:
+        raise SameOnEveryRank("--rounding stochastic: implemented for bf16 stores, and this store is fp16 "
+                             "(use --master-weights fp32 to keep small updates)")
+    stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
+    batch_size, micro = fleet.rank_batch(s.batch_size, s.accumulate)
+    engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
+                         stochastic_rounding=stochastic, lora=getattr(checkpoint, "lora", None), train=True,
+                         batch_size=batch_size, seq_len=s.seq_len, microbatches=micro, fleet=fleet,
+                         compile=s.compile)
+    if engine.compile_note:
+        log(engine.compile_note)
+    if not s.lora_rank and fleet.main:
+        check_disk_for_steps(store, s, engine, optimizer, master)
+    commit_every = 1
+    if not s.lora_rank and engine.fits_in_memory():
+        engine.deferred, commit_every = True, s.save_every
+        log(f"the model fits in memory: it stays resident and the store is written every {commit_every} steps")
+    if fleet.active:
+        log(engine.choose_replication())
+    if fleet.main:
+        (checkpoint.run_dir / "settings.json").write_text(json.dumps(
+            {"settings": asdict(s), "start_step": run["start_step"], "resumed_at": done,
+             "ranks": fleet.world}, indent=1) + "\n")
+    if done:
+        log(f"resuming the run at step {done} of {s.steps}")
+
+    def eval_and_show(step: int) -> dict:
+        out = {}
+        if val is not None:
+            result = evaluate(engine, val, s.seq_len, s.batch_size, progress=False)
+            out = {"eval_loss": result["eval_loss"], "eval_ppl": result["eval_ppl"], "eval_tokens": result["tokens"]}
+            log(f"step {step}: eval loss {out['eval_loss']:.4f}, ppl {out['eval_ppl']:.2f}")
+        if s.prompt:
+            text = generate(engine, tokenizer, s.prompt, s.completion_tokens)
+            log(f"step {step}: {json.dumps(s.prompt + text, ensure_ascii=False)}")
+        return out
+
+    stop = StopRequest(log)
+    last = {}
+    committed = done
+    with stop.installed(), tqdm(total=s.steps, initial=done, desc="finetune", unit="step",
+                                disable=None if fleet.main else True) as bar:
+        for index in range(done, s.steps):
+            number = index + 1  # 1-based step of the run
+            inputs, targets = step_windows(data, index, s.batch_size * s.accumulate, s.seq_len, s.order, s.seed)
+            mine, first_micro = fleet.share(inputs.shape[0], s.batch_size)
+            batches = microbatches(inputs[mine], targets[mine], s.batch_size)
+            read0, written0, t0 = store.bytes_read, store.bytes_written, time.perf_counter()
+            adapter0 = checkpoint.bytes_written
+            if engine.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(engine.device)
+            acts = engine.activations()
+            lr = lr_at(number, s.steps, s.lr, s.lr_schedule, s.warmup_steps)
+            checkpoint.begin()
+            try:
+                coef = 1.0
+                if s.grad_clip and not s.lora_rank:  # LoRA clips exactly inside the step
+                    norm = run.get("grad_norm")
+                    if s.clip_norm == "exact" or norm is None:  # norm pass: the gradient, no update
+                        norm = engine.train_step(number, batches, lr, acts, update=False,
+                                                 micro_offset=first_micro).grad_norm
+                    coef = clip_coefficient(norm, s.grad_clip)
+                result = engine.train_step(number, batches, lr, acts, clip_coef=coef, max_grad_norm=s.grad_clip,
+                                           micro_offset=first_micro)
+                run = {**run, "grad_norm": result.grad_norm}
+                stopping = fleet.max(stop.signum or 0)  # a signal to any rank stops them all after this step
+                if number % commit_every == 0 or number == s.steps or stopping:
+                    if fleet.main:
+                        engine.write_back()
+                    checkpoint.commit(number, run)
+                    committed = number
+            except NonFiniteLoss as e:
+                if e.untouched and committed < number - 1 and fleet.main:  # resident weights: the last good step's
+                    engine.write_back()
+                    checkpoint.commit(number - 1, run)
+                else:
+                    engine.discard_step()
+                    checkpoint.rollback()
+                raise
+            except BaseException:
+                engine.discard_step()
+                checkpoint.rollback()
+                raise
+            finally:
+                acts.clear()
+            seconds = time.perf_counter() - t0
+            last = {"step": number, "loss": result.loss, "tokens": result.tokens, "seconds": seconds,
+                    "tokens_per_second": result.tokens / seconds, "lr": lr, "grad_norm": result.grad_norm,
+                    "bytes_read": store.bytes_read - read0, "bytes_written": store.bytes_written - written0,
+                    "peak_rss_bytes": host_peak_rss()}
+            if s.lora_rank:
+                last["adapter_bytes_written"] = checkpoint.bytes_written - adapter0
+            if engine.device.type == "cuda":
+                last["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(engine.device)
+            bar.set_postfix_str(f"loss {result.loss:.4f}, {last['tokens_per_second']:.0f} tok/s, {seconds:.2f} s/step")
+            bar.update(1)
+            if s.log_every and number % s.log_every == 0:
+                log(f"step {number}: loss {result.loss:.4f}, lr {lr:.3g}, {last['tokens_per_second']:.0f} tok/s, "
+                    f"{seconds:.2f} s/step, read {format_size(last['bytes_read'])}, "
+                    f"written {format_size(last['bytes_written'])}")
+            if fleet.main and ((s.eval_every and number % s.eval_every == 0) or number == s.steps):
+                last.update(eval_and_show(number))  # rank 0 alone: the others wait at the next step
+            if fleet.main:
+                with open(checkpoint.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            emit(last)
+            if stopping:
+                code = 130 if stopping == signal.SIGINT else 143
+                log(f"stopped after step {number} of {s.steps}; "
+                    f"{'the adapters are saved' if s.lora_rank else 'the store is committed'}. "
+                    "Run the same command again to resume.")
+                raise StoppedBySignal(code)
+    if fleet.main:
+        plot_run(checkpoint.run_dir, log)
+    log(f"done: {s.steps} steps, last loss {last.get('loss', float('nan')):.4f}, peak RSS "
+        f"{format_size(host_peak_rss())}")
+    return last

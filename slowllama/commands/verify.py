@@ -1,0 +1,85 @@
+"""`slowllama verify STORE`: check a whole store without changing it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from slowllama.errors import SlowllamaError
+from slowllama.sizes import format_size
+from slowllama.store.store import KINDS, MANIFEST, OWN_PATHS, Store, named_files
+
+
+def verify_store(path: Path, log: Callable[[str], None] = print) -> dict:
+    """Check the manifest, every file it names (size, xxh3 checksum, tensor names, shapes and dtypes
+    against the model args) and the folders (no links leading outside, every module present).
+
+    Raises SlowllamaError naming the first bad file; returns a summary when all is well.
+    """
+    store = Store.open(path)  # the manifest: format, fields, paths inside the store, model args, dtype
+    problems, leftovers = layout_problems(store)
+    source = store.manifest.get("source")
+    if not isinstance(source, dict) or source.get("format", "meta") == "meta":
+        from slowllama.formats.meta import export_plan
+
+        try:
+            export_plan(store)  # the record of the source that export reads
+        except SlowllamaError as e:
+            problems.append(str(e))
+    entries = [(kind, name) for kind, files in store.manifest["files"].items() for name in files]
+    total = 0
+    for kind, name in tqdm(entries, desc="verify", unit="file", disable=None, leave=False):
+        try:
+            store.read(name, kind)
+            total += store.module_bytes(name, kind)
+        except SlowllamaError as e:
+            problems.append(str(e))
+    if problems:
+        more = {1: "", 2: " (and 1 more problem)"}.get(len(problems), f" (and {len(problems) - 1} more problems)")
+        raise SlowllamaError(problems[0] + more)
+    summary = {"store": str(store.path), "step": store.step, "files": len(entries), "bytes": total,
+               "leftovers": len(leftovers)}
+    note = (f"; {len(leftovers)} files left by an interrupted step are not part of it (the next finetune "
+            "removes them)") if leftovers else ""
+    log(f"{store.path}: step {store.step}, {len(entries)} files, {format_size(total)}: sizes, checksums, "
+        f"names and shapes all match{note}")
+    return summary
+
+
+def layout_problems(store: Store) -> tuple[list[str], list[str]]:
+    """What is wrong with the store's folders, and the files no manifest entry names (leftovers).
+
+    Problems: a symbolic link among the store's own paths or module files, a module of the model
+    without a file. Leftovers are files an interrupted step left; the next writable open removes them.
+    """
+    problems, leftovers = [], []
+    for rel in OWN_PATHS:
+        if (store.path / rel).is_symlink():
+            problems.append(f"{store.path / rel}: a symbolic link; a store's own files must lie inside it")
+    for name in store.expected_shapes:
+        if name not in store.manifest["files"].get("modules", {}):
+            problems.append(f"{store.path / MANIFEST}: no file for module {name!r}")
+    source = store.manifest.get("source")
+    names = source.get("tokenizer_files", ["tokenizer.model"]) if isinstance(source, dict) else ["tokenizer.model"]
+    for name in names if isinstance(names, list) else [names]:
+        path = store.path / str(name)
+        if not isinstance(name, str) or Path(name).name != name or path.is_symlink() or not path.is_file():
+            problems.append(f"{path}: the tokenizer file is missing, a link, or not a file of the store")
+    for rel in ("lock", "scratch", "run"):
+        path = store.path / rel
+        if path.exists() and not path.is_symlink() and path.is_dir() != (rel != "lock"):
+            problems.append(f"{path}: a {'folder' if rel == 'lock' else 'file'} where slowllama keeps its "
+                            f"{'lock file' if rel == 'lock' else 'folder'}")
+    referenced = named_files(store.manifest)
+    for kind in KINDS:
+        folder = store.path / kind
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.is_symlink():
+                problems.append(f"{f}: a symbolic link; module files must be plain files inside the store")
+            elif f"{kind}/{f.name}" not in referenced:
+                leftovers.append(str(f))
+    return problems, leftovers

@@ -1,0 +1,130 @@
+"""Training's transformer blocks and optimizer updates through torch.compile, so that elementwise work is fused.
+
+Profiles of resident training steps (benchmarks/RESULTS.md) show the GPU busy but spending most of
+its kernel time outside the matmuls: RMSNorm and RoPE in fp32, SwiGLU, residual adds and dtype
+casts, each a separate pass over memory, run twice (forward, then the backward's recompute) plus
+their own backward; then the update, a dozen more passes over each weight. Compiling fuses them.
+
+The engine builds a fresh module around every loaded block, so the compiled function does not take
+the module: it takes its parameters as a dict and calls one template block (on the meta device)
+with them through torch.func.functional_call. Every block then shares one graph, with no recompile
+per block and no guard on module identity. Compiled dropout draws its masks differently from eager
+dropout (still from torch's seed, so replays match), so runs with dropout keep eager blocks, as do
+LoRA blocks (their modules change shape).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from slowllama.model.args import ModelArgs
+from slowllama.errors import SlowllamaError
+from slowllama.model.layers import build_module
+from slowllama.optim.rounding import round_with_bits
+
+
+class _Compiled:
+    """What a failed compile does. on_failure: where it is reported before the work falls back to eager
+    (--compile auto); None: it is an error (--compile on)."""
+
+    what = "work"
+
+    def __init__(self, on_failure: Optional[Callable[[str], None]] = None):
+        self.on_failure, self.failed = on_failure, False
+
+    def _failed(self, e: Exception) -> None:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # inductor's reports are long
+        if self.on_failure is None:
+            raise SlowllamaError(f"--compile on: torch.compile failed on this machine ({first}); use "
+                                 "--compile off") from e
+        self.on_failure(f"--compile auto: torch.compile failed on this machine ({first}); {self.what} run eager")
+        self.failed = True
+
+
+class CompiledBlocks(_Compiled):
+    """block(x, cos, sin) for any TransformerBlock of one model shape, through one compiled graph."""
+
+    what = "blocks"
+
+    def __init__(self, args: ModelArgs, on_failure: Optional[Callable[[str], None]] = None):
+        super().__init__(on_failure)
+        self.template = build_module(args, "layers.0")  # meta tensors: only its code and structure are used
+
+        def run(params: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+            return functional_call(self.template, params, (x, cos, sin))
+
+        self.run = torch.compile(run)
+
+    def __call__(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.failed:
+            return block(x, cos, sin)
+        try:
+            return self.run(dict(block.named_parameters()), x, cos, sin)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            self._failed(e)
+            return block(x, cos, sin)
+
+
+def wants_compile(mode: str, device: torch.device) -> bool:
+    """--compile auto|on|off: auto compiles on cuda (where triton is), not on cpu or mps."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def compile_reason(wanted: bool, dropout: float, lora: bool) -> str:
+    """Why blocks run eager although compiling was wanted ('' when they are compiled or it was not wanted)."""
+    if not wanted:
+        return ""
+    if dropout > 0:
+        return "--compile: blocks run eager with --dropout > 0 (compiled dropout masks differ from eager ones)"
+    if lora:
+        return "--compile: LoRA blocks run eager"
+    return ""
+
+
+def _sgd(w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, lr: torch.Tensor,
+         noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """optim.SGD's update of one 16- or 32-bit weight, from its gradient times the clip coefficient."""
+    return round_with_bits(w.float() - lr * (g.float() * coef), w.dtype, noise)
+
+
+def _adamw(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, coef: torch.Tensor,
+           scalars: torch.Tensor, noise: Optional[torch.Tensor]):
+    """optim.AdamW's update of one weight and its moments: returns (weight, exp_avg, exp_avg_sq) in their dtypes.
+    scalars: (1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, sqrt(bias_correction2), eps, step_size)."""
+    decay, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, step_size = scalars.unbind()
+    g32 = g.float() * coef
+    m32 = m.float().lerp(g32, one_minus_b1)
+    v32 = v.float() * b2 + one_minus_b2 * g32 * g32
+    w32 = w.float() * decay - step_size * (m32 / (v32.sqrt() / bc2_sqrt + eps))
+    return round_with_bits(w32, w.dtype, noise), m32.to(m.dtype), v32.to(v.dtype)
+
+
+class CompiledUpdates(_Compiled):
+    """SGD and AdamW updates of a module's weights, each weight in one fused pass (rounding included).
+
+    Eager, an update is a dozen passes over each weight: upcasts, the update's ops, the stochastic
+    rounding's bit operations. Same arithmetic as optim.py's (the fused order of fp32 operations may
+    round differently in the last bit), and the same random bits: they are drawn eagerly, from the
+    same generator in the same order, so a resumed run rounds as the first one did.
+    """
+
+    what = "updates"
+
+    def __init__(self, on_failure: Optional[Callable[[str], None]] = None):
+        super().__init__(on_failure)
+        self.sgd = torch.compile(_sgd)
+        self.adamw = torch.compile(_adamw)
+
+    def __call__(self, fn, *args):
+        """fn(*args) compiled (self.sgd or self.adamw); None once compiling has failed (the caller runs eager)."""
+        if self.failed:
+            return None
+        try:
+            return fn(*args)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            self._failed(e)
+            return None

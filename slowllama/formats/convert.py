@@ -1,0 +1,60 @@
+"""The one dispatcher of checkpoint formats: which format a folder is in, prepare and export by format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+
+from slowllama.errors import SlowllamaError
+from slowllama.store.store import Store
+from slowllama.formats.meta import META_FILES
+from slowllama.formats.meta import SHARD_RE
+from slowllama.formats.meta import export_meta
+from slowllama.formats.meta import prepare_meta
+
+
+def detect_format(src: Path) -> str:
+    """'meta' or 'hf', by the files in the folder."""
+    from slowllama.formats.hf import EXPECTED, is_hf_folder
+    from slowllama.store.store import MANIFEST
+
+    src = Path(src)
+    if not src.is_dir():
+        raise SlowllamaError(f"{src}: no such folder")
+    if (src / MANIFEST).is_file():
+        raise SlowllamaError(f"{src}: is a slowllama store already, not a checkpoint folder")
+    if (src / "params.json").is_file() or any(SHARD_RE.match(p.name) for p in src.iterdir()):
+        return "meta"
+    if is_hf_folder(src):
+        return "hf"
+    raise SlowllamaError(f"{src}: neither a Meta Llama folder (expected {META_FILES}) nor a Hugging Face "
+                         f"folder (expected {EXPECTED})")
+
+
+def prepare(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
+            log: Callable[[str], None] = print) -> Path:
+    """Stream a Meta or Hugging Face folder (detected by its files) into a new store."""
+    if detect_format(src) == "hf":
+        from slowllama.formats.hf import prepare_hf
+
+        return prepare_hf(src, dest, dtype=dtype, force=force, log=log)
+    return prepare_meta(src, dest, dtype=dtype, force=force, log=log)
+
+
+def export(store_path: Path, out: Path, format: Optional[str] = None, shards: Optional[int] = None,
+           max_shard_size: Optional[str] = None, dtype: Optional[str] = None, force: bool = False,
+           log: Callable[[str], None] = print) -> Path:
+    """Write a store as a Meta or Hugging Face folder (default: the format it was prepared from)."""
+    fmt = format or (Store.open(store_path).manifest.get("source") or {}).get("format", "meta")
+    if fmt == "hf":
+        from slowllama.formats.hf import export_hf
+
+        return export_hf(store_path, out, shards=shards, max_shard_size=max_shard_size, dtype=dtype, force=force,
+                         log=log)
+    if fmt != "meta":
+        raise SlowllamaError(f"--format: unknown format {fmt!r} (choose from hf, meta)")
+    if max_shard_size is not None:
+        raise SlowllamaError("--max-shard-size: applies to --format hf (Meta's shards are cuts of every tensor; "
+                             "use --shards)")
+    return export_meta(store_path, out, shards=shards, dtype=dtype, force=force, log=log)

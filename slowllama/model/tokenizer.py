@@ -1,0 +1,239 @@
+"""Tokenizers with BOS/EOS ids: sentencepiece's tokenizer.model (Llama 2, Code Llama, Mistral) and
+Hugging Face's tokenizer.json (Llama 3; through the optional `tokenizers` package).
+
+Both expose encode(text, bos, eos), decode(ids), bos_id, eos_id, vocab_size, stop_ids (every id that
+ends a generation) and chat_template (tokenizer_config.json's template string, or None).
+BOS/EOS come from the folder's tokenizer_config.json, special_tokens_map.json, generation_config.json
+and config.json, in that order, where they name them; otherwise from the tokenizer model itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import sentencepiece as spm
+
+from slowllama.errors import SlowllamaError
+
+# the files that make up a tokenizer; prepare copies those present into the store, export copies them back
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+@dataclass
+class SpecialTokens:
+    """What a folder's JSON files say about BOS / EOS and the chat template."""
+
+    bos_token: Optional[str] = None  # a token string to look up in the vocabulary
+    eos_token: Optional[str] = None
+    bos_ids: list[int] = field(default_factory=list)  # ids given as numbers (generation_config / config.json)
+    eos_ids: list[int] = field(default_factory=list)
+    chat_template: Optional[str] = None
+    sources: dict = field(default_factory=dict)  # which file each value came from, for messages
+
+
+def _read(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    from slowllama.jsonfile import read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise SlowllamaError(f"{path}: expected a JSON object")
+    return data
+
+
+def _token_text(value, path: Path, name: str) -> Optional[str]:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):  # transformers' AddedToken
+        return value["content"]
+    raise SlowllamaError(f"{path}: field {name!r} must be a token string, got {value!r}")
+
+
+def _ids(value, path: Path, name: str) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    if value is None:
+        return []
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise SlowllamaError(f"{path}: field {name!r} must be a token id or a list of ids, got {value!r}")
+    return values
+
+
+def read_special_tokens(folder: Path) -> SpecialTokens:
+    """BOS / EOS and the chat template from a model folder's JSON files (all optional)."""
+    folder = Path(folder)
+    out = SpecialTokens()
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        data = _read(folder / name) or {}
+        for which in ("bos", "eos"):
+            text = _token_text(data.get(f"{which}_token"), folder / name, f"{which}_token")
+            if text is not None and getattr(out, f"{which}_token") is None:
+                setattr(out, f"{which}_token", text)
+                out.sources[which] = folder / name
+        if name == "tokenizer_config.json":
+            out.chat_template = _chat_template(data.get("chat_template"), folder / name)
+    for name in ("generation_config.json", "config.json"):
+        data = _read(folder / name) or {}
+        for which in ("bos", "eos"):
+            ids = _ids(data.get(f"{which}_token_id"), folder / name, f"{which}_token_id")
+            if ids and not getattr(out, f"{which}_ids"):
+                setattr(out, f"{which}_ids", ids)
+                out.sources.setdefault(f"{which}_ids", folder / name)
+    if out.chat_template is None and (folder / "chat_template.jinja").is_file():
+        out.chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return out
+
+
+def _chat_template(value, path: Path) -> Optional[str]:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise SlowllamaError(f"{path}: field 'chat_template' must be a string (or a list with a 'default' template)")
+
+
+class _Base:
+    path: Path
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    stop_ids: set
+    chat_template: Optional[str]
+    bos_token: Optional[str]
+    eos_token: Optional[str]
+
+    def _token_id(self, token: str) -> Optional[int]:
+        raise NotImplementedError
+
+    def _id_token(self, i: int) -> Optional[str]:
+        raise NotImplementedError
+
+    def _resolve_specials(self, special: SpecialTokens, default_bos: Optional[int], default_eos: Optional[int]):
+        """bos_id / eos_id: a named token first, then ids from generation_config / config.json, then the model's."""
+        ids = {}
+        for which, default in (("bos", default_bos), ("eos", default_eos)):
+            text = getattr(special, f"{which}_token")
+            listed = getattr(special, f"{which}_ids")
+            if text is not None:
+                i = self._token_id(text)
+                if i is None:
+                    raise SlowllamaError(f"{special.sources[which]}: {which}_token {text!r} is not in the "
+                                         f"vocabulary of {self.path.name}")
+            elif listed:
+                i = listed[0]
+            elif default is not None and default >= 0:
+                i = default
+            else:
+                raise SlowllamaError(f"{self.path}: no {which.upper()} token (name it as {which}_token in "
+                                     "tokenizer_config.json)")
+            if not 0 <= i < self.vocab_size:
+                raise SlowllamaError(f"{special.sources.get(f'{which}_ids', self.path)}: {which} token id {i} is "
+                                     f"outside the tokenizer's {self.vocab_size} tokens")
+            ids[which] = i
+        self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+        self.stop_ids = {self.eos_id} | {i for i in special.eos_ids if 0 <= i < self.vocab_size}
+        self.chat_template = special.chat_template
+        self.bos_token, self.eos_token = self._id_token(self.bos_id), self._id_token(self.eos_id)
+
+
+class Tokenizer(_Base):
+    """sentencepiece's tokenizer.model; bos_id and eos_id from the model file unless the folder's JSON names others."""
+
+    def __init__(self, path: Path, special: Optional[SpecialTokens] = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SlowllamaError(f"{self.path}: tokenizer file missing")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            ok = self.sp.Load(str(self.path))
+        except (RuntimeError, OSError):
+            ok = False
+        if not ok:
+            raise SlowllamaError(f"{self.path}: not a sentencepiece model")
+        self.vocab_size = self.sp.GetPieceSize()
+        self._resolve_specials(special or SpecialTokens(), self.sp.bos_id(), self.sp.eos_id())
+
+    def _token_id(self, token: str) -> Optional[int]:
+        i = self.sp.PieceToId(token)
+        return i if self.sp.IdToPiece(i) == token else None
+
+    def _id_token(self, i: int) -> Optional[str]:
+        return self.sp.IdToPiece(i)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.EncodeAsIds(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.DecodeIds([int(i) for i in ids])
+
+
+class HFTokenizer(_Base):
+    """Hugging Face's tokenizer.json (Llama 3), through the `tokenizers` package.
+
+    encode() never lets the file's post-processor add its own BOS: BOS and EOS are added only as asked.
+    """
+
+    def __init__(self, path: Path, special: Optional[SpecialTokens] = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SlowllamaError(f"{self.path}: tokenizer file missing")
+        try:
+            from tokenizers import Tokenizer as _Tokenizers
+        except ImportError:
+            raise SlowllamaError(f"{self.path}: reading tokenizer.json needs the 'tokenizers' package "
+                                 "(pip install 'slowllama[hf]')") from None
+        try:
+            self.tok = _Tokenizers.from_file(str(self.path))
+        except Exception as e:  # the library raises its own Exception type for every parse error
+            raise SlowllamaError(f"{self.path}: not a tokenizers JSON file ({str(e).splitlines()[0][:120]})") from None
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self._resolve_specials(special or SpecialTokens(), None, None)
+
+    def _token_id(self, token: str) -> Optional[int]:
+        return self.tok.token_to_id(token)
+
+    def _id_token(self, i: int) -> Optional[str]:
+        return self.tok.id_to_token(i)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer of a model or store folder: tokenizer.model (sentencepiece) if present, else tokenizer.json."""
+    folder = Path(folder)
+    special = read_special_tokens(folder)
+    if (folder / "tokenizer.model").is_file():
+        return Tokenizer(folder / "tokenizer.model", special)
+    if (folder / "tokenizer.json").is_file():
+        return HFTokenizer(folder / "tokenizer.json", special)
+    raise SlowllamaError(f"{folder}: no tokenizer.model or tokenizer.json")
+
+
+def tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files present in a folder, in TOKENIZER_FILES order."""
+    return [name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+
+
+def train_tokenizer(text_file: Path, out_prefix: Path, vocab_size: int) -> Path:
+    """Train a small Llama-style BPE sentencepiece model (unk 0, bos 1, eos 2, byte fallback)."""
+    try:
+        spm.SentencePieceTrainer.Train(
+            input=str(text_file), model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="bpe",
+            character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=1, minloglevel=2, split_digits=True, add_dummy_prefix=True,
+            normalization_rule_name="identity", max_sentence_length=1 << 16)
+    except RuntimeError as e:
+        raise SlowllamaError(f"{text_file}: cannot train a tokenizer of {vocab_size} tokens on it "
+                             f"({str(e).split('] ')[-1][:160]})") from None
+    return Path(f"{out_prefix}.model")
