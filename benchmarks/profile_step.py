@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from slowllama.engine.offloaded import EngineConfig, OffloadedModel
-from slowllama.optim.sgd import SGD
-from slowllama.optim.adamw import AdamW
-from slowllama.store.store import Store
 from slowllama.bench.synthetic import bench_args, random_batches, write_random_store
+from slowllama.engine.chain import EngineConfig, OffloadedModel
+from slowllama.optim.registry import make_optimizer
+from slowllama.store.store import Store
+from slowllama.train.checkpoints import NoCheckpoint
+from slowllama.train.trainer import Trainer
 
 
 def main() -> int:
@@ -46,14 +47,12 @@ def main() -> int:
             budgets = dict(device_budget=int(a.gpu_budget * 1e9), host_budget=1 << 40)
         cfg = EngineConfig(torch.device("cuda"), torch.bfloat16, stochastic_rounding=True,
                            compile="on" if a.compile else "off", **budgets)
-        engine = OffloadedModel(store, cfg, optimizer=AdamW() if a.optimizer == "adamw" else SGD())
-        engine.deferred = True  # resident, no writes: the compute path alone
+        engine = OffloadedModel(store, cfg, optimizer=make_optimizer(a.optimizer))
+        # resident (the model fits these budgets) and never committed: the compute path alone
+        trainer = Trainer(engine, NoCheckpoint(), save_every=1 << 30, log=lambda m: None)
 
         def step(number):
-            batches = random_batches(args, number, a.batch_size, 1, a.seq_len)
-            acts = engine.activations()
-            engine.train_step(number, batches, 1e-5, acts)
-            acts.clear()
+            trainer.step(number, random_batches(args, number, a.batch_size, 1, a.seq_len), 1e-5)
             torch.cuda.synchronize()
 
         step(1)  # reads the store, allocates

@@ -12,6 +12,8 @@ from typing import Any, Optional
 import torch
 
 from slowllama.errors import SlowllamaError
+from slowllama.model.args import dtype_from_name
+from slowllama.optim.registry import optimizer_names, optimizers_help
 
 
 def opt(default: Any, help: str, *, choices=None, positional: bool = False, metavar: Optional[str] = None,
@@ -147,12 +149,13 @@ class FinetuneSettings(DeviceSettings):
     accumulate: int = opt(1, "microbatches per step (one load and one write of each module per step)")
     seq_len: int = opt(128, "tokens per window")
     lr: float = opt(1e-4, "learning rate")
-    optimizer: str = opt("auto", "sgd: torch.optim.SGD without momentum; adamw: torch.optim.AdamW; "
-                         "auto: sgd for full fine-tuning, adamw for LoRA", choices=["auto", "sgd", "adamw"])
-    adam_betas: str = opt("0.9,0.999", "AdamW's beta1,beta2")
+    optimizer: str = opt("auto", f"{optimizers_help()}; auto: sgd for full fine-tuning, adamw for LoRA",
+                         choices=["auto", *optimizer_names()])
+    adam_betas: str = opt("0.9,0.999", "AdamW's (and Lion's) beta1,beta2")
     adam_eps: float = opt(1e-8, "AdamW's eps")
-    weight_decay: float = opt(0.0, "AdamW's decoupled weight decay")
-    optim_dtype: str = opt("fp32", "dtype of AdamW's moments in the store", choices=["fp32", "bf16"])
+    weight_decay: float = opt(0.0, "the optimizer's decoupled weight decay (SGD has none)")
+    optim_dtype: str = opt("fp32", "dtype of the optimizer's state in the store (AdamW's moments, Lion's momentum)",
+                           choices=["fp32", "bf16"])
     lr_schedule: str = opt("constant", "learning rate after warmup: constant, cosine or linear decay to 0",
                            choices=["constant", "cosine", "linear"])
     warmup_steps: int = opt(0, "linear warmup steps")
@@ -213,7 +216,7 @@ class BenchSettings(DeviceSettings):
     batch_size: int = opt(16, "windows per microbatch")
     accumulate: int = opt(1, "microbatches per step")
     seq_len: int = opt(256, "tokens per window")
-    optimizer: str = opt("sgd", "sgd or adamw (fp32 moments in the store)", choices=["sgd", "adamw"])
+    optimizer: str = opt("sgd", f"{optimizers_help()} (the state in the store, fp32)", choices=optimizer_names())
     lr: float = opt(1e-5, "learning rate")
     lora_rank: int = opt(0, "LoRA rank (0: full fine-tuning); the adapters train with AdamW")
     lora_targets: str = opt("wq,wv", "comma-separated linears to adapt: wq,wk,wv,wo,w1,w2,w3")
@@ -246,8 +249,6 @@ COMMANDS = {
 
 def resolve_device(settings) -> tuple[torch.device, torch.dtype]:
     """The device and compute dtype a command runs with (auto: cuda, then mps, then cpu)."""
-    from slowllama.model.args import dtype_from_name
-
     name = settings.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else (

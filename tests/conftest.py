@@ -15,6 +15,8 @@ from slowllama.data.windows import load_text, microbatches, step_windows
 from slowllama.formats.meta import prepare_meta
 from slowllama.formats.tiny import write_tiny
 from slowllama.model.tokenizer import load_tokenizer
+from slowllama.train.checkpoints import StoreCheckpoint
+from slowllama.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 ALICE = REPO / "test_data" / "alice.txt"
@@ -40,12 +42,7 @@ def committed_step(store, engine, number: int, lr: float) -> None:
     """Training step `number` of an engine on a store opened for writing (4 windows of alice's text,
     32 tokens each, in 2 microbatches), written back and committed."""
     x, y = step_windows(load_text(ALICE, load_tokenizer(store.path)), number - 1, 4, 32, "random", 0)
-    acts = engine.activations()
-    store.begin_step(number)
-    engine.train_step(number, microbatches(x, y, 2), lr, acts)
-    engine.write_back()
-    store.commit(number)
-    acts.clear()
+    Trainer(engine, StoreCheckpoint(store), log=lambda m: None).step(number, microbatches(x, y, 2), lr)
 
 
 def run_cli(*args, check=None, env=None, timeout=300, **kw):

@@ -27,13 +27,13 @@ COMMON = ["--device", "cpu", "--steps", "3", "--batch-size", "2", "--accumulate"
 def streaming_budget(stateful: bool) -> str:
     """--max-memory just above the working set of the module in flight: no module stays resident, so
     every step reads and writes every module and commits (the path of models larger than memory)."""
-    import torch
-    from slowllama.engine.offloaded import working_bytes
+    from slowllama.engine.residency import working_bytes
     from slowllama.model.args import PRESETS, ModelArgs
+    from slowllama.optim.adamw import AdamW
 
     args = ModelArgs(**{**PRESETS["tiny"], "n_layers": 2, "dim": 64})
-    return str(working_bytes(args, torch.float32, torch.float32, train=True, stateful=stateful, batch_size=2,
-                             seq_len=16, microbatches=2) + 300_000)
+    return str(working_bytes(args, torch.float32, torch.float32, train=True, optimizer=AdamW() if stateful else None,
+                             batch_size=2, seq_len=16, microbatches=2) + 300_000)
 
 
 RUNS = {

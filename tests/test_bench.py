@@ -12,6 +12,8 @@ import torch
 from conftest import assert_one_line_error, run_cli
 from slowllama.commands.bench import bench
 from slowllama.model.args import ModelArgs, preset_args
+from slowllama.optim.adamw import AdamW
+from slowllama.engine.residency import working_bytes
 from slowllama.errors import SlowllamaError
 from slowllama.bench.machine import copy_bandwidth, disk_read_bandwidth, disk_write_bandwidth, matmul_peak, page_cache_read_bandwidth, page_cache_residency, peak_rss, reset_peak_rss
 from slowllama.model.layers import Transformer, build_module, module_names, module_shapes
@@ -208,9 +210,8 @@ SMALL_RUN = dict(preset="tiny", layers=2, batch_size=2, seq_len=32, probe_size="
 
 def streaming_budget(stateful: bool = False, microbatches: int = 1) -> str:
     """--max-memory just above the working set of the module in flight: no module stays resident."""
-    from slowllama.engine.offloaded import working_bytes
-
-    work = working_bytes(bench_args("tiny", layers=2), torch.bfloat16, torch.float32, train=True, stateful=stateful,
+    work = working_bytes(bench_args("tiny", layers=2), torch.bfloat16, torch.float32, train=True,
+                         optimizer=AdamW() if stateful else None,
                          batch_size=2, seq_len=32, microbatches=microbatches)
     return str(work + 50_000)
 

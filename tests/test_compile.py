@@ -8,6 +8,9 @@ from reference import assert_state_close, meta_model, store_state_dict
 from test_training import reference_model
 from slowllama.settings import FinetuneSettings
 from slowllama.commands.finetune import finetune
+from slowllama.engine.compiled import CompiledUpdates
+from slowllama.optim.registry import make_optimizer
+from slowllama.optim.rounding import round_to
 
 
 def run(store, **kw) -> list[str]:
@@ -63,34 +66,27 @@ def test_a_failed_compile_falls_back_to_eager_blocks_under_auto_and_is_an_error_
         on(block, x, cos, sin)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "lion"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_updates_do_the_arithmetic_of_the_eager_ones(optimizer, dtype):
-    """One fused pass per weight = optim.py's update and round_to, with the same random bits."""
-    from slowllama.engine.compiled import CompiledUpdates
-    from slowllama.optim.sgd import SGD
-    from slowllama.optim.adamw import AdamW
-    from slowllama.optim.rounding import round_to
-
+    """One fused pass per weight = the optimizer's eager update and round_to, with the same random bits."""
     torch.manual_seed(0)
     w = torch.randn(64, 48).to(dtype)
     g = torch.randn(64, 48).to(dtype) * 1e-2
     lr, coef = 1e-3, 0.5
-    opt = AdamW(weight_decay=0.1) if optimizer == "adamw" else SGD()
+    opt = make_optimizer(optimizer, weight_decay=0.1 if optimizer != "sgd" else None)
     state = opt.init_state({"w": w})
-    if optimizer == "adamw":  # a second update, from moments that are not zero
-        state["step"] += 1
+    if opt.stateful:  # a second update, from moments that are not zero
+        if opt.counts_steps:
+            state["step"] += 1
         state["w.exp_avg"].normal_(0, 1e-3)
-        state["w.exp_avg_sq"].uniform_(0, 1e-5)
+        if "exp_avg_sq" in opt.state_names:
+            state["w.exp_avg_sq"].uniform_(0, 1e-5)
     noise = torch.randint(0, 1 << 16, w.shape, dtype=torch.int32, generator=torch.Generator().manual_seed(1))
-    fused = CompiledUpdates()
-    coef_t = torch.tensor(coef)
-    if optimizer == "adamw":
-        scalars = opt.fused_scalars(state["step"].item() + 1, lr, "cpu")
-        got, m, v = fused(fused.adamw, w, g, state["w.exp_avg"], state["w.exp_avg_sq"], coef_t, scalars,
-                          noise if dtype == torch.bfloat16 else None)
-    else:
-        got = fused(fused.sgd, w, g, coef_t, torch.tensor(lr), noise if dtype == torch.bfloat16 else None)
+    fused = CompiledUpdates(opt)
+    number = state["step"].item() + 1 if opt.counts_steps else None
+    got, new_state = fused(w, g, torch.tensor(coef), opt.scalars(lr, number, "cpu"),
+                           tuple(state[f"w.{n}"] for n in opt.state_names), noise if dtype == torch.bfloat16 else None)
     w32 = {"w": w.float().clone()}  # (the eager update works in place)
     opt.update(w32, {"w": g.float() * coef}, state, lr)
     gen = torch.Generator().manual_seed(1) if dtype == torch.bfloat16 else None
@@ -103,10 +99,10 @@ def test_fused_updates_do_the_arithmetic_of_the_eager_ones(optimizer, dtype):
         step = (expected.float().abs() * 2 ** -7).clamp_min(1e-30)
         assert ((got.float() - expected.float()).abs() <= step).all()
     assert not torch.equal(got, w)  # it did update
-    if optimizer == "adamw":
-        # lerp's m + w (g - m) cancels where g is near m: absolute errors at fp32's resolution of g
-        torch.testing.assert_close(m, state["w.exp_avg"], rtol=1e-5, atol=1e-9)
-        torch.testing.assert_close(v, state["w.exp_avg_sq"], rtol=1e-5, atol=1e-12)
+    # lerp's m + w (g - m) cancels where g is near m: absolute errors at fp32's resolution of g
+    atol = {"exp_avg": 1e-9, "exp_avg_sq": 1e-12}
+    for name, t in zip(opt.state_names, new_state):
+        torch.testing.assert_close(t, state[f"w.{name}"], rtol=1e-5, atol=atol[name])
 
 
 def test_compiled_adamw_on_a_bf16_store_trains_like_eager(tiny_bf16, tmp_path):

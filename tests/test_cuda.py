@@ -7,7 +7,8 @@ import torch
 
 from conftest import ALICE, run_cli
 from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
-from slowllama.engine.offloaded import staging_bytes, working_bytes
+from slowllama.engine.residency import staging_bytes, working_bytes
+from slowllama.optim.adamw import AdamW
 from slowllama.data.windows import load_text
 from slowllama.formats.meta import prepare_meta
 from slowllama.settings import FinetuneSettings
@@ -31,9 +32,9 @@ def tight(store, stateful=False, host: str = "") -> dict:
     memory, copied over and back each step)."""
     opened = Store.open(store)
     args, parts = opened.args, opened.state_part_elements
-    work = working_bytes(args, torch.float32, torch.float32, train=True, stateful=stateful,
+    work = working_bytes(args, torch.float32, torch.float32, train=True, optimizer=AdamW() if stateful else None,
                          batch_size=2, seq_len=32, microbatches=2, part_elements=parts)
-    staging = staging_bytes(args, torch.float32, stateful, False, 2, 2, parts)  # as make_engine counts them
+    staging = staging_bytes(args, torch.float32, AdamW() if stateful else None, False, 2, 2, parts)  # as make_engine counts them
     return dict(max_gpu_memory=str(work + 200_000), max_memory=host or str(staging + 2_000_000))
 
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import ALICE, REPO
 from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
-from slowllama.engine.offloaded import EngineConfig, OffloadedModel
+from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.data.windows import count_windows, eval_batches, load_train_val, pack, pad, split_indices, step_windows, window
 from slowllama.errors import SlowllamaError
 from slowllama.formats.meta import prepare_meta
@@ -18,6 +18,8 @@ from slowllama.settings import FinetuneSettings
 from slowllama.store.store import Store
 from slowllama.model.tokenizer import load_tokenizer
 from slowllama.commands.finetune import finetune
+from slowllama.train.checkpoints import StoreCheckpoint
+from slowllama.train.trainer import Trainer
 
 SAMSUM = REPO / "test_data" / "samsum_mini.jsonl"
 SAMSUM_CHAT = REPO / "test_data" / "samsum_mini_chat.jsonl"
@@ -147,12 +149,7 @@ def one_sgd_step(src, folder, data, seq_len=64):
     store = Store.open(prepare_meta(src, folder, log=quiet), writable=True, log=quiet)
     engine = OffloadedModel(store, EngineConfig(torch.device("cpu"), torch.float32))
     x, y = step_windows(data, 0, 2, seq_len, "sequential", 0)
-    acts = engine.activations()
-    store.begin_step(1)
-    result = engine.train_step(1, [(x, y)], 0.05, acts)
-    engine.write_back()
-    store.commit(1)
-    acts.clear()
+    result = Trainer(engine, StoreCheckpoint(store), log=quiet).step(1, [(x, y)], 0.05).result
     store.close()
     return result.loss, store_state_dict(folder)
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import ALICE, run_cli
 from reference import meta_model
-from slowllama.engine.offloaded import EngineConfig, OffloadedModel
+from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.model.args import ModelArgs
 from slowllama.data.windows import load_text
 from slowllama.engine.generation import generate

@@ -8,8 +8,9 @@ import torch
 
 from conftest import ALICE, assert_one_line_error, committed_step, run_cli
 from reference import assert_state_close, store_state_dict
-from slowllama.engine.offloaded import EngineConfig, OffloadedModel
+from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.formats.meta import prepare_meta
+from slowllama.optim.adamw import AdamW
 from slowllama.settings import FinetuneSettings
 from slowllama.store.store import Store
 from slowllama.commands.finetune import finetune
@@ -74,9 +75,8 @@ def test_any_budget_gives_the_same_weights(tiny_fp32, tmp_path, budget):
     block = Store.open(store).module_bytes("layers.0")
     size = {"none": 0, "some": 3 * block, "all": 100 * block}[budget]
     s = Store.open(store, writable=True, log=lambda m: None)
-    engine = OffloadedModel(s, EngineConfig(torch.device("cpu"), torch.float32, device_budget=size, dropout=0.1))
-    from slowllama.optim.adamw import AdamW
-    engine.optimizer = AdamW()
+    engine = OffloadedModel(s, EngineConfig(torch.device("cpu"), torch.float32, device_budget=size, dropout=0.1),
+                            optimizer=AdamW())
     for number in (1, 2, 3):
         committed_step(s, engine, number, 1e-3)
     engine.pipe.close()

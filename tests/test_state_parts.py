@@ -4,7 +4,8 @@ import torch
 
 from conftest import ALICE, assert_one_line_error, committed_step, run_cli
 from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
-from slowllama.engine.offloaded import EngineConfig, OffloadedModel, staging_bytes, working_bytes
+from slowllama.engine.chain import EngineConfig, OffloadedModel
+from slowllama.engine.residency import staging_bytes, working_bytes
 from slowllama.bench.synthetic import bench_args
 from slowllama.data.windows import load_text
 from slowllama.formats.meta import prepare_meta
@@ -77,7 +78,7 @@ def test_reads_follow_the_parts_in_order_of_use(store_fp32, monkeypatch):
     monkeypatch.setattr(Store, "read", lambda self, name, kind="modules", alloc=None:
                         reads.append((kind, name)) or original(self, name, kind, alloc))
     store = Store.open(with_parts(store_fp32, SMALL))
-    streaming = working_bytes(store.args, torch.float32, torch.float32, train=True, stateful=True, batch_size=2,
+    streaming = working_bytes(store.args, torch.float32, torch.float32, train=True, optimizer=AdamW(), batch_size=2,
                               seq_len=32, microbatches=2, part_elements=SMALL) + 300_000  # nothing stays resident
     adamw(store_fp32, steps=2, max_memory=str(streaming))  # step 2 reads the moments step 1 wrote
     last = ("optim", store.state_parts("tok_embeddings")[-1].name)
@@ -145,8 +146,8 @@ def test_a_bad_part_size_in_the_manifest_is_refused(store_fp32):
 def test_adamw_on_a_7b_block_fits_4g_host_and_8g_gpu():
     # the SSD-bound budgets of issue 5: a 7B step's working set, with its state streamed in parts
     args = bench_args("7b")
-    work = working_bytes(args, torch.bfloat16, torch.bfloat16, train=True, stateful=True, batch_size=16, seq_len=256)
-    staging = staging_bytes(args, torch.bfloat16, True, False, 2, 2)
+    work = working_bytes(args, torch.bfloat16, torch.bfloat16, train=True, optimizer=AdamW(), batch_size=16, seq_len=256)
+    staging = staging_bytes(args, torch.bfloat16, AdamW(), False, 2, 2)
     # room left for resident modules and cached activations (a step's are 1 GiB at 16 x 256)
     assert work < 7 << 30 and staging < 3 << 30, (work / 2**30, staging / 2**30)
     largest = max(p.shape[0] * p.shape[-1] for p in state_parts("tok_embeddings", {"weight": (32000, 4096)}, 1 << 25))

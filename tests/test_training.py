@@ -7,7 +7,9 @@ import torch
 
 from conftest import ALICE, run_cli
 from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
-from slowllama.engine.offloaded import EngineConfig, OffloadedModel, module_seed, working_bytes
+from slowllama.engine.chain import EngineConfig, OffloadedModel
+from slowllama.engine.step import module_seed
+from slowllama.engine.residency import working_bytes
 from slowllama.data.windows import load_text, microbatches, step_windows
 from slowllama.formats.meta import export_meta, prepare_meta
 from slowllama.model.layers import cross_entropy_sum
@@ -165,7 +167,7 @@ settings = FinetuneSettings(store=sys.argv[1], data=sys.argv[2], steps=int(sys.a
                           device="cpu", eval_every=0, log_every=0)
 # a budget of the working set of the module in flight and 1 MB: nothing stays resident
 import torch
-from slowllama.engine.offloaded import working_bytes
+from slowllama.engine.residency import working_bytes
 from slowllama.store.store import Store
 settings.max_memory = str(working_bytes(Store.open(sys.argv[1]).args, torch.float32, torch.float32, train=True,
                                         batch_size=2, seq_len=64) + (1 << 20))

@@ -5,11 +5,11 @@ pinned copies, matmul peak), runs a few training steps on random tokens and prin
 time, the throughput, the bytes each tier moved, and the bound: the least time the step could take
 given the bytes it moved and the FLOPs it computed (roofline.py), with efficiency = bound / actual.
 
-The steps drive the engine directly (OffloadedModel.train_step between Store.begin_step and
-commit, as finetune does) rather than through finetune: finetune needs a sentencepiece tokenizer
-of the model's vocabulary and a text file, which a 32000-token random model does not have, and
-the benchmark needs its own hooks around each step (page cache eviction, peak-memory resets, a
-device sync before the clock stops).
+The steps go through the trainer that finetune's steps go through (train/trainer.py: the same
+transaction and commit policy), not through finetune itself: finetune needs a sentencepiece
+tokenizer of the model's vocabulary and a text file, which a 32000-token random model does not
+have, and the benchmark needs its own hooks around each step (page cache eviction, peak-memory
+resets, a device sync before the clock stops).
 """
 
 from __future__ import annotations
@@ -26,20 +26,22 @@ from typing import Callable
 
 import torch
 
-from slowllama.engine.offloaded import LoRAState
-from slowllama.model.args import dtype_from_name, dtype_name
+from slowllama.bench.machine import copy_bandwidth, matmul_peak, measure_disk, peak_rss, reset_peak_rss, synchronize
+from slowllama.bench.roofline import (Machine, StepFlops, bound, efficiency, matmul_params, median_after_warmup,
+                                      step_flops, tier_seconds)
+from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes
+from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine
 from slowllama.data.windows import microbatches
 from slowllama.engine.fleet import Fleet, start_fleet
 from slowllama.errors import SlowllamaError
-from slowllama.bench.machine import copy_bandwidth, matmul_peak, measure_disk, peak_rss, reset_peak_rss, synchronize
-from slowllama.sizes import parse_size
-from slowllama.optim.sgd import SGD
-from slowllama.optim.adamw import AdamW
-from slowllama.bench.roofline import Machine, StepFlops, bound, efficiency, matmul_params, median_after_warmup, step_flops, tier_seconds
+from slowllama.model.args import dtype_from_name, dtype_name
+from slowllama.model.lora import LoRAConfig, LoRAState, init_params, parse_targets
+from slowllama.optim.registry import make_optimizer
 from slowllama.settings import BenchSettings, resolve_device
+from slowllama.sizes import parse_size
 from slowllama.store.store import Store, check_free_space
-from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes
-from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine
+from slowllama.train.checkpoints import NoCheckpoint, StoreCheckpoint
+from slowllama.train.trainer import Trainer
 
 GB = 1e9  # bench reports decimal units: bytes moved, bandwidths and memory alike
 # per-step figures summarized as medians over the steps after the first
@@ -69,11 +71,8 @@ def counters(engine, store: Store) -> dict:
 
 def lora_state(args, s: BenchSettings, device) -> LoRAState:
     """Fresh adapters (AdamW-trained) on the benchmark's random base."""
-    import torch.nn as nn
-    from slowllama.model.lora import LoRAConfig, init_params, parse_targets
-
     cfg = LoRAConfig(s.lora_rank, 2.0 * s.lora_rank, 0.0, parse_targets(s.lora_targets)).validate()
-    return LoRAState(cfg, {k: nn.Parameter(v) for k, v in init_params(args, cfg, s.seed, device).items()})
+    return LoRAState(cfg, {k: torch.nn.Parameter(v) for k, v in init_params(args, cfg, s.seed, device).items()})
 
 
 def needed_disk(args, dtype: torch.dtype, build: bool, probe: int) -> int:
@@ -201,18 +200,18 @@ def format_summary(summary: dict) -> list[str]:
     return lines
 
 
-def run_steps(store: Store, engine, s: BenchSettings, args, flops: StepFlops, machine: Machine,
-              show: Callable[[dict], None], commit_every: int) -> list[dict]:
+def run_steps(trainer: Trainer, store: Store, s: BenchSettings, args, flops: StepFlops, machine: Machine,
+              show: Callable[[dict], None]) -> list[dict]:
     """Time s.steps training steps, committed to the store as finetune commits them; returns the reports.
 
     Steps after the last commit point are rolled back at the end (a benchmark's store keeps its last
     commit): timing the steady state of --save-every N needs no final write of everything.
     Under torchrun each rank takes its share of every step's windows; rank 0's counters are reported."""
     reports = []
+    engine = trainer.engine
     fleet = engine.fleet
-    number = store.step  # the step being made; the engine seeds dropout by it
+    first = store.step + 1  # the step being made (no run record: the store's own numbers); it seeds dropout
     for index in range(s.steps):
-        number += 1
         batches = random_batches(args, index, s.batch_size, s.accumulate, s.seq_len, s.seed)
         mine, first_micro = fleet.share(s.batch_size * s.accumulate, s.batch_size)
         x, y = (torch.cat([b[i] for b in batches])[mine] for i in (0, 1))
@@ -223,38 +222,19 @@ def run_steps(store: Store, engine, s: BenchSettings, args, flops: StepFlops, ma
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(engine.device)
         t0 = time.perf_counter()
-        acts = engine.activations()
-        lora = engine.lora is not None  # the base is only read
-        writes = not lora and fleet.main
-        if writes and index % commit_every == 0:  # a commit period starts
-            store.begin_step(number)
-        try:
-            result = engine.train_step(number, batches, s.lr, acts, micro_offset=first_micro)
-            if writes and (index + 1) % commit_every == 0:  # steps after the last commit are dropped below
-                engine.write_back()
-                store.commit(number)
-        except BaseException:
-            engine.discard_step()
-            if writes:
-                store.rollback()
-            raise
-        finally:
-            acts.clear()
+        outcome = trainer.step(first + index, batches, s.lr, first_micro)
         synchronize(engine.device)
         fleet.barrier()  # the step is done when every rank is
         seconds = time.perf_counter() - t0
         after = counters(engine, store)
         gpu = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None
-        raw = {"step": index + 1, "loss": result.loss, "tokens": result.tokens, "seconds": seconds,
+        raw = {"step": index + 1, "loss": outcome.result.loss, "tokens": outcome.result.tokens, "seconds": seconds,
                **{k: after[k] - before[k] for k in after if k in before},
-               "spill_bytes": getattr(acts, "bytes_spilled", None),
-               "peak_rss_bytes": peak_rss(), "peak_gpu_bytes": gpu}
+               "spill_bytes": outcome.spilled_bytes, "peak_rss_bytes": peak_rss(), "peak_gpu_bytes": gpu}
         report = step_report(raw, flops, machine, s.drop_cache)
         reports.append(report)
         show(report)
-    if engine.lora is None and s.steps % commit_every and fleet.main:
-        engine.discard_step()
-        store.rollback()
+    trainer.abandon()
     return reports
 
 
@@ -298,7 +278,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
             machine_record = {**machine_record, "ranks": fleet.world}
         with (Store.open(path, writable=True, log=log) if fleet.main else Store.open(path, follower=True)) as store:
             store.drop_cache = s.drop_cache
-            optimizer = AdamW() if s.optimizer == "adamw" or s.lora_rank else SGD()
+            optimizer = make_optimizer("adamw" if s.lora_rank else s.optimizer)
             lora = lora_state(args, s, device) if s.lora_rank else None
             batch_size, micro = fleet.rank_batch(s.batch_size, s.accumulate)
             engine = make_engine(store, s, optimizer=optimizer, lora=lora, seed=s.seed, train=True,
@@ -309,19 +289,16 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                 log(engine.compile_note)
             if fleet.active:
                 log(engine.choose_replication())
-            commit_every = 1
-            if lora is None and engine.fits_in_memory():  # as finetune does: writes at commit points only
-                engine.deferred, commit_every = True, s.save_every
-                log(f"the model fits in memory: it stays resident and the store is written every {commit_every} "
-                    "steps")
-            if lora is None and commit_every <= s.steps and fleet.main:
-                check_disk_for_steps(store, s, engine, optimizer, False)
+            checkpoint = StoreCheckpoint(store) if lora is None and fleet.main else NoCheckpoint()
+            trainer = Trainer(engine, checkpoint, save_every=s.save_every, log=log)  # commits as finetune does
+            if lora is None and trainer.commit_every <= s.steps and fleet.main:
+                check_disk_for_steps(store, engine, s.batch_size * s.accumulate, s.seq_len)
             flops = step_flops(args, s.batch_size * s.accumulate, s.seq_len)
             if s.drop_cache and fleet.main:
                 store.evict_from_page_cache()  # the store was just written or read: start from the disk
             show = (lambda r: out(json.dumps(r))) if s.json else (lambda r: out(format_step(r, s.steps)))
             log(f"timing {s.steps} steps")
-            reports = run_steps(store, engine, s, args, flops, machine, show, commit_every)
+            reports = run_steps(trainer, store, s, args, flops, machine, show)
             engine.pipe.close()
             header = {"preset": s.preset, "layers": args.n_layers, "model": args.to_dict(),
                       "matmul_params": matmul_params(args)["total"], "store_bytes": store_bytes(args, dtype),

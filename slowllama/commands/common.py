@@ -8,56 +8,45 @@ from typing import Optional
 
 import torch
 
-from slowllama.engine.offloaded import EngineConfig, LoRAState, OffloadedModel, staging_bytes, working_bytes
+from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.engine.fleet import Fleet
+from slowllama.engine.residency import split_budgets, staging_bytes, working_bytes
 from slowllama.errors import SlowllamaError
-from slowllama.sizes import format_size, parse_size, physical_memory
-from slowllama.settings import FinetuneSettings, resolve_device
+from slowllama.model.lora import LoRAState
+from slowllama.optim.base import Optimizer
+from slowllama.settings import resolve_device
+from slowllama.sizes import parse_size, physical_memory
+from slowllama.store.adapters import AdapterFolder
 from slowllama.store.store import Store
 
 
-def make_engine(store: Store, settings, optimizer=None, lora=None, *, train: bool = False, batch_size: int = 1,
-                seq_len: int = 1, microbatches: int = 1, activations: int = 0, fleet: Optional[Fleet] = None,
-                **config) -> OffloadedModel:
-    """The offloaded model with the device, dtype and memory budgets of a command's settings.
+def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, lora: Optional[LoRAState] = None, *,
+                train: bool = False, batch_size: int = 1, seq_len: int = 1, microbatches: int = 1,
+                activations: int = 0, fleet: Optional[Fleet] = None, **config) -> OffloadedModel:
+    """The offloaded model with the device, dtype and memory budgets of a command's settings
+    (--max-memory; --max-gpu-memory on a GPU), split as engine/residency.py says.
 
-    Each budget (--max-memory; --max-gpu-memory on a GPU) is split into the working set of the module
-    in flight (an estimate from the shapes), the step's cached activations (up to half of the rest)
-    and resident modules. A budget below the working set is refused, naming the minimum.
     `activations`: bytes of activations the pass would like to keep (default: a training step's).
     """
     device, dtype = resolve_device(settings)
     master = config.get("master_weights", False)
-    stateful = bool(optimizer is not None and optimizer.stateful)
-    work = working_bytes(store.args, store.dtype, dtype, train=train, stateful=stateful, master=master,
+    # (with LoRA the optimizer's state is resident, yet counted here as if the store held it: stricter
+    # than the engine's own staging, and what every LoRA budget so far was checked against)
+    work = working_bytes(store.args, store.dtype, dtype, train=train, optimizer=optimizer, master=master,
                          lora=lora is not None, batch_size=batch_size, seq_len=seq_len, microbatches=microbatches,
                          part_elements=store.state_part_elements)
     acts = activations or (store.args.n_layers * microbatches * batch_size * seq_len * store.args.dim * dtype.itemsize
                            if train else 0)
     host = budget_setting(settings.max_memory, "--max-memory", physical_memory() // 2)
-    if device.type == "cpu":
-        free = host - work
-        if free < 0:
-            raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(work)} this model "
-                                 f"and step need in flight")
-        act = min(acts, free // 2)
-        limits = dict(device_budget=free - act, activation_budget=act)
-    else:
+    gpu = staging = 0
+    if device.type != "cpu":
         gpu = budget_setting(getattr(settings, "max_gpu_memory", "auto"), "--max-gpu-memory", device_memory(device))
-        free = gpu - work
-        if free < 0:
-            raise SlowllamaError(f"--max-gpu-memory: {format_size(gpu)} is below the {format_size(work)} this model "
-                                 f"and step need in flight")
-        act = min(acts, free // 2)
-        staging = staging_bytes(store.args, store.dtype, stateful, master, config.get("lookahead", 2),
+        staging = staging_bytes(store.args, store.dtype, optimizer, master, config.get("lookahead", 2),
                                 config.get("write_queue", 2), store.state_part_elements)
-        if host <= staging:
-            raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(staging)} of host "
-                                 "buffers that reads and writes in flight need")
-        host_act = min(acts - act, (host - staging) // 2)
-        limits = dict(device_budget=free - act, activation_budget=act, host_budget=host - staging - host_act,
-                      host_activation_budget=host_act)
-    cfg = EngineConfig(device=device, compute_dtype=dtype, **limits, **config)
+    budgets = split_budgets(device.type, host, gpu, work, acts, staging)
+    cfg = EngineConfig(device=device, compute_dtype=dtype, device_budget=budgets.device,
+                       activation_budget=budgets.activations, host_budget=budgets.host,
+                       host_activation_budget=budgets.host_activations, **config)
     return OffloadedModel(store, cfg, optimizer=optimizer, lora=lora, fleet=fleet)
 
 
@@ -77,8 +66,6 @@ def device_memory(device: torch.device) -> int:
 
 def adapter_state(store: Store, settings, device) -> "LoRAState | None":
     """The LoRA adapters of --adapter-path, for eval and generate (None without one)."""
-    from slowllama.store.adapters import AdapterFolder
-
     if not getattr(settings, "adapter_path", None):
         return None
     folder = AdapterFolder(Path(settings.adapter_path))
@@ -97,12 +84,11 @@ def check_seq_len(seq_len: int, engine_or_args) -> None:
         raise SlowllamaError(f"--seq-len: {seq_len} is above the model's max_seq_len {args.max_seq_len}")
 
 
-def check_disk_for_steps(store: Store, s: FinetuneSettings, engine: OffloadedModel, optimizer, master: bool) -> None:
-    """Refuse to start when the disk cannot hold one step's new files and spilled activations."""
-    elsize = torch.empty((), dtype=engine.cfg.compute_dtype).element_size()
-    acts = store.args.n_layers * s.batch_size * s.accumulate * s.seq_len * store.args.dim * elsize
+def check_disk_for_steps(store: Store, engine: OffloadedModel, windows: int, seq_len: int) -> None:
+    """Refuse to start when the disk cannot hold one step's new files (weights, optimizer state, master weights)
+    and the activations of `windows` windows of seq_len tokens that the memory budgets leave to spill."""
+    acts = store.args.n_layers * windows * seq_len * store.args.dim * engine.cfg.compute_dtype.itemsize
     room = engine.activation_budget.limit + engine.host_activation_budget.limit
-    spill = max(0, acts - room)
-    state = getattr(optimizer, "state_dtype", torch.float32)
-    store.check_step_space(2 * state.itemsize if optimizer.stateful else 0,
-                           4 if master and store.dtype != torch.float32 else 0, spill)
+    optimizer = engine.optimizer
+    store.check_step_space(optimizer.state_bytes_per_weight if optimizer.stateful else 0,
+                           4 if engine.updater.master else 0, max(0, acts - room))

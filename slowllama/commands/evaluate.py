@@ -7,7 +7,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from slowllama.engine.offloaded import OffloadedModel
+from slowllama.engine.chain import OffloadedModel
 from slowllama.data.windows import TokenData, count_windows, eval_batches, load_data
 from slowllama.errors import SlowllamaError
 from slowllama.settings import EvalSettings, resolve_device

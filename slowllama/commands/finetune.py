@@ -13,25 +13,36 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from slowllama.engine.offloaded import NonFiniteLoss
-from slowllama.train.checkpoints import AdapterCheckpoint, FollowerCheckpoint, StoreCheckpoint, share_adapters
+from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine
+from slowllama.commands.evaluate import evaluate
+from slowllama.commands.plot import plot_run
 from slowllama.data.windows import load_train_val, microbatches, step_windows
 from slowllama.engine.fleet import Fleet, data_digest, start_fleet
-from slowllama.errors import SlowllamaError
 from slowllama.engine.generation import generate
-from slowllama.sizes import format_size, host_peak_rss
-from slowllama.optim.schedule import SCHEDULES, clip_coefficient, lr_at
-from slowllama.optim.registry import make_optimizer
-from slowllama.commands.plot import plot_run
-from slowllama.settings import FinetuneSettings, resolve_device
-from slowllama.store.store import Store
+from slowllama.engine.step import NonFiniteLoss
+from slowllama.errors import SlowllamaError
+from slowllama.model.args import dtype_from_name
+from slowllama.model.lora import LoRAConfig, parse_targets
 from slowllama.model.tokenizer import load_tokenizer
-from slowllama.train.signals import StopRequest
-from slowllama.train.signals import StoppedBySignal
-from slowllama.commands.common import check_disk_for_steps
-from slowllama.commands.common import check_seq_len
-from slowllama.commands.evaluate import evaluate
-from slowllama.commands.common import make_engine
+from slowllama.optim.base import Optimizer
+from slowllama.optim.registry import make_optimizer
+from slowllama.optim.schedule import SCHEDULES, lr_at
+from slowllama.settings import FinetuneSettings, resolve_device
+from slowllama.sizes import format_size, host_peak_rss
+from slowllama.store.store import Store
+from slowllama.train.checkpoints import AdapterCheckpoint, NoCheckpoint, StoreCheckpoint, share_adapters
+from slowllama.train.signals import StoppedBySignal, StopRequest
+from slowllama.train.trainer import Trainer
+
+# settings that define a run: changing them on resume changes the result, so it is reported
+RUN_KEYS = ("data", "batch_size", "accumulate", "seq_len", "lr", "optimizer", "adam_betas", "adam_eps",
+            "weight_decay", "optim_dtype", "lr_schedule", "warmup_steps", "grad_clip", "clip_norm", "dropout",
+            "seed", "order", "steps", "master_weights", "rounding", "lora_rank", "lora_alpha", "lora_dropout",
+            "lora_targets", "pack", "mask_prompt", "val_split")
+
+
+def run_settings(s: FinetuneSettings) -> dict:
+    return {k: getattr(s, k) for k in RUN_KEYS}
 
 
 def validate_finetune(s: FinetuneSettings) -> None:
@@ -74,7 +85,7 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[di
     """Fine-tune: the store in place, or LoRA adapters on it (--lora-rank); returns the last step's metrics.
 
     emit() receives each step's metrics. Under torchrun every rank runs this; rank 0 alone reads and
-    writes the store, logs and emits (distributed.py).
+    writes the store, logs and emits (engine/replicas.py).
     """
     validate_finetune(s)
     if s.optimizer == "auto":  # recorded as what it resolves to
@@ -102,7 +113,8 @@ def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:
         fleet.barrier()  # the followers open the store once it is consistent (or learn that it failed)
     checkpoint = None
     try:
-        checkpoint = AdapterCheckpoint(store, s, resolve_device(s)[0], log) if lora else StoreCheckpoint(store)
+        checkpoint = (AdapterCheckpoint(store, s.adapter_path, lora_config(s), s.seed, s.new_run, s.save_every,
+                                        s.steps, resolve_device(s)[0], log) if lora else StoreCheckpoint(store))
         return _finetune(store, checkpoint, s, log, emit, fleet)
     except KeyboardInterrupt as e:  # a second Ctrl-C: the step in progress was rolled back
         where = "the adapters are at their last saved step" if lora else f"the store is at step {store.step}, committed"
@@ -151,6 +163,21 @@ def check_fleet(fleet: Fleet, s: FinetuneSettings) -> None:
         raise SameOnEveryRank("--device mps: several ranks need cuda (NCCL) or cpu (gloo)")
 
 
+def lora_config(s: FinetuneSettings) -> LoRAConfig:
+    alpha = s.lora_alpha if s.lora_alpha is not None else 2.0 * s.lora_rank
+    return LoRAConfig(s.lora_rank, alpha, s.lora_dropout, parse_targets(s.lora_targets)).validate()
+
+
+def optimizer_of(s: FinetuneSettings) -> Optimizer:
+    """The optimizer of finetune's settings (--optimizer resolved), with the hyperparameters it takes."""
+    try:
+        b1, b2 = (float(x) for x in str(s.adam_betas).split(","))
+    except ValueError:
+        raise SlowllamaError(f"--adam-betas: expected two numbers like 0.9,0.999, got {s.adam_betas!r}") from None
+    return make_optimizer(s.optimizer, betas=(b1, b2), eps=s.adam_eps, weight_decay=s.weight_decay,
+                          state_dtype=dtype_from_name(s.optim_dtype, "--optim-dtype"))
+
+
 def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: Fleet) -> dict:
     check_seq_len(s.seq_len, store.args)
     tokenizer = load_tokenizer(store.path)
@@ -161,17 +188,20 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
         except SlowllamaError as e:
             raise SameOnEveryRank(str(e)) from None
     if fleet.main:
-        run, done = checkpoint.resume(s, log)
+        run, done = checkpoint.resume(run_settings(s), s.new_run, log)
     run, done = fleet.broadcast_object((run, done) if fleet.main else None)
-    if not fleet.main:
-        checkpoint = FollowerCheckpoint(fleet, None, resolve_device(s)[0])
-    elif fleet.active:
-        share_adapters(fleet, getattr(checkpoint, "lora", None), resolve_device(s)[0])
+    device = resolve_device(s)[0]
+    if fleet.main:
+        lora = getattr(checkpoint, "lora", None)
+        if fleet.active:
+            share_adapters(fleet, lora, device)
+    else:
+        checkpoint, lora = NoCheckpoint(), share_adapters(fleet, None, device)
     if done >= s.steps:
         log(f"{checkpoint.run_dir if s.lora_rank else store.path}: the run has already finished {done} of "
             f"{s.steps} steps; nothing to do")
         return {"steps_done": done, "nothing_to_do": True}
-    optimizer = make_optimizer(s)
+    optimizer = optimizer_of(s)
     master = s.master_weights == "fp32" or any(store.manifest["files"].get("master", {}))
     if master and s.master_weights != "fp32":
         log(f"{store.path}: using the fp32 master weights the store already has")
@@ -181,17 +211,15 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
     stochastic = s.rounding == "stochastic" or (s.rounding == "auto" and not master)
     batch_size, micro = fleet.rank_batch(s.batch_size, s.accumulate)
     engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
-                         stochastic_rounding=stochastic, lora=getattr(checkpoint, "lora", None), train=True,
-                         batch_size=batch_size, seq_len=s.seq_len, microbatches=micro, fleet=fleet,
-                         compile=s.compile)
+                         stochastic_rounding=stochastic, lora=lora, train=True, batch_size=batch_size,
+                         seq_len=s.seq_len, microbatches=micro, fleet=fleet, compile=s.compile)
     if engine.compile_note:
         log(engine.compile_note)
     if not s.lora_rank and fleet.main:
-        check_disk_for_steps(store, s, engine, optimizer, master)
-    commit_every = 1
-    if not s.lora_rank and engine.fits_in_memory():
-        engine.deferred, commit_every = True, s.save_every
-        log(f"the model fits in memory: it stays resident and the store is written every {commit_every} steps")
+        check_disk_for_steps(store, engine, s.batch_size * s.accumulate, s.seq_len)
+    stop = StopRequest(log)
+    trainer = Trainer(engine, checkpoint, run, done=done, steps=s.steps, save_every=s.save_every,
+                      grad_clip=s.grad_clip, clip_norm=s.clip_norm, stop=lambda: stop.signum or 0, log=log)
     if fleet.active:
         log(engine.choose_replication())
     if fleet.main:
@@ -212,9 +240,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
             log(f"step {step}: {json.dumps(s.prompt + text, ensure_ascii=False)}")
         return out
 
-    stop = StopRequest(log)
     last = {}
-    committed = done
     with stop.installed(), tqdm(total=s.steps, initial=done, desc="finetune", unit="step",
                                 disable=None if fleet.main else True) as bar:
         for index in range(done, s.steps):
@@ -226,40 +252,9 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
             adapter0 = checkpoint.bytes_written
             if engine.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(engine.device)
-            acts = engine.activations()
             lr = lr_at(number, s.steps, s.lr, s.lr_schedule, s.warmup_steps)
-            checkpoint.begin()
-            try:
-                coef = 1.0
-                if s.grad_clip and not s.lora_rank:  # LoRA clips exactly inside the step
-                    norm = run.get("grad_norm")
-                    if s.clip_norm == "exact" or norm is None:  # norm pass: the gradient, no update
-                        norm = engine.train_step(number, batches, lr, acts, update=False,
-                                                 micro_offset=first_micro).grad_norm
-                    coef = clip_coefficient(norm, s.grad_clip)
-                result = engine.train_step(number, batches, lr, acts, clip_coef=coef, max_grad_norm=s.grad_clip,
-                                           micro_offset=first_micro)
-                run = {**run, "grad_norm": result.grad_norm}
-                stopping = fleet.max(stop.signum or 0)  # a signal to any rank stops them all after this step
-                if number % commit_every == 0 or number == s.steps or stopping:
-                    if fleet.main:
-                        engine.write_back()
-                    checkpoint.commit(number, run)
-                    committed = number
-            except NonFiniteLoss as e:
-                if e.untouched and committed < number - 1 and fleet.main:  # resident weights: the last good step's
-                    engine.write_back()
-                    checkpoint.commit(number - 1, run)
-                else:
-                    engine.discard_step()
-                    checkpoint.rollback()
-                raise
-            except BaseException:
-                engine.discard_step()
-                checkpoint.rollback()
-                raise
-            finally:
-                acts.clear()
+            outcome = trainer.step(number, batches, lr, first_micro)
+            result = outcome.result
             seconds = time.perf_counter() - t0
             last = {"step": number, "loss": result.loss, "tokens": result.tokens, "seconds": seconds,
                     "tokens_per_second": result.tokens / seconds, "lr": lr, "grad_norm": result.grad_norm,
@@ -281,8 +276,8 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
                 with open(checkpoint.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(last) + "\n")
             emit(last)
-            if stopping:
-                code = 130 if stopping == signal.SIGINT else 143
+            if outcome.stop:
+                code = 130 if outcome.stop == signal.SIGINT else 143
                 log(f"stopped after step {number} of {s.steps}; "
                     f"{'the adapters are saved' if s.lora_rank else 'the store is committed'}. "
                     "Run the same command again to resume.")

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from slowllama.model.args import ModelArgs
 from slowllama.errors import SlowllamaError
 from slowllama.model.layers import build_module
-from slowllama.optim.rounding import round_with_bits
+from slowllama.optim.base import Optimizer
 
 
 class _Compiled:
@@ -85,46 +85,30 @@ def compile_reason(wanted: bool, dropout: float, lora: bool) -> str:
     return ""
 
 
-def _sgd(w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, lr: torch.Tensor,
-         noise: Optional[torch.Tensor]) -> torch.Tensor:
-    """optim.SGD's update of one 16- or 32-bit weight, from its gradient times the clip coefficient."""
-    return round_with_bits(w.float() - lr * (g.float() * coef), w.dtype, noise)
-
-
-def _adamw(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, coef: torch.Tensor,
-           scalars: torch.Tensor, noise: Optional[torch.Tensor]):
-    """optim.AdamW's update of one weight and its moments: returns (weight, exp_avg, exp_avg_sq) in their dtypes.
-    scalars: (1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, sqrt(bias_correction2), eps, step_size)."""
-    decay, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, step_size = scalars.unbind()
-    g32 = g.float() * coef
-    m32 = m.float().lerp(g32, one_minus_b1)
-    v32 = v.float() * b2 + one_minus_b2 * g32 * g32
-    w32 = w.float() * decay - step_size * (m32 / (v32.sqrt() / bc2_sqrt + eps))
-    return round_with_bits(w32, w.dtype, noise), m32.to(m.dtype), v32.to(v.dtype)
-
-
 class CompiledUpdates(_Compiled):
-    """SGD and AdamW updates of a module's weights, each weight in one fused pass (rounding included).
+    """An optimizer's updates, each part of a weight in one fused pass (rounding included).
 
     Eager, an update is a dozen passes over each weight: upcasts, the update's ops, the stochastic
-    rounding's bit operations. Same arithmetic as optim.py's (the fused order of fp32 operations may
-    round differently in the last bit), and the same random bits: they are drawn eagerly, from the
-    same generator in the same order, so a resumed run rounds as the first one did.
+    rounding's bit operations. This compiles the optimizer's `fused` (optim/base.py), the same
+    arithmetic as its eager `update` (the fused order of fp32 operations may round differently in
+    the last bit), with the same random bits: they are drawn eagerly, from the same generator in the
+    same order, so a resumed run rounds as the first one did.
     """
 
     what = "updates"
 
-    def __init__(self, on_failure: Optional[Callable[[str], None]] = None):
+    def __init__(self, optimizer: Optimizer, on_failure: Optional[Callable[[str], None]] = None):
         super().__init__(on_failure)
-        self.sgd = torch.compile(_sgd)
-        self.adamw = torch.compile(_adamw)
+        self.run = torch.compile(type(optimizer).fused)
 
-    def __call__(self, fn, *args):
-        """fn(*args) compiled (self.sgd or self.adamw); None once compiling has failed (the caller runs eager)."""
+    def __call__(self, w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, scalars: torch.Tensor,
+                 state: tuple[torch.Tensor, ...], noise: Optional[torch.Tensor]):
+        """(new weight, new state tensors) of one part, compiled; None once compiling has failed (the caller
+        runs the eager update)."""
         if self.failed:
             return None
         try:
-            return fn(*args)
+            return self.run(w, g, coef, scalars, state, noise)
         except torch._dynamo.exc.TorchDynamoException as e:
             self._failed(e)
             return None

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from slowllama.engine.offloaded import OffloadedModel
+from slowllama.engine.chain import OffloadedModel
 from slowllama.errors import SlowllamaError
 from slowllama.model.layers import KVCache, rope_tables
 from slowllama.model.tokenizer import Tokenizer

@@ -6,7 +6,7 @@ adapter folder's files: store/adapters.py."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,15 @@ class LoRAConfig:
             raise SlowllamaError(f"--lora-targets: unknown target {unknown[0] if unknown else '(none)'!r} "
                                  f"(choose from {','.join(TARGETS)})")
         return self
+
+
+@dataclass
+class LoRAState:
+    """Resident LoRA adapters of every block (fp32 Parameters) and their optimizer state."""
+
+    cfg: LoRAConfig
+    params: dict[str, nn.Parameter]  # "layers.N.attention.wq.lora_a" -> (rank, in), "...lora_b" -> (out, rank)
+    optim_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def parse_targets(text: str) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""AdamW, torch.optim.AdamW's arithmetic, with its state kept in the store."""
+"""AdamW with torch.optim.AdamW's arithmetic (amsgrad off): two moments and a step count per weight."""
 
 from __future__ import annotations
 
@@ -8,18 +8,32 @@ from typing import Optional
 import torch
 
 from slowllama.errors import SlowllamaError
+from slowllama.optim.base import Optimizer
+from slowllama.optim.rounding import round_with_bits
+
+
+def adamw_fused(w, g, coef, scalars, state, noise):
+    """AdamW's update of one weight and its moments: (weight, (exp_avg, exp_avg_sq)) in their dtypes.
+    scalars: (1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, sqrt(bias_correction2), eps, step_size)."""
+    m, v = state
+    decay, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, step_size = scalars.unbind()
+    g32 = g.float() * coef
+    m32 = m.float().lerp(g32, one_minus_b1)
+    v32 = v.float() * b2 + one_minus_b2 * g32 * g32
+    w32 = w.float() * decay - step_size * (m32 / (v32.sqrt() / bc2_sqrt + eps))
+    return round_with_bits(w32, w.dtype, noise), (m32.to(m.dtype), v32.to(v.dtype))
 
 
 @dataclass
-class AdamW:
-    """torch.optim.AdamW's update (amsgrad off), state exp_avg, exp_avg_sq and step per weight."""
-
+class AdamW(Optimizer):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
     state_dtype: torch.dtype = torch.float32
     name = "adamw"
-    stateful = True
+    summary = "torch.optim.AdamW"
+    state_names = ("exp_avg", "exp_avg_sq")
+    counts_steps = True
 
     def __post_init__(self):
         b1, b2 = self.betas
@@ -30,28 +44,18 @@ class AdamW:
         if not self.weight_decay >= 0:
             raise SlowllamaError(f"--weight-decay: must be >= 0, got {self.weight_decay}")
 
-    def init_state(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = next(iter(params.values())).device
-        state = {"step": torch.zeros((), dtype=torch.float32, device=device)}  # updates so far (all weights of a module)
-        for k, p in params.items():
-            state[f"{k}.exp_avg"] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
-            state[f"{k}.exp_avg_sq"] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
-        return state
-
-    def fused_scalars(self, step: float, lr: float, device) -> torch.Tensor:
-        """The scalars of update number `step` as compiled.py's fused AdamW takes them."""
+    def scalars(self, lr: float, number: Optional[float], device) -> torch.Tensor:
         b1, b2 = self.betas
-        return torch.tensor([1 - lr * self.weight_decay, 1 - b1, b2, 1 - b2, (1 - b2 ** step) ** 0.5, self.eps,
-                             lr / (1 - b1 ** step)], dtype=torch.float32, device=device)
+        return torch.tensor([1 - lr * self.weight_decay, 1 - b1, b2, 1 - b2, (1 - b2 ** number) ** 0.5, self.eps,
+                             lr / (1 - b1 ** number)], dtype=torch.float32, device=device)
 
-    def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-               state: dict[str, torch.Tensor], lr: float, step: Optional[float] = None) -> None:
-        """step: the number of this update, where the caller knows it (state["step"] + 1: no device sync)."""
+    def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+               lr: float, number: Optional[float] = None) -> None:
         b1, b2 = self.betas
         state["step"] += 1
-        step = state["step"].item() if step is None else step
-        bias_correction1 = 1 - b1 ** step
-        bias_correction2 = 1 - b2 ** step
+        number = state["step"].item() if number is None else number
+        bias_correction1 = 1 - b1 ** number
+        bias_correction2 = 1 - b2 ** number
         step_size = lr / bias_correction1
         for k, p in params.items():
             g = grads[k]
@@ -67,3 +71,5 @@ class AdamW:
             if m is not exp_avg:
                 exp_avg.copy_(m)
                 exp_avg_sq.copy_(v)
+
+    fused = staticmethod(adamw_fused)

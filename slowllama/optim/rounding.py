@@ -7,7 +7,6 @@ from typing import Optional
 import torch
 
 
-
 def round_to(w32: torch.Tensor, dtype: torch.dtype, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """fp32 -> dtype; with a generator, stochastic rounding (unbiased: E[result] = w32) for bf16."""
     bits = rounding_bits(w32, generator) if generator is not None and dtype == torch.bfloat16 else None

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import math
 
 import torch
 
 from slowllama.errors import SlowllamaError
-
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -24,8 +24,6 @@ def lr_at(step: int, total: int, base: float, schedule: str = "constant", warmup
     span = max(1, total - warmup)
     progress = min(1.0, (step - warmup) / span)
     if schedule == "cosine":
-        import math
-
         return base * 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "linear":
         return base * (1.0 - progress)

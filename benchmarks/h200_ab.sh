@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Old commit against new commit, back to back on one machine: the bench rows of RESULTS.md's latest table.
+#   OLD=folder-with-the-old-checkout bash benchmarks/h200_ab.sh STAGE    ($OUT: JSON lines and logs of every run)
+# Each run alternates old, new (then new, old for the second of a pair) so drift in the machine shows.
+set -u
+cd "$(dirname "$0")/.."
+NEW=$PWD
+OLD=${OLD:?set OLD to a checkout of the commit to compare with}
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+S7=/tmp/bench-7b
+bench() {  # bench WHICH NAME ARGS...: one run of the checkout WHICH (old|new)
+    local which=$1 name=$2; shift 2
+    local dir=$NEW; [ "$which" = old ] && dir=$OLD
+    echo "== $which $name: slowllama bench $*"
+    (cd "$dir" && PYTHONPATH=$dir timeout 560 python3 -m slowllama bench "$@" --json) > "$OUT/$which-$name.jsonl" 2> "$OUT/$which-$name.log"
+    echo "exit $?"; tail -n 1 "$OUT/$which-$name.jsonl" | python3 -c "
+import json, sys
+s = json.loads(sys.stdin.read() or '{}'); m = s.get('median', {})
+print('  median s/step', round(m.get('seconds') or 0, 4), 'eff', round(m.get('efficiency') or 0, 3),
+      'mfu', round(m.get('mfu') or 0, 4), 'peak_gpu', s.get('peak_gpu_bytes'), 'peak_rss', s.get('peak_rss_bytes'))"
+    grep -v '^{' "$OUT/$which-$name.log" | grep -v "^measuring\|^timing" | tail -n 2
+    python3 -c "
+import json
+for line in open('$OUT/$which-$name.jsonl'):
+    r = json.loads(line)
+    if 'summary' not in r: print('  step', r['step'], round(r['seconds'], 4), 'loss', round(r['loss'], 5))"
+}
+pair() {  # pair NAME ARGS...: old then new, and new then old
+    local name=$1; shift
+    bench old "$name" "$@"; bench new "$name" "$@"; bench new "$name-2" "$@"; bench old "$name-2" "$@"
+}
+case "${1:-}" in
+resident)  # SGD 16x256 resident (save-every 100), LoRA r4 wq,wv 16x128: the model stays on the GPU
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch; print(torch.__version__)"; df -h /tmp | tail -1; nproc
+    (cd "$NEW" && PYTHONPATH=$NEW python3 -m slowllama bench --preset 7b --store-dir $S7 --steps 1 --probe-size 64M --device cuda > /dev/null 2>&1)  # build the store once
+    pair sgd_16x256_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --save-every 100 --probe-size 256M
+    pair lora4_16x128 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 128 --steps 4 --lora-rank 4 --probe-size 256M
+    ;;
+adamw)  # AdamW resident on the GPU, and with model + moments in host RAM (GPU 16G)
+    pair adamw_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 256M
+    pair adamw_hostram --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 256M
+    ;;
+ssd)  # SGD SSD-bound: host 4 GiB, GPU 8 GiB, page cache dropped (every step reads and writes the store)
+    bench old sgd_ssd --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    bench new sgd_ssd --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    ;;
+ssd2)
+    bench new sgd_ssd-2 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    bench old sgd_ssd-2 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    ;;
+cuda)  # the CUDA tests at the new commit
+    (cd "$NEW" && PYTHONPATH=$NEW python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 5)
+    ;;
+*)
+    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|adamw|ssd|ssd2|cuda" >&2; exit 2
+    ;;
+esac

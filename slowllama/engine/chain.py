@@ -1,0 +1,347 @@
+"""The offloaded model: its modules live in the store and pass through the device one at a time.
+
+Forward: embeddings -> block 0 .. block L-1, microbatch by microbatch inside each module, keeping
+every module's input (Activations). The dropout masks of module m in microbatch k of step s come
+from a seed that is a function of (run seed, s, k, m), set just before the module runs, so the
+backward pass replays them exactly, a resumed run draws the same ones, and so do several ranks.
+
+Backward: head (norm + output + loss, run here for the first time, with autograd) -> block L-1 ..
+block 0 -> embeddings. Each module is loaded once, re-run on its saved inputs with its seeds, and
+backpropagated for all K microbatches (its gradient accumulates over them), then updated by the
+optimizer (updates.py) and handed back to the pipeline; the gradient with respect to its input
+passes down. What stays resident and what is read ahead: residency.py and pipeline.py; several
+ranks: replicas.py. The step's transaction around this (begin, commit, roll back): train/trainer.py.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slowllama.engine.activations import Activations, Budget
+from slowllama.engine.compiled import CompiledBlocks, CompiledUpdates, compile_reason, wants_compile
+from slowllama.engine.fleet import Fleet
+from slowllama.engine.pipeline import Pipeline
+from slowllama.engine.replicas import Replicas
+from slowllama.engine.residency import eval_plan, fits_in_memory, staging_bytes, train_plan
+from slowllama.engine.step import NonFiniteLoss, Step, StepResult, Tally, module_seed
+from slowllama.engine.updates import Updater
+from slowllama.errors import SlowllamaError
+from slowllama.faults import fault_point
+from slowllama.model.args import ModelArgs, model_param_count
+from slowllama.model.layers import IGNORE_INDEX, build_module, cross_entropy_sum, module_names, rope_tables
+from slowllama.model.lora import LoRAState, block_params, inject
+from slowllama.optim.base import Optimizer
+from slowllama.optim.sgd import SGD
+from slowllama.store.store import Store
+
+
+@dataclass
+class EngineConfig:
+    device: torch.device
+    compute_dtype: torch.dtype
+    dropout: float = 0.0
+    seed: int = 0
+    device_budget: int = 1 << 62  # bytes for resident modules on the device (on cpu: in memory)
+    host_budget: int = 1 << 62  # bytes for resident modules in host memory (a GPU's host)
+    activation_budget: int = 1 << 62  # bytes for a step's cached activations on the device (on cpu: in memory)
+    host_activation_budget: int = 0  # ... and in host memory (a GPU's host), before the scratch folder
+    lookahead: int = 2  # modules read ahead of use (0: no prefetch)
+    write_queue: int = 2  # updated modules whose writes may be in flight (0: synchronous writes)
+    head_chunk_bytes: int = 256 << 20  # logits of at most this many bytes at once (fp32)
+    stochastic_rounding: bool = False  # for 16-bit stores without master weights
+    master_weights: bool = False  # keep (and use) an fp32 master copy in the store
+    compile: str = "off"  # training's blocks and updates through torch.compile: auto (on cuda), on, off
+
+
+class OffloadedModel:
+    """Forward, eval and training steps of a model whose modules are streamed from a store.
+
+    With `lora`, the store is a frozen base: blocks get the resident adapters injected, only the
+    adapters are trained, and nothing is written to the store.
+    With a `fleet` of several ranks (fleet.py), training steps run data-parallel (replicas.py).
+    """
+
+    def __init__(self, store: Store, cfg: EngineConfig, optimizer: Optional[Optimizer] = None,
+                 lora: Optional[LoRAState] = None, fleet: Optional[Fleet] = None):
+        self.store, self.cfg, self.lora = store, cfg, lora
+        self.fleet = fleet or Fleet()
+        self.args: ModelArgs = store.args
+        self.names = module_names(self.args)
+        self.device = cfg.device
+        self.device_budget = Budget(cfg.device_budget, "device")
+        self.host_budget = Budget(cfg.host_budget, "host") if cfg.device.type != "cpu" else self.device_budget
+        self.activation_budget = Budget(cfg.activation_budget, "activations")
+        self.host_activation_budget = Budget(cfg.host_activation_budget, "host activations")
+        self.optimizer = optimizer or SGD()
+        master = cfg.master_weights and store.dtype != torch.float32 and lora is None
+        staging = staging_bytes(self.args, store.dtype, self.optimizer if lora is None else None, master,
+                                cfg.lookahead, cfg.write_queue, store.state_part_elements)
+        self.pipe = Pipeline(store, cfg.device, self.device_budget, self.host_budget, cfg.lookahead, cfg.write_queue,
+                             staging)
+        self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device)
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        wanted = wants_compile(cfg.compile, cfg.device)
+        self.compile_note = compile_reason(wanted, cfg.dropout, lora is not None)
+        on_failure = None if cfg.compile == "on" else (lambda m: print(m, file=sys.stderr, flush=True))
+        self.compiled_blocks = CompiledBlocks(self.args, on_failure) if wanted and not self.compile_note else None
+        compiled_updates = CompiledUpdates(self.optimizer, on_failure) if wanted else None
+        self.updater = Updater(store, self.pipe, self.optimizer, cfg.device, self.names, master=master,
+                               stochastic=cfg.stochastic_rounding, seed=cfg.seed, compiled=compiled_updates)
+
+    # ---- residency ------------------------------------------------------------------------
+    def fits_in_memory(self) -> bool:
+        """Whether every module, with its optimizer state and master weights, fits the resident budgets."""
+        room = self.device_budget.limit + (self.host_budget.limit if self.host_budget is not self.device_budget else 0)
+        return fits_in_memory(sum(self.store.module_bytes(n) for n in self.names),
+                              model_param_count(self.args)["total"], self.optimizer if self.lora is None else None,
+                              self.updater.master, room)
+
+    def fits_on_device(self) -> bool:
+        """Whether every module's weights fit the device budget (ranks > 0 then keep them all)."""
+        return sum(self.store.module_bytes(n) for n in self.names) * 1.1 <= self.device_budget.limit
+
+    def defer_writes(self) -> None:
+        """Keep updates resident until write_back() (a model that fits in memory: written at commit points)."""
+        self.updater.deferred = True
+
+    def choose_replication(self) -> str:
+        """Several ranks: whether ranks > 0 keep a copy of every module (a collective); the line that says so."""
+        return self.replicas.choose(self.fits_on_device())
+
+    def write_back(self) -> None:
+        """Make the store hold every update so far (queue what is resident and newer, wait for all writes)."""
+        self.pipe.write_dirty()
+        self.pipe.flush()
+
+    def discard_step(self) -> None:
+        """After a failed step: forget resident weights that may hold its uncommitted updates."""
+        self.pipe.discard()
+        if self.lora is not None:
+            for p in self.lora.params.values():
+                p.grad = None
+
+    # ---- building blocks ------------------------------------------------------------------
+    def rope(self, seqlen: int):
+        if seqlen not in self._rope:
+            self._rope = {seqlen: rope_tables(self.args, 0, seqlen, device=self.device)}
+        return self._rope[seqlen]
+
+    def activations(self) -> Activations:
+        """A cache for one step's module inputs, on the device, then the host, then the scratch folder."""
+        host = self.host_activation_budget if self.device.type != "cpu" else None
+        scratch = self.store.scratch / f"rank{self.fleet.rank}" if self.fleet.active else self.store.scratch
+        return Activations(self.activation_budget, scratch, self.device, host)
+
+    def module(self, name: str, train: bool = False, grad: bool = False) -> nn.Module:
+        """Build module `name` around its (resident or freshly read) weights, in the compute dtype."""
+        tensors = self.replicas.weights(name)
+        m = build_module(self.args, name, dropout=self.cfg.dropout if train else 0.0)
+        m.load_state_dict({k: v.to(self.cfg.compute_dtype) for k, v in tensors.items()}, assign=True)
+        m.requires_grad_(grad and self.lora is None)
+        if self.lora is not None and name.startswith("layers."):
+            inject(m, block_params(self.lora.params, name), self.lora.cfg)
+        return m.train(train)
+
+    def head(self, train: bool = False, grad: bool = False):
+        """The head module and the output weight to pass it: the embedding matrix if they are tied."""
+        head = self.module("head", train, grad)
+        if not self.args.tie_word_embeddings:
+            return head, None
+        emb = self.module("tok_embeddings", train, grad)
+        return head, emb.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        head, weight = self.head()
+        return head(h, weight)
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   train: bool) -> torch.Tensor:
+        """A training step's block runs compiled where asked for (eval and generation stay eager)."""
+        if train and self.compiled_blocks is not None:
+            return self.compiled_blocks(block, x, cos, sin)
+        return block(x, cos, sin)
+
+    def _seed(self, number: int, micro: int, index: int) -> None:
+        if self.cfg.dropout > 0:
+            torch.manual_seed(module_seed(self.cfg.seed, number, micro, index))
+
+    def _head_chunks(self, n_tokens: int):
+        per = max(1, self.cfg.head_chunk_bytes // (4 * self.args.vocab_size * 3))  # logits, softmax, grad
+        for start in range(0, n_tokens, per):
+            yield slice(start, min(start + per, n_tokens))
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward_hidden(self, batches: list[torch.Tensor], acts: Optional[Activations], train: bool = False,
+                       step: int = 0, micro_offset: int = 0) -> list[torch.Tensor]:
+        """Run embeddings and all blocks over the microbatches; returns the final hidden states.
+
+        With `acts`, the input of every block (and of the head) is kept there under (level, microbatch).
+        step: the step's number (dropout seeds); micro_offset: the step-wide index of the first microbatch.
+        """
+        with torch.no_grad():
+            fault_point("forward.module")
+            emb = self.module("tok_embeddings", train)
+            hs = []
+            for k, tokens in enumerate(batches):
+                self._seed(step, micro_offset + k, 0)
+                hs.append(emb(tokens.to(self.device)))
+            del emb
+            cos, sin = self.rope(batches[0].shape[1])
+            for i in range(self.args.n_layers):
+                fault_point("forward.module")
+                block = self.module(f"layers.{i}", train)
+                for k in range(len(hs)):
+                    if acts is not None:
+                        acts.put((i, k), hs[k])
+                    self._seed(step, micro_offset + k, i + 1)
+                    hs[k] = self._run_block(block, hs[k], cos, sin, train)
+                del block
+        return hs
+
+    def loss_sum(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+        """Summed cross-entropy and number of targets over microbatches (no gradients): eval's core."""
+        self.pipe.set_plan(eval_plan(self.args))
+        hs = self.forward_hidden([x for x, _ in batches], None)
+        head, weight = self.head()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for h, (_, y) in zip(hs, batches):
+                y = y.to(self.device)
+                for rows in self._head_chunks(h.shape[0] * h.shape[1]):
+                    hf = h.reshape(-1, h.shape[-1])[rows]
+                    total += cross_entropy_sum(head(hf, weight), y.reshape(-1)[rows]).item()
+                count += int((y != IGNORE_INDEX).sum())
+        return total, count
+
+    # ---- training -------------------------------------------------------------------------
+    def train_step(self, step: Step, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                   acts: Activations) -> StepResult:
+        """One optimizer step over the microbatches: forward, backward, and every module updated and handed to
+        the pipeline (train/trainer.py runs it between a step's begin and its commit).
+
+        The store is at step.number - 1 of the run. Gradients are multiplied by step.clip_coef before
+        the update; step.update False only measures the gradient norm (exact clipping's norm pass):
+        nothing is updated or written. With LoRA the adapters are updated once the whole backward is
+        done, so their clipping to step.max_grad_norm is exact; the embeddings (frozen, the last in the
+        chain) are not even re-run. With several ranks, `batches` are this rank's share of the step's
+        windows (the first of them microbatch number step.micro_offset); the result is the whole step's.
+        """
+        with self.replicas.step():
+            return self._train_step(step, batches, acts)
+
+    def _train_step(self, step: Step, batches, acts: Activations) -> StepResult:
+        tally = Tally(step.number)
+        self.pipe.set_plan(train_plan(self.args, self.store.state_parts,
+                                      self.updater.state_kinds if self.lora is None else [],
+                                      embeddings_backward=self.lora is None))
+        n_targets = int(self.fleet.sum(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)))
+        if n_targets == 0:
+            raise SlowllamaError(f"step {step.number}: no targets carry loss in this batch")
+        scale = 1.0 / n_targets
+        hs = self.forward_hidden([x for x, _ in batches], acts, train=True, step=step.number,
+                                 micro_offset=step.micro_offset)
+
+        # head: norm + output + loss, with autograd, in chunks of tokens
+        fault_point("backward.module")
+        head, tied = self.head(train=True, grad=self.lora is None)
+        grads, loss = [], torch.zeros((), dtype=torch.float64, device=self.device)
+        for h, (_, y) in zip(hs, batches):
+            y = y.to(self.device).reshape(-1)
+            flat = h.reshape(-1, h.shape[-1])
+            g = torch.empty_like(flat)
+            for rows in self._head_chunks(flat.shape[0]):
+                hc = flat[rows].detach().requires_grad_(True)
+                chunk_loss = cross_entropy_sum(head(hc, tied), y[rows]) * scale
+                chunk_loss.backward()
+                g[rows] = hc.grad
+                loss += chunk_loss.detach()  # summed on the device: one sync for the step, below
+            grads.append(g.view_as(h))
+        del hs
+        loss = self.fleet.sum(loss.item())
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"step {step.number}: the loss is {loss}; nothing of this step was written "
+                                "(try a lower --lr)", untouched=not tally.touched)
+        # a tied output projection's gradient joins the embeddings' own at their update
+        tied_grad = tied.grad if tied is not None else None
+        del tied
+        self._finish("head", head, step, tally)
+
+        for i in reversed(range(self.args.n_layers)):
+            name = f"layers.{i}"
+            fault_point("backward.module")
+            block = self.module(name, train=True, grad=True)
+            cos, sin = self.rope(batches[0][0].shape[1])
+            for k in range(len(batches)):
+                acts.prefetch((i, k + 1) if k + 1 < len(batches) else (i - 1, 0))  # the next input, meanwhile
+                x = acts.pop((i, k)).detach().requires_grad_(True)
+                self._seed(step.number, step.micro_offset + k, i + 1)
+                with torch.enable_grad():
+                    y = self._run_block(block, x, cos, sin, train=True)
+                y.backward(grads[k])
+                grads[k] = x.grad
+            self._finish(name, block, step, tally)
+
+        tokens = int(self.fleet.sum(sum(x.numel() for x, _ in batches)))
+        if self.lora is not None:
+            self._update_adapters(step, tally)
+        else:
+            fault_point("backward.module")
+            self._embeddings_backward(batches, grads, tied_grad, step, tally)
+        return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=tally.grad_norm())
+
+    def _finish(self, name: str, module: nn.Module, step: Step, tally: Tally) -> None:
+        """A module's backward is done: update it (full fine-tuning) or leave it (LoRA: frozen base)."""
+        if self.lora is None:
+            self._update_module(name, {k: p.grad for k, p in module.named_parameters()}, step, tally)
+
+    def _update_module(self, name: str, grads: dict[str, torch.Tensor], step: Step, tally: Tally) -> None:
+        """Sum the module's gradient over ranks; rank 0 updates it, and the replicas follow."""
+        grads = self.replicas.reduce(grads)
+        new = self.updater.module(name, grads, step, tally) if self.fleet.main else None
+        self.replicas.updated(name, new, step)
+
+    def _embeddings_backward(self, batches, grads, tied_grad, step: Step, tally: Tally) -> None:
+        """The embeddings' gradient, only in the rows the step used; SGD updates and writes only those rows.
+
+        The rows are gathered once (ids sorted), and each microbatch's lookup and dropout are re-run on
+        them: the same values and masks as the forward pass, and a gradient of (used rows, dim)
+        instead of (vocab, dim). A stateful optimizer (whose moments move every row), master weights
+        and a tied output projection (a gradient in every row) take the dense path.
+        """
+        weight = self.replicas.weights("tok_embeddings")["weight"]
+        ids = torch.unique(torch.cat([x.reshape(-1) for x, _ in batches]).to(self.device))
+        rows = weight[ids].to(self.cfg.compute_dtype).requires_grad_(True)
+        p = self.cfg.dropout
+        for k, (x, _) in enumerate(batches):
+            self._seed(step.number, step.micro_offset + k, 0)
+            with torch.enable_grad():
+                index = torch.searchsorted(ids, x.to(self.device).contiguous())
+                out = F.dropout(F.embedding(index, rows), p, training=p > 0)
+            out.backward(grads[k])
+        # (ranks use different rows: their gradients are summed dense)
+        sparse = (not self.optimizer.stateful and tied_grad is None and not self.fleet.active
+                  and not self.updater.master)
+        if sparse:
+            self.updater.rows("tok_embeddings", "weight", ids, rows.grad, step, tally)
+            return
+        dense = torch.zeros(weight.shape, dtype=torch.float32, device=self.device)
+        dense.index_add_(0, ids, rows.grad.float())
+        if tied_grad is not None:
+            dense += tied_grad.float()
+        self._update_module("tok_embeddings", {"weight": dense}, step, tally)
+
+    def _update_adapters(self, step: Step, tally: Tally) -> None:
+        """The resident adapters' gradients summed over ranks (every rank applies the same update), then updated."""
+        params = self.lora.params
+        grads = {k: p.grad.float() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+        grads = self.fleet.all_reduce(grads)
+        for p in params.values():
+            p.grad = None
+        self.lora.optim_state = self.updater.adapters(params, self.lora.optim_state, grads, step, tally)

@@ -1,0 +1,68 @@
+"""What one training step is to the engine: its values (a small frozen object handed down the chain, not kept
+on the engine), what it tallies while its modules are done, and what it returns."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from slowllama.errors import SlowllamaError
+
+
+@dataclass(frozen=True)
+class Step:
+    number: int  # the step being made, 1-based in the run: it seeds dropout masks and stochastic rounding
+    lr: float
+    clip_coef: float = 1.0  # gradients are multiplied by this before the update
+    update: bool = True  # False: exact clipping's norm pass, which measures the gradient and changes nothing
+    max_grad_norm: float = 0.0  # LoRA: the adapters are clipped to it exactly, after the whole backward pass
+    micro_offset: int = 0  # the step-wide index of this rank's first microbatch (dropout seeds)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean token cross-entropy over all targets of the step
+    targets: int  # number of targets that carry loss
+    tokens: int  # number of input tokens
+    grad_norm: float  # global L2 norm of the step's gradient, before clipping
+
+
+class NonFiniteLoss(SlowllamaError):
+    """A NaN or infinite loss or gradient. `untouched`: no weight had been updated yet in this step."""
+
+    def __init__(self, message: str, untouched: bool):
+        super().__init__(message)
+        self.untouched = untouched
+
+
+@dataclass
+class Tally:
+    """What a step gathers as its modules are done: each gradient's norm, and whether a weight has changed
+    (then resident copies may hold the step's updates)."""
+
+    number: int
+    norms: list[torch.Tensor] = field(default_factory=list)
+    touched: bool = False
+
+    def record(self, where: str, grads: dict[str, torch.Tensor]) -> None:
+        """Record each gradient's norm; a non-finite one stops the step before anything is written.
+
+        The global norm is then the norm of all per-tensor norms, as clip_grad_norm_ computes it.
+        """
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads.values()]
+        if not torch.isfinite(torch.stack(norms)).all().item():  # one device sync per module
+            bad = next(k for k, g in grads.items() if not torch.isfinite(g).all())
+            raise NonFiniteLoss(f"step {self.number}: non-finite gradient in {where}{bad}; nothing of this step "
+                                "was committed (try a lower --lr)", untouched=not self.touched)
+        self.norms.extend(norms)
+
+    def grad_norm(self) -> float:
+        return torch.linalg.vector_norm(torch.stack(self.norms)).item() if self.norms else 0.0
+
+
+def module_seed(run_seed: int, step: int, micro: int, module_index: int) -> int:
+    """The RNG seed for one module in one microbatch of one step (dropout masks; micro -1: rounding bits)."""
+    digest = hashlib.blake2b(f"{run_seed}/{step}/{micro}/{module_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

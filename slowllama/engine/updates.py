@@ -1,0 +1,156 @@
+"""Updates: one optimizer step over a module's parts, over some rows of the embeddings, or over the adapters.
+
+A module's update runs part by part (store/state_parts.py: rows of one weight), so that only a
+part's optimizer state and master weights are in flight at once: each is read ahead by the
+pipeline, updated and handed back to it (written at once, or kept dirty until a commit point with
+deferred writes) while the next is read. Arithmetic in fp32, on the master copy if there is one (in
+place), else on the stored weights upcast, rounded back to the store's dtype (stochastically if so
+configured); fused into one pass per part where compiled (the optimizer's `fused`), eager otherwise,
+with the same random rounding bits either way.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from slowllama.engine.compiled import CompiledUpdates
+from slowllama.engine.pipeline import Pipeline
+from slowllama.engine.step import Step, Tally, module_seed
+from slowllama.errors import SlowllamaError
+from slowllama.optim.base import Optimizer
+from slowllama.optim.rounding import round_to, round_with_bits, rounding_bits
+from slowllama.optim.schedule import clip_coefficient
+from slowllama.store.state_parts import StatePart
+from slowllama.store.store import Store
+
+
+class Updater:
+    """The optimizer applied to what a backward pass has made final, the results handed to the pipeline.
+
+    master: the store keeps fp32 master weights (16-bit stores); stochastic: round bf16 weights
+    stochastically, from bits seeded by (seed, step, module); deferred: updates stay resident until
+    the next commit point (a model that fits in memory) instead of being written at once.
+    """
+
+    def __init__(self, store: Store, pipe: Pipeline, optimizer: Optimizer, device: torch.device, names: list[str],
+                 *, master: bool, stochastic: bool, seed: int, compiled: Optional[CompiledUpdates]):
+        self.store, self.pipe, self.optimizer, self.device = store, pipe, optimizer, device
+        self.names, self.master, self.stochastic, self.seed = names, master, stochastic, seed
+        self.compiled = compiled if not master else None  # the fused updates round from a 16-bit weight
+        self.deferred = False
+
+    @property
+    def state_kinds(self) -> list[str]:
+        """What a module's update reads beside its weights, part by part: master weights, optimizer state."""
+        return (["master"] if self.master else []) + (["optim"] if self.optimizer.stateful else [])
+
+    def module(self, name: str, grads: dict[str, torch.Tensor], step: Step, tally: Tally) -> Optional[dict]:
+        """Apply the optimizer to a module's accumulated gradients and hand its new weights (and state) to the
+        pipeline. Returns the new weights in the store's dtype (None in a norm pass, which updates nothing).
+
+        The resident tensors may be updated in place, so a failed step must drop them (Pipeline.discard).
+        """
+        tally.record(f"{name}.", grads)
+        if not step.update:
+            return None
+        tally.touched = True
+        weights = self.pipe.get(("modules", name))
+        gen = self._rounding_generator(name, step.number)
+        number = scalars = None  # the update's number (optimizers that count steps), the fused update's constants
+        pieces: dict[str, list[torch.Tensor]] = {k: [] for k in weights}
+        for part in self.store.state_parts(name):
+            w, g = weights[part.key][part.rows], grads[part.key][part.rows]
+            bits = rounding_bits(w, gen) if gen is not None else None  # drawn in part order, however updated
+            state = self._state(part, w) if self.optimizer.stateful else {}
+            if number is None and self.optimizer.counts_steps:  # every part has had the same updates: one sync
+                number = state["step"].item() + 1
+            out = None
+            if self.compiled is not None:
+                scalars = scalars if scalars is not None else self._scalars(step, number)
+                out = self.compiled(w, g, *scalars, tuple(state[f"{part.key}.{n}"] for n in
+                                                          self.optimizer.state_names), bits)
+            if out is not None:
+                new_w, new_state = out
+                state = ({"step": state["step"] + 1} if self.optimizer.counts_steps else {}) | {
+                    f"{part.key}.{n}": t for n, t in zip(self.optimizer.state_names, new_state)}
+            else:
+                g = g.float() * step.clip_coef if step.clip_coef != 1.0 else g.float()
+                if self.master and self.pipe.has(("master", part.name)):
+                    w32 = self.pipe.get(("master", part.name))[part.key]
+                else:
+                    w32 = w.float()
+                self.optimizer.update({part.key: w32}, {part.key: g}, state, step.lr, number)
+                new_w = round_with_bits(w32, self.store.dtype, bits)
+                if self.master:
+                    self.keep(part.name, "master", {part.key: w32})
+            if state:
+                self.keep(part.name, "optim", state)
+            pieces[part.key].append(new_w)
+        new = {k: p[0] if len(p) == 1 else torch.cat(p) for k, p in pieces.items()}
+        self.keep(name, "modules", new)
+        return new
+
+    def _state(self, part: StatePart, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A part's optimizer state: from the store (checked to be this optimizer's), or fresh."""
+        if not self.pipe.has(("optim", part.name)):
+            return self.optimizer.init_state({part.key: w})
+        state = self.pipe.get(("optim", part.name))
+        if set(state) != self.optimizer.state_keys(part.key):
+            raise SlowllamaError(f"{self.store.path}: the optimizer state of {part.name} holds "
+                                 f"{', '.join(sorted(state))}, not the state of --optimizer {self.optimizer.name} "
+                                 "(the store was trained with another optimizer)")
+        return state
+
+    def _scalars(self, step: Step, number: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device scalars of a module's fused updates (made once per module: each costs a copy)."""
+        return (torch.tensor(step.clip_coef, dtype=torch.float32, device=self.device),
+                self.optimizer.scalars(step.lr, number, self.device))
+
+    def rows(self, name: str, key: str, ids: torch.Tensor, grad: torch.Tensor, step: Step, tally: Tally) -> None:
+        """SGD on some rows of one weight: w[ids] -= lr * grad, the other rows untouched (their gradient is 0);
+        only those rows are handed to the pipeline as changed."""
+        grad = grad.float()
+        tally.record(f"{name}.", {key: grad})
+        if not step.update:
+            return
+        if step.clip_coef != 1.0:
+            grad.mul_(step.clip_coef)
+        tally.touched = True
+        tensors = self.pipe.get(("modules", name))
+        rows = tensors[key][ids].float()
+        self.optimizer.update({key: rows}, {key: grad}, {}, step.lr)
+        tensors[key][ids] = round_to(rows, self.store.dtype, self._rounding_generator(name, step.number))
+        self.keep(name, "modules", tensors, rows={key: ids})
+
+    def adapters(self, params: dict[str, nn.Parameter], optim_state: dict[str, torch.Tensor],
+                 grads: dict[str, torch.Tensor], step: Step, tally: Tally) -> dict[str, torch.Tensor]:
+        """The optimizer on all resident LoRA adapters at once, after the whole backward (so their clipping to
+        step.max_grad_norm is exact); returns the optimizer state (created at the first update)."""
+        tally.record("", grads)
+        if not step.update:
+            return optim_state
+        coef = clip_coefficient(tally.grad_norm(), step.max_grad_norm) if step.max_grad_norm else 1.0
+        if coef != 1.0:
+            for g in grads.values():
+                g.mul_(coef)
+        tally.touched = True
+        if self.optimizer.stateful and not optim_state:
+            optim_state = self.optimizer.init_state(params)
+        with torch.no_grad():
+            self.optimizer.update({k: p.data for k, p in params.items()}, grads, optim_state, step.lr)
+        return optim_state
+
+    def keep(self, name: str, kind: str, tensors: dict[str, torch.Tensor],
+             rows: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Hand a module's new version to the pipeline (rows: {weight: ids} when only those rows changed)."""
+        self.pipe.put((kind, name), tensors, persist=not self.deferred, rows=rows)
+
+    def _rounding_generator(self, name: str, number: int) -> Optional[torch.Generator]:
+        """The random bits of a module's stochastic rounding in a step (None: round to nearest)."""
+        if not (self.stochastic and not self.master and self.store.dtype == torch.bfloat16):
+            return None
+        seed = module_seed(self.seed, number, -1, self.names.index(name))
+        return torch.Generator(device=self.device).manual_seed(seed)
