@@ -22,12 +22,17 @@ from tqdm import tqdm
 
 from slowllama.formats import hf_names as hf
 from slowllama.store import safetensors_io as st
-from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
+from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
 from slowllama.sizes import parse_size
 from slowllama.model.layers import module_names, module_shapes, split_key
-from slowllama.store.store import Store, StoreBuilder, check_free_space, element_size, staged_folder
+from slowllama.store.atomic import staged_folder
+from slowllama.store.builder import StoreBuilder
+from slowllama.store.guards import check_free_space
+from slowllama.store.manifest import Manifest, SourceRecord
+from slowllama.store.safetensors_io import element_size
+from slowllama.store.store import Store
 from slowllama.model.tokenizer import load_tokenizer, tokenizer_files
 
 INDEX = "model.safetensors.index.json"
@@ -207,13 +212,9 @@ def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool =
         tok_files = tokenizer_files(src)
         for name in copied + tok_files:
             builder.copy_file(src / name, name)
-        manifest = {
-            "model": args.to_dict(),
-            "dtype": dtype_name(store_dtype),
-            "source": {"format": "hf", "config": config, "files": copied, "tokenizer_files": tok_files,
-                       "index": {"metadata": index.get("metadata")} if index else None, "shards": layouts},
-        }
-        return builder.finish(manifest)
+        return builder.finish(Manifest.new(args, store_dtype, {
+            "format": "hf", "config": config, "files": copied, "tokenizer_files": tok_files,
+            "index": {"metadata": index.get("metadata")} if index else None, "shards": layouts}))
     except BaseException:
         builder.abort()
         raise
@@ -254,14 +255,15 @@ class OutShard:
 
 def source_dtypes(store: Store) -> dict[str, torch.dtype]:
     """Each weight's dtype in the source checkpoint, by HF key (the store's dtype where unknown)."""
-    source = store.manifest.get("source") or {}
+    source = store.source
+    recorded = source.layout
     out = {}
-    if source.get("format") == "hf":
-        for layout in source.get("shards", []):
+    if source.format == "hf":
+        for layout in recorded.get("shards", []):
             for key, d, _ in layout["keys"]:
                 out[key] = st.TORCH_DTYPES.get(d, store.dtype)
-    elif source.get("shards"):  # Meta: every shard holds every key
-        for key, d, _ in source["shards"][0]["keys"]:
+    elif recorded.get("shards"):  # Meta: every shard holds every key
+        for key, d, _ in recorded["shards"][0]["keys"]:
             try:
                 out[hf.hf_key(key)] = dtype_from_name(d)
             except SlowllamaError:  # rope.freqs: not a weight, not in HF's format
@@ -278,15 +280,15 @@ def _safetensors_order(tensors: list) -> list:
 def plan_export(store: Store, shards: Optional[int], max_shard_size: Optional[str],
                 out_dtype: Optional[torch.dtype]) -> tuple[list[OutShard], bool]:
     """The output files and their tensors; True if this is the source's own layout."""
-    args, source = store.args, store.manifest.get("source") or {}
-    if source.get("format") == "hf" and shards is None and max_shard_size is None:
+    args, source = store.args, store.source
+    if source.format == "hf" and shards is None and max_shard_size is None:
         plan = [OutShard(layout["file"], layout["metadata"],
                          [(k, out_dtype or st.TORCH_DTYPES.get(d, store.dtype), tuple(s)) for k, d, s in layout["keys"]])
-                for layout in source["shards"]]
+                for layout in source.layout["shards"]]
         return plan, True
-    if source.get("format") == "hf":  # resharding: the source's tensors, in their order
+    if source.format == "hf":  # resharding: the source's tensors, in their order
         tensors = [(k, out_dtype or st.TORCH_DTYPES.get(d, store.dtype), tuple(s))
-                   for layout in source["shards"] for k, d, s in layout["keys"]]
+                   for layout in source.layout["shards"] for k, d, s in layout["keys"]]
     else:
         from slowllama.formats.meta import expected_shapes
 
@@ -351,7 +353,7 @@ def export_hf(store_path: Path, out: Path, shards: Optional[int] = None, max_sha
     out = Path(out)
     if out.exists() and not force:
         raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
-    args, source = store.args, store.manifest.get("source") or {}
+    args, source = store.args, store.source
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else None
     plan, as_source = plan_export(store, shards, max_shard_size, out_dtype)
     total = sum(element_size(d) * _numel(s) for shard in plan for _, d, s in shard.tensors)
@@ -373,10 +375,10 @@ def export_hf(store_path: Path, out: Path, shards: Optional[int] = None, max_sha
                 st.write_streamed(str(tmp / shard.file), specs, shard.metadata, one)
         _write_index(store, tmp, plan, as_source and out_dtype is None, total)
         _write_config(store, tmp, args, source, out_dtype)
-        for name in ["generation_config.json"] + list(source.get("tokenizer_files") or tokenizer_files(store.path)):
+        for name in ["generation_config.json"] + list(source.tokenizer_files or tokenizer_files(store.path)):
             if (store.path / name).is_file():
                 shutil.copyfile(store.path / name, tmp / name)
-        if source.get("format") != "hf" and (tmp / "tokenizer.model").is_file() \
+        if source.format != "hf" and (tmp / "tokenizer.model").is_file() \
                 and not (tmp / "tokenizer_config.json").exists():
             _write_json(tmp / "tokenizer_config.json", _llama_tokenizer_config(store, args))
     return out
@@ -387,25 +389,26 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _write_index(store: Store, tmp: Path, plan: list[OutShard], verbatim: bool, total: int) -> None:
-    source = store.manifest.get("source") or {}
-    had_index = source.get("format") == "hf" and source.get("index") is not None
+    source = store.source
+    had_index = source.format == "hf" and source.layout.get("index") is not None
     if len(plan) == 1 and not (verbatim and had_index):
         return  # one model.safetensors needs no index (transformers writes none)
     if verbatim and (store.path / INDEX).is_file():
         shutil.copyfile(store.path / INDEX, tmp / INDEX)
         return
-    metadata = dict(((source.get("index") or {}).get("metadata") or {}) if had_index else {})
+    metadata = dict(((source.layout.get("index") or {}).get("metadata") or {}) if had_index else {})
     metadata["total_size"] = total
     weight_map = {k: shard.file for shard in plan for k, _, _ in shard.tensors}
     _write_json(tmp / INDEX, {"metadata": metadata, "weight_map": weight_map})
 
 
-def _write_config(store: Store, tmp: Path, args: ModelArgs, source: dict, out_dtype: Optional[torch.dtype]) -> None:
-    if source.get("format") == "hf":
+def _write_config(store: Store, tmp: Path, args: ModelArgs, source: SourceRecord,
+                  out_dtype: Optional[torch.dtype]) -> None:
+    if source.format == "hf":
         if out_dtype is None and (store.path / "config.json").is_file():
             shutil.copyfile(store.path / "config.json", tmp / "config.json")
             return
-        config = dict(source["config"])
+        config = dict(source.layout["config"])
         if out_dtype is not None:  # transformers 4 writes torch_dtype, 5 writes dtype
             name = str(out_dtype).replace("torch.", "")
             if "dtype" in config:
