@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from slowllama.formats import hf_names as hf
+from slowllama.formats.meta import expected_shapes, resolve_store_dtype
+from slowllama.formats.source_dtypes import source_dtypes
 from slowllama.store import safetensors_io as st
 from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.jsonfile import read_json
@@ -97,8 +100,6 @@ def read_layouts(src: Path, files: list[str], index: Optional[dict]) -> list[dic
 
 def plan_routes(src: Path, layouts: list[dict], args: ModelArgs) -> dict[str, Optional[str]]:
     """Where each source tensor goes: its Meta key, None for an extra (inv_freq), or _TIED_COPY."""
-    from slowllama.formats.meta import expected_shapes
-
     full = expected_shapes(args)
     routes: dict[str, Optional[str]] = {}
     seen: dict[str, str] = {}
@@ -136,8 +137,6 @@ def plan_routes(src: Path, layouts: list[dict], args: ModelArgs) -> dict[str, Op
 
 def _check_tied_copy(src: Path, layouts: list[dict], routes: dict) -> None:
     """A tied model may still carry lm_head.weight: accept it only as an exact copy of the embeddings."""
-    from safetensors import safe_open
-
     where = {key: layout["file"] for layout in layouts for key, _, _ in layout["keys"]}
     copies = [key for key, route in routes.items() if route == _TIED_COPY]
     for key in copies:
@@ -153,10 +152,6 @@ def _check_tied_copy(src: Path, layouts: list[dict], routes: dict) -> None:
 def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
                log: Callable[[str], None] = print) -> Path:
     """Stream a Hugging Face Llama / Mistral folder into a new store. Peak memory: about one tensor."""
-    from safetensors import safe_open
-
-    from slowllama.formats.meta import expected_shapes, resolve_store_dtype
-
     src, dest = Path(src), Path(dest)
     config = read_json(src / "config.json")
     args, notes = hf.args_from_config(config, str(src / "config.json"))
@@ -194,7 +189,7 @@ def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool =
             for layout in layouts:
                 path = src / layout["file"]
                 bar.set_postfix_str(path.name)
-                with _open_shard(safe_open, path) as f:
+                with _open_shard(path) as f:
                     for key, d, shape in layout["keys"]:
                         route = routes[key]
                         if route != _TIED_COPY:
@@ -223,7 +218,7 @@ def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool =
 class _open_shard:
     """safe_open with its errors (a corrupt shard) as one line naming the file."""
 
-    def __init__(self, safe_open, path: Path):
+    def __init__(self, path: Path):
         self.path = path
         try:
             self.f = safe_open(str(path), framework="pt")
@@ -253,24 +248,6 @@ class OutShard:
     tensors: list  # [(hf key, torch dtype, shape)] in file order
 
 
-def source_dtypes(store: Store) -> dict[str, torch.dtype]:
-    """Each weight's dtype in the source checkpoint, by HF key (the store's dtype where unknown)."""
-    source = store.source
-    recorded = source.layout
-    out = {}
-    if source.format == "hf":
-        for layout in recorded.get("shards", []):
-            for key, d, _ in layout["keys"]:
-                out[key] = st.TORCH_DTYPES.get(d, store.dtype)
-    elif recorded.get("shards"):  # Meta: every shard holds every key
-        for key, d, _ in recorded["shards"][0]["keys"]:
-            try:
-                out[hf.hf_key(key)] = dtype_from_name(d)
-            except SlowllamaError:  # rope.freqs: not a weight, not in HF's format
-                continue
-    return out
-
-
 def _safetensors_order(tensors: list) -> list:
     """Within a file, the safetensors library orders tensors by dtype (widest first), then by name."""
     rank = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -290,8 +267,6 @@ def plan_export(store: Store, shards: Optional[int], max_shard_size: Optional[st
         tensors = [(k, out_dtype or st.TORCH_DTYPES.get(d, store.dtype), tuple(s))
                    for layout in source.layout["shards"] for k, d, s in layout["keys"]]
     else:
-        from slowllama.formats.meta import expected_shapes
-
         dtypes, full = source_dtypes(store), expected_shapes(args)
         tensors = [(hf.hf_key(m), out_dtype or dtypes.get(hf.hf_key(m), store.dtype), full[m])
                    for m in hf.hf_order(args)]

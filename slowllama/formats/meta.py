@@ -13,6 +13,7 @@ import json
 import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,7 +23,9 @@ from tqdm import tqdm
 from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
 from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
-from slowllama.model.layers import join_key, module_names, module_shapes, split_key
+from slowllama.formats.hf_names import hf_key
+from slowllama.formats.source_dtypes import source_dtypes
+from slowllama.model.layers import join_key, module_names, module_shapes, rope_scaling_of, split_key
 from slowllama.store.atomic import staged_folder
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.guards import check_free_space, check_output_folder
@@ -71,8 +74,6 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint shard, memory-mapped; only plain tensors are accepted (weights_only)."""
-    import zipfile
-
     try:
         if zipfile.is_zipfile(path):
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -355,9 +356,6 @@ def _plan(store: Store, recorded: dict, src_shards, n: int, out_dtype, full: dic
         keys = [(k, dtype_from_name(d) if d in ("fp32", "bf16", "fp16") else store.dtype)
                 for k, d, _ in src_shards[0]["keys"]]
     else:
-        from slowllama.formats.hf_names import hf_key
-        from slowllama.formats.hf import source_dtypes
-
         dtypes = source_dtypes(store)  # by HF name, for a store prepared from Hugging Face
         keys = [(k, dtypes.get(hf_key(k), store.dtype)) for k in full]
         if args.tie_word_embeddings:  # Meta's checkpoints always carry the output matrix
@@ -394,8 +392,6 @@ def meta_params(args: ModelArgs) -> dict:
     """params.json for a model: Meta's fields only. A feed-forward width given explicitly (HF's
     intermediate_size) becomes multiple_of / ffn_dim_multiplier that reproduce it; a rope scaling other
     than Llama 3.1's defaults (use_scaled_rope) and anything else params.json cannot say is refused."""
-    from slowllama.model.layers import rope_scaling_of
-
     d = args.to_dict()
     out = {k: d[k] for k in ModelArgs.META_FIELDS if d.get(k) is not None}
     if args.kv_heads == args.n_heads:
