@@ -14,7 +14,8 @@ from conftest import ALICE, run_cli
 from slowllama import cli
 from slowllama.formats.meta import export_meta, prepare_meta
 from slowllama.settings import FinetuneSettings
-from slowllama.store.store import KINDS, MANIFEST, Store, named_files
+from slowllama.store.manifest import KINDS, MANIFEST
+from slowllama.store.store import Store
 from slowllama.formats.tiny import write_tiny
 from slowllama.commands.finetune import finetune
 
@@ -63,7 +64,7 @@ def fresh_store(tmp_path_factory, dest: Path) -> Path:
 def state(store: Path) -> dict[tuple[str, str, str], torch.Tensor]:
     """Every tensor of every file the manifest names (weights, optimizer state), checked on read."""
     s = Store.open(store)
-    return {(kind, name, key): t.clone() for kind, files in s.manifest["files"].items() for name in files
+    return {(kind, name, key): t.clone() for kind, files in s.manifest.files.items() for name in files
             for key, t in s.read(name, kind).items()}
 
 
@@ -126,7 +127,7 @@ def files_on_disk(store: Path) -> set[str]:
 
 
 def referenced(store: Path) -> set[str]:
-    return named_files(Store.open(store).manifest)
+    return Store.open(store).manifest.named_files()
 
 
 def generation(rel: str) -> int:

@@ -91,7 +91,7 @@ def test_random_store_is_a_valid_store_of_the_preset_cut_to_layers(tmp_path):
     assert built
     store = Store.open(path)
     assert store.args == args and store.dtype == torch.bfloat16
-    assert sorted(store.manifest["files"]["modules"]) == sorted(module_names(args))
+    assert sorted(store.manifest.files["modules"]) == sorted(module_names(args))
     assert store.verify_all() == []
     data = 0
     for name in module_names(args):
@@ -186,14 +186,14 @@ def test_drop_cache_evicts_written_files(tmp_path):
         store.drop_cache = True
         store.write("layers.0", tensors)
         store.sync()  # evicted once durable: the fsync runs in the background
-        assert page_cache_residency(str(store.path / store.file_info("layers.0")["file"])) == 0.0
+        assert page_cache_residency(str(store.path / store.file_info("layers.0").file)) == 0.0
         store.drop_cache = False
         store.write("head", store.read("head"))
-        assert page_cache_residency(str(store.path / store.file_info("head")["file"])) > 0.5
+        assert page_cache_residency(str(store.path / store.file_info("head").file)) > 0.5
         store.rollback()
         store.drop_cache = True
         store.read("tok_embeddings")
-        assert page_cache_residency(str(store.path / store.file_info("tok_embeddings")["file"])) == 0.0
+        assert page_cache_residency(str(store.path / store.file_info("tok_embeddings").file)) == 0.0
     finally:
         store.close()
 

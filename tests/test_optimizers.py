@@ -119,7 +119,7 @@ def test_previous_step_grad_clip(tiny_fp32, store_fp32):
             opt.step()
     train_in_memory(model, alice(store_fp32), 3, 2, 1, 32, 0.05, order="random", optimizer=PreviousClipped())
     assert_state_close(store_state_dict(store_fp32), model.state_dict())
-    assert Store.open(store_fp32).manifest["run"]["grad_norm"] == pytest.approx(previous[-1], rel=1e-4)
+    assert Store.open(store_fp32).manifest.run.grad_norm == pytest.approx(previous[-1], rel=1e-4)
 
 
 def test_stochastic_rounding_is_unbiased():

@@ -45,17 +45,17 @@ def test_round_trip_is_byte_identical(tiny_bf16, tmp_path, store_dtype):
 def test_store_layout_and_files_are_plain_safetensors(tiny_bf16, tmp_path):
     store_path = prepare_meta(tiny_bf16, tmp_path / "store", **quiet)
     store = Store.open(store_path)
-    names = sorted(store.manifest["files"]["modules"])
+    names = sorted(store.manifest.files["modules"])
     assert names == sorted(["tok_embeddings", "layers.0", "layers.1", "layers.2", "layers.3", "head", "extras"])
     full = meta_state_dict(tiny_bf16)
     for name in names:
-        path = store_path / store.manifest["files"]["modules"][name]["file"]
+        path = store_path / store.manifest.files["modules"][name].file
         with safe_open(str(path), framework="pt") as f:  # the safetensors library reads our files
             for key in f.keys():
                 meta_key = key if name in ("head", "extras") else f"{name}.{key}"
                 assert torch.equal(f.get_tensor(key).float(), full[meta_key]), meta_key
-    assert store.manifest["dtype"] == "bf16"
-    assert store.manifest["source"]["split_dims"]["tok_embeddings.weight"] == 1
+    assert store.manifest.dtype == "bf16"
+    assert store.manifest.source.layout["split_dims"]["tok_embeddings.weight"] == 1
     assert not list(store_path.rglob("*.pth")) and not list(store_path.rglob("*.pkl"))
 
 
@@ -69,7 +69,7 @@ def test_export_to_other_shard_counts(tiny_bf16, tmp_path, shards):
     # and a resharded export prepares back to the same store contents
     again = prepare_meta(out, tmp_path / "again", **quiet)
     a, b = Store.open(store), Store.open(again)
-    for name in a.manifest["files"]["modules"]:
+    for name in a.manifest.files["modules"]:
         for key, t in a.read(name).items():
             assert torch.equal(t, b.read(name)[key]), (name, key)
 

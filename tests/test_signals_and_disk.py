@@ -114,7 +114,7 @@ def test_not_enough_disk_for_a_step_is_refused_before_anything(tmp_path, tmp_pat
     code, out = run_in_process(store, "adamw", "", capsys)
     line = assert_one_line_error(collections.namedtuple("proc", "returncode stderr")(code, out.err),
                                  "not enough free disk", "needs", "module files", "optimizer state", "GiB free")
-    assert committed_hash(store) == before and Store.open(store).manifest.get("run") is None
+    assert committed_hash(store) == before and Store.open(store).manifest.run is None
 
 
 def unshare_works() -> bool:

@@ -53,7 +53,7 @@ def test_state_in_small_parts_equals_torch_adamw(tiny_fp32, store_fp32):
     for part in w1:
         tensors = store.read(part.name, "optim")
         assert tuple(tensors["feed_forward.w1.weight.exp_avg"].shape) == part.shape and tensors["step"].item() == 3
-        assert (store.path / store.file_info(part.name, "optim")["file"]).name.startswith(f"{part.name}@")
+        assert (store.path / store.file_info(part.name, "optim").file).name.startswith(f"{part.name}@")
     expected = opt.state[model.layers[1].feed_forward.w1.weight]["exp_avg_sq"]
     torch.testing.assert_close(store.read_state("layers.1")["feed_forward.w1.weight.exp_avg_sq"], expected,
                                rtol=1e-5, atol=1e-12)
@@ -122,14 +122,14 @@ def test_a_store_with_whole_module_state_is_split_on_open(tiny_fp32, tmp_path):
             store.write(name, store.read_state(name), "optim", gen=store.step)
         store.commit(store.step, remove=[("optim", p.name) for name in store.expected_shapes
                                          for p in store.state_parts(name)])
-    assert set(Store.open(path).manifest["files"]["optim"]) == set(Store.open(path).expected_shapes)
+    assert set(Store.open(path).manifest.files["optim"]) == set(Store.open(path).expected_shapes)
     said = []
     Store.open(path, writable=True, log=said.append).close()
     assert said == ["split 6 files of optimizer state or master weights into parts (the store's new layout)"]
     store = Store.open(path)
-    assert sorted(store.manifest["files"]["optim"]) == sorted(p.name for n in store.expected_shapes
+    assert sorted(store.manifest.files["optim"]) == sorted(p.name for n in store.expected_shapes
                                                              for p in store.state_parts(n))
-    assert {f.name.split("@")[0] for f in (path / "optim").iterdir()} == set(store.manifest["files"]["optim"])
+    assert {f.name.split("@")[0] for f in (path / "optim").iterdir()} == set(store.manifest.files["optim"])
     adamw(path, steps=3)  # resumes at step 3
     assert_state_close(store_state_dict(path), store_state_dict(straight), rtol=0, atol=0)
     assert_state_close(whole_state(path), whole_state(straight), rtol=0, atol=0)

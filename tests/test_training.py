@@ -220,7 +220,7 @@ def test_tied_embeddings_train_like_in_memory(tiny_fp32, tmp_path):
     store = store_from_state_dict(sd, args, tmp_path / "tied", tokenizer=tiny_fp32 / "tokenizer.model")
     model = Transformer(args)
     model.load_state_dict(sd)
-    assert "head" in Store.open(store).manifest["files"]["modules"]
+    assert "head" in Store.open(store).manifest.files["modules"]
     assert list(Store.open(store).read("head")) == ["norm.weight"]
     run_finetune(store, steps=3, batch_size=2, accumulate=2, seq_len=32, lr=0.05)
     data = load_text(ALICE, load_tokenizer(store))

@@ -16,7 +16,11 @@ from slowllama.model.args import ModelArgs, dtype_name, preset_args
 from slowllama.errors import SlowllamaError
 from slowllama.model.layers import module_names, module_shapes
 from slowllama.bench.roofline import matmul_params
-from slowllama.store.store import Store, StoreBuilder, check_free_space, element_size
+from slowllama.store.builder import StoreBuilder
+from slowllama.store.guards import check_free_space
+from slowllama.store.manifest import Manifest
+from slowllama.store.safetensors_io import element_size
+from slowllama.store.store import Store
 
 SOURCE_FORMAT = "synthetic"
 
@@ -54,9 +58,7 @@ def write_random_store(path: Path, args: ModelArgs, dtype: torch.dtype, seed: in
         g = torch.Generator().manual_seed(seed)
         for name in tqdm(module_names(args), desc="random store", unit="module", disable=None, leave=False):
             builder.write_module(name, random_module(args, name, dtype, g))
-        manifest = {"model": args.to_dict(), "dtype": dtype_name(dtype),
-                    "source": {"format": SOURCE_FORMAT, "preset": preset, "seed": seed}}
-        return builder.finish(manifest)
+        return builder.finish(Manifest.new(args, dtype, {"format": SOURCE_FORMAT, "preset": preset, "seed": seed}))
     except BaseException:
         builder.abort()
         raise
@@ -75,7 +77,7 @@ def open_or_build(path: Path, args: ModelArgs, dtype: torch.dtype, seed: int = 0
         store = Store.open(path)
         if store.args != args or store.dtype != dtype:
             raise SlowllamaError(f"{path}: holds a store of another shape or dtype "
-                                 f"({store.args.n_layers} layers, dim {store.args.dim}, {store.manifest['dtype']}); "
+                                 f"({store.args.n_layers} layers, dim {store.args.dim}, {store.manifest.dtype}); "
                                  "remove it or choose another --store-dir")
         log(f"reusing the store {path} (at step {store.step})")
         return path, False

@@ -10,9 +10,14 @@ from typing import Optional
 
 
 from slowllama.errors import SlowllamaError
+from slowllama.formats.convert import export
+from slowllama.model.layers import module_names
 from slowllama.store.adapters import AdapterFolder
 from slowllama.model.lora import block_params
 from slowllama.model.lora import merged_module
+from slowllama.store.builder import StoreBuilder
+from slowllama.store.guards import check_free_space
+from slowllama.store.store import Store
 
 
 def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] = None, dtype: Optional[str] = None,
@@ -22,10 +27,6 @@ def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] 
     The merged modules go to a temporary store beside OUT (unchanged modules are hard-linked), which
     is exported like any store and then removed.
     """
-    from slowllama.formats.convert import export
-    from slowllama.model.layers import module_names
-    from slowllama.store.store import Store, StoreBuilder, check_free_space
-
     store = Store.open(store_path)
     out = Path(out)
     if out.exists() and not force:
@@ -40,18 +41,17 @@ def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] 
     tmp = out.with_name(f".{out.name}.fused-{os.getpid()}")
     builder = StoreBuilder(tmp, force=True)
     try:
-        for name in store.manifest["files"]["modules"]:
+        for name in store.manifest.files["modules"]:
             if name in blocks:
                 builder.write_module(name, merged_module(store.read(name), block_params(params, name), cfg,
                                                          store.dtype))
             else:
                 builder.link_module(name, store)
-        source = store.manifest.get("source") or {}
-        for f in list(source.get("files") or []) + list(source.get("tokenizer_files") or ["tokenizer.model"]):
+        source = store.source
+        for f in list(source.files or []) + list(source.tokenizer_files or ["tokenizer.model"]):
             if (store.path / f).exists():  # config.json, tokenizer files...: what export copies from a store
                 builder.copy_file(store.path / f, f)
-        manifest = {k: v for k, v in store.manifest.items() if k not in ("files", "step", "run", "format", "version")}
-        fused = builder.finish(manifest)
+        fused = builder.finish(store.manifest)  # model, dtype, source and the rest, with the fused files
         return export(fused, out, shards=shards, dtype=dtype, force=force, log=log)
     finally:
         builder.abort()

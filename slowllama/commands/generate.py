@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+import tempfile
+from pathlib import Path
 
-
-from slowllama.errors import SlowllamaError
+from slowllama.commands.common import adapter_state, make_engine
 from slowllama.engine.generation import generate
+from slowllama.errors import SlowllamaError
+from slowllama.formats.convert import prepare
+from slowllama.model.tokenizer import load_tokenizer
+from slowllama.settings import resolve_device
+from slowllama.store.manifest import MANIFEST
+from slowllama.store.store import Store
 
 
 def generate_command(s, log) -> str:
@@ -13,15 +21,6 @@ def generate_command(s, log) -> str:
 
     STORE may also be a Meta or Hugging Face folder: it is then prepared into a temporary store first.
     """
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    from slowllama.store.store import MANIFEST, Store
-    from slowllama.model.tokenizer import load_tokenizer
-    from slowllama.settings import resolve_device
-    from slowllama.commands.common import adapter_state, make_engine
-
     if s.max_new_tokens < 0:
         raise SlowllamaError(f"--max-new-tokens: must be >= 0, got {s.max_new_tokens}")
     if not 0 < s.top_p <= 1:
@@ -32,8 +31,6 @@ def generate_command(s, log) -> str:
     with tempfile.TemporaryDirectory(prefix="slowllama-") as tmp:
         if path.is_dir() and not (path / MANIFEST).exists() and (
                 (path / "params.json").exists() or (path / "config.json").exists()):
-            from slowllama.formats.convert import prepare
-
             log(f"{path} is a checkpoint folder: preparing a temporary store")
             path = prepare(path, Path(tmp) / "store", log=log)
         store = Store.open(path)

@@ -8,8 +8,10 @@ from typing import Callable
 from tqdm import tqdm
 
 from slowllama.errors import SlowllamaError
+from slowllama.formats.meta import export_plan
 from slowllama.sizes import format_size
-from slowllama.store.store import KINDS, MANIFEST, OWN_PATHS, Store, named_files
+from slowllama.store.manifest import KINDS, MANIFEST
+from slowllama.store.store import OWN_PATHS, Store
 
 
 def verify_store(path: Path, log: Callable[[str], None] = print) -> dict:
@@ -20,15 +22,12 @@ def verify_store(path: Path, log: Callable[[str], None] = print) -> dict:
     """
     store = Store.open(path)  # the manifest: format, fields, paths inside the store, model args, dtype
     problems, leftovers = layout_problems(store)
-    source = store.manifest.get("source")
-    if not isinstance(source, dict) or source.get("format", "meta") == "meta":
-        from slowllama.formats.meta import export_plan
-
+    if store.source.format == "meta":
         try:
             export_plan(store)  # the record of the source that export reads
         except SlowllamaError as e:
             problems.append(str(e))
-    entries = [(kind, name) for kind, files in store.manifest["files"].items() for name in files]
+    entries = store.manifest.entries()
     total = 0
     for kind, name in tqdm(entries, desc="verify", unit="file", disable=None, leave=False):
         try:
@@ -59,10 +58,10 @@ def layout_problems(store: Store) -> tuple[list[str], list[str]]:
         if (store.path / rel).is_symlink():
             problems.append(f"{store.path / rel}: a symbolic link; a store's own files must lie inside it")
     for name in store.expected_shapes:
-        if name not in store.manifest["files"].get("modules", {}):
+        if not store.has(name):
             problems.append(f"{store.path / MANIFEST}: no file for module {name!r}")
-    source = store.manifest.get("source")
-    names = source.get("tokenizer_files", ["tokenizer.model"]) if isinstance(source, dict) else ["tokenizer.model"]
+    recorded = store.source.tokenizer_files
+    names = ["tokenizer.model"] if recorded is None else recorded
     for name in names if isinstance(names, list) else [names]:
         path = store.path / str(name)
         if not isinstance(name, str) or Path(name).name != name or path.is_symlink() or not path.is_file():
@@ -72,7 +71,7 @@ def layout_problems(store: Store) -> tuple[list[str], list[str]]:
         if path.exists() and not path.is_symlink() and path.is_dir() != (rel != "lock"):
             problems.append(f"{path}: a {'folder' if rel == 'lock' else 'file'} where slowllama keeps its "
                             f"{'lock file' if rel == 'lock' else 'folder'}")
-    referenced = named_files(store.manifest)
+    referenced = store.manifest.named_files()
     for kind in KINDS:
         folder = store.path / kind
         if not folder.is_dir() or folder.is_symlink():

@@ -18,16 +18,24 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from slowllama.formats import hf_names as hf
+from slowllama.formats.meta import expected_shapes, resolve_store_dtype
+from slowllama.formats.source_dtypes import source_dtypes
 from slowllama.store import safetensors_io as st
-from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
+from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
 from slowllama.sizes import parse_size
 from slowllama.model.layers import module_names, module_shapes, split_key
-from slowllama.store.store import Store, StoreBuilder, check_free_space, element_size, staged_folder
+from slowllama.store.atomic import staged_folder
+from slowllama.store.builder import StoreBuilder
+from slowllama.store.guards import check_free_space
+from slowllama.store.manifest import Manifest, SourceRecord
+from slowllama.store.safetensors_io import element_size
+from slowllama.store.store import Store
 from slowllama.model.tokenizer import load_tokenizer, tokenizer_files
 
 INDEX = "model.safetensors.index.json"
@@ -92,8 +100,6 @@ def read_layouts(src: Path, files: list[str], index: Optional[dict]) -> list[dic
 
 def plan_routes(src: Path, layouts: list[dict], args: ModelArgs) -> dict[str, Optional[str]]:
     """Where each source tensor goes: its Meta key, None for an extra (inv_freq), or _TIED_COPY."""
-    from slowllama.formats.meta import expected_shapes
-
     full = expected_shapes(args)
     routes: dict[str, Optional[str]] = {}
     seen: dict[str, str] = {}
@@ -131,8 +137,6 @@ def plan_routes(src: Path, layouts: list[dict], args: ModelArgs) -> dict[str, Op
 
 def _check_tied_copy(src: Path, layouts: list[dict], routes: dict) -> None:
     """A tied model may still carry lm_head.weight: accept it only as an exact copy of the embeddings."""
-    from safetensors import safe_open
-
     where = {key: layout["file"] for layout in layouts for key, _, _ in layout["keys"]}
     copies = [key for key, route in routes.items() if route == _TIED_COPY]
     for key in copies:
@@ -148,10 +152,6 @@ def _check_tied_copy(src: Path, layouts: list[dict], routes: dict) -> None:
 def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
                log: Callable[[str], None] = print) -> Path:
     """Stream a Hugging Face Llama / Mistral folder into a new store. Peak memory: about one tensor."""
-    from safetensors import safe_open
-
-    from slowllama.formats.meta import expected_shapes, resolve_store_dtype
-
     src, dest = Path(src), Path(dest)
     config = read_json(src / "config.json")
     args, notes = hf.args_from_config(config, str(src / "config.json"))
@@ -189,7 +189,7 @@ def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool =
             for layout in layouts:
                 path = src / layout["file"]
                 bar.set_postfix_str(path.name)
-                with _open_shard(safe_open, path) as f:
+                with _open_shard(path) as f:
                     for key, d, shape in layout["keys"]:
                         route = routes[key]
                         if route != _TIED_COPY:
@@ -207,13 +207,9 @@ def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool =
         tok_files = tokenizer_files(src)
         for name in copied + tok_files:
             builder.copy_file(src / name, name)
-        manifest = {
-            "model": args.to_dict(),
-            "dtype": dtype_name(store_dtype),
-            "source": {"format": "hf", "config": config, "files": copied, "tokenizer_files": tok_files,
-                       "index": {"metadata": index.get("metadata")} if index else None, "shards": layouts},
-        }
-        return builder.finish(manifest)
+        return builder.finish(Manifest.new(args, store_dtype, {
+            "format": "hf", "config": config, "files": copied, "tokenizer_files": tok_files,
+            "index": {"metadata": index.get("metadata")} if index else None, "shards": layouts}))
     except BaseException:
         builder.abort()
         raise
@@ -222,7 +218,7 @@ def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool =
 class _open_shard:
     """safe_open with its errors (a corrupt shard) as one line naming the file."""
 
-    def __init__(self, safe_open, path: Path):
+    def __init__(self, path: Path):
         self.path = path
         try:
             self.f = safe_open(str(path), framework="pt")
@@ -252,23 +248,6 @@ class OutShard:
     tensors: list  # [(hf key, torch dtype, shape)] in file order
 
 
-def source_dtypes(store: Store) -> dict[str, torch.dtype]:
-    """Each weight's dtype in the source checkpoint, by HF key (the store's dtype where unknown)."""
-    source = store.manifest.get("source") or {}
-    out = {}
-    if source.get("format") == "hf":
-        for layout in source.get("shards", []):
-            for key, d, _ in layout["keys"]:
-                out[key] = st.TORCH_DTYPES.get(d, store.dtype)
-    elif source.get("shards"):  # Meta: every shard holds every key
-        for key, d, _ in source["shards"][0]["keys"]:
-            try:
-                out[hf.hf_key(key)] = dtype_from_name(d)
-            except SlowllamaError:  # rope.freqs: not a weight, not in HF's format
-                continue
-    return out
-
-
 def _safetensors_order(tensors: list) -> list:
     """Within a file, the safetensors library orders tensors by dtype (widest first), then by name."""
     rank = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -278,18 +257,16 @@ def _safetensors_order(tensors: list) -> list:
 def plan_export(store: Store, shards: Optional[int], max_shard_size: Optional[str],
                 out_dtype: Optional[torch.dtype]) -> tuple[list[OutShard], bool]:
     """The output files and their tensors; True if this is the source's own layout."""
-    args, source = store.args, store.manifest.get("source") or {}
-    if source.get("format") == "hf" and shards is None and max_shard_size is None:
+    args, source = store.args, store.source
+    if source.format == "hf" and shards is None and max_shard_size is None:
         plan = [OutShard(layout["file"], layout["metadata"],
                          [(k, out_dtype or st.TORCH_DTYPES.get(d, store.dtype), tuple(s)) for k, d, s in layout["keys"]])
-                for layout in source["shards"]]
+                for layout in source.layout["shards"]]
         return plan, True
-    if source.get("format") == "hf":  # resharding: the source's tensors, in their order
+    if source.format == "hf":  # resharding: the source's tensors, in their order
         tensors = [(k, out_dtype or st.TORCH_DTYPES.get(d, store.dtype), tuple(s))
-                   for layout in source["shards"] for k, d, s in layout["keys"]]
+                   for layout in source.layout["shards"] for k, d, s in layout["keys"]]
     else:
-        from slowllama.formats.meta import expected_shapes
-
         dtypes, full = source_dtypes(store), expected_shapes(args)
         tensors = [(hf.hf_key(m), out_dtype or dtypes.get(hf.hf_key(m), store.dtype), full[m])
                    for m in hf.hf_order(args)]
@@ -351,7 +328,7 @@ def export_hf(store_path: Path, out: Path, shards: Optional[int] = None, max_sha
     out = Path(out)
     if out.exists() and not force:
         raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
-    args, source = store.args, store.manifest.get("source") or {}
+    args, source = store.args, store.source
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else None
     plan, as_source = plan_export(store, shards, max_shard_size, out_dtype)
     total = sum(element_size(d) * _numel(s) for shard in plan for _, d, s in shard.tensors)
@@ -373,10 +350,10 @@ def export_hf(store_path: Path, out: Path, shards: Optional[int] = None, max_sha
                 st.write_streamed(str(tmp / shard.file), specs, shard.metadata, one)
         _write_index(store, tmp, plan, as_source and out_dtype is None, total)
         _write_config(store, tmp, args, source, out_dtype)
-        for name in ["generation_config.json"] + list(source.get("tokenizer_files") or tokenizer_files(store.path)):
+        for name in ["generation_config.json"] + list(source.tokenizer_files or tokenizer_files(store.path)):
             if (store.path / name).is_file():
                 shutil.copyfile(store.path / name, tmp / name)
-        if source.get("format") != "hf" and (tmp / "tokenizer.model").is_file() \
+        if source.format != "hf" and (tmp / "tokenizer.model").is_file() \
                 and not (tmp / "tokenizer_config.json").exists():
             _write_json(tmp / "tokenizer_config.json", _llama_tokenizer_config(store, args))
     return out
@@ -387,25 +364,26 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _write_index(store: Store, tmp: Path, plan: list[OutShard], verbatim: bool, total: int) -> None:
-    source = store.manifest.get("source") or {}
-    had_index = source.get("format") == "hf" and source.get("index") is not None
+    source = store.source
+    had_index = source.format == "hf" and source.layout.get("index") is not None
     if len(plan) == 1 and not (verbatim and had_index):
         return  # one model.safetensors needs no index (transformers writes none)
     if verbatim and (store.path / INDEX).is_file():
         shutil.copyfile(store.path / INDEX, tmp / INDEX)
         return
-    metadata = dict(((source.get("index") or {}).get("metadata") or {}) if had_index else {})
+    metadata = dict(((source.layout.get("index") or {}).get("metadata") or {}) if had_index else {})
     metadata["total_size"] = total
     weight_map = {k: shard.file for shard in plan for k, _, _ in shard.tensors}
     _write_json(tmp / INDEX, {"metadata": metadata, "weight_map": weight_map})
 
 
-def _write_config(store: Store, tmp: Path, args: ModelArgs, source: dict, out_dtype: Optional[torch.dtype]) -> None:
-    if source.get("format") == "hf":
+def _write_config(store: Store, tmp: Path, args: ModelArgs, source: SourceRecord,
+                  out_dtype: Optional[torch.dtype]) -> None:
+    if source.format == "hf":
         if out_dtype is None and (store.path / "config.json").is_file():
             shutil.copyfile(store.path / "config.json", tmp / "config.json")
             return
-        config = dict(source["config"])
+        config = dict(source.layout["config"])
         if out_dtype is not None:  # transformers 4 writes torch_dtype, 5 writes dtype
             name = str(out_dtype).replace("torch.", "")
             if "dtype" in config:

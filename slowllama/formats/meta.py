@@ -13,6 +13,7 @@ import json
 import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,8 +23,15 @@ from tqdm import tqdm
 from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
 from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
-from slowllama.model.layers import join_key, module_names, module_shapes, split_key
-from slowllama.store.store import Store, StoreBuilder, check_free_space, check_output_folder, element_size, staged_folder
+from slowllama.formats.hf_names import hf_key
+from slowllama.formats.source_dtypes import source_dtypes
+from slowllama.model.layers import join_key, module_names, module_shapes, rope_scaling_of, split_key
+from slowllama.store.atomic import staged_folder
+from slowllama.store.builder import StoreBuilder
+from slowllama.store.guards import check_free_space, check_output_folder
+from slowllama.store.manifest import Manifest
+from slowllama.store.safetensors_io import element_size
+from slowllama.store.store import Store
 from slowllama.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 
 
@@ -66,8 +74,6 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint shard, memory-mapped; only plain tensors are accepted (weights_only)."""
-    import zipfile
-
     try:
         if zipfile.is_zipfile(path):
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -208,13 +214,9 @@ def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool
         tok_files = tokenizer_files(src)
         for name in tok_files:
             builder.copy_file(src / name, name)
-        manifest = {
-            "model": args.to_dict(),
-            "dtype": dtype_name(store_dtype),
-            "source": {"format": "meta", "params": params, "shards": shard_records,
-                       "split_dims": layout, "tokenizer_files": tok_files},
-        }
-        return builder.finish(manifest)
+        return builder.finish(Manifest.new(args, store_dtype, {
+            "format": "meta", "params": params, "shards": shard_records, "split_dims": layout,
+            "tokenizer_files": tok_files}))
     except BaseException:
         builder.abort()
         raise
@@ -237,9 +239,8 @@ def store_from_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, dest: Pa
         if tokenizer is not None:
             builder.copy_file(Path(tokenizer), Path(tokenizer).name)
             files = [Path(tokenizer).name]
-        manifest = {"model": args.to_dict(), "dtype": dtype_name(dtype),
-                    "source": source or {"format": "meta", "params": meta_params(args), "tokenizer_files": files}}
-        return builder.finish(manifest)
+        return builder.finish(Manifest.new(args, dtype, source or {
+            "format": "meta", "params": meta_params(args), "tokenizer_files": files}))
     except BaseException:
         builder.abort()
         raise
@@ -321,25 +322,26 @@ def export_plan(store: Store, shards: Optional[int] = None, out_dtype=None):
     (a store prepared from Hugging Face: Meta's order, its dtypes). A malformed source record (a
     hand-edited manifest) is an error naming the field; so is what params.json cannot express.
     """
-    source = store.manifest.get("source") or {}
-    if not isinstance(source, dict):
+    source = store.source
+    if not source.is_object:
         raise SlowllamaError(f"{store.path / 'manifest.json'}: field 'source' must be an object")
-    from_meta = source.get("format", "meta") == "meta"
-    src_shards = source.get("shards") if from_meta else None
+    recorded = source.layout
+    from_meta = source.format == "meta"
+    src_shards = recorded.get("shards") if from_meta else None
     n = shards if shards is not None else (len(src_shards) if isinstance(src_shards, list) and src_shards else 1)
     if n < 1:
         raise SlowllamaError(f"--shards: must be at least 1, got {n}")
     full = expected_shapes(store.args)
     try:
-        plan = _plan(store, source, src_shards, n, out_dtype, full)
-        params = source.get("params") if from_meta else None
+        plan = _plan(store, recorded, src_shards, n, out_dtype, full)
+        params = recorded.get("params") if from_meta else None
         if params is not None and not isinstance(params, dict):
             raise TypeError("'params' is not an object")
     except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
         raise SlowllamaError(f"{store.path / 'manifest.json'}: field 'source' is malformed ({type(e).__name__}: "
                              f"{str(e)[:80]})") from None
     params = params or meta_params(store.args)  # refuses what params.json cannot express, before anything is written
-    tokenizer_files = source.get("tokenizer_files", ["tokenizer.model"])
+    tokenizer_files = ["tokenizer.model"] if source.tokenizer_files is None else source.tokenizer_files
     for name in tokenizer_files if isinstance(tokenizer_files, list) else [tokenizer_files]:
         if not isinstance(name, str) or Path(name).name != name or not (store.path / name).is_file() \
                 or (store.path / name).is_symlink():
@@ -347,22 +349,20 @@ def export_plan(store: Store, shards: Optional[int] = None, out_dtype=None):
     return source, n, plan, full, params, tokenizer_files
 
 
-def _plan(store: Store, source: dict, src_shards, n: int, out_dtype, full: dict) -> list[tuple]:
+def _plan(store: Store, recorded: dict, src_shards, n: int, out_dtype, full: dict) -> list[tuple]:
+    """recorded: the source record's own fields (shards, split_dims), unchecked."""
     args = store.args
     if src_shards:  # key order and dtypes of the source's shard 0 (all shards hold the same keys)
         keys = [(k, dtype_from_name(d) if d in ("fp32", "bf16", "fp16") else store.dtype)
                 for k, d, _ in src_shards[0]["keys"]]
     else:
-        from slowllama.formats.hf_names import hf_key
-        from slowllama.formats.hf import source_dtypes
-
         dtypes = source_dtypes(store)  # by HF name, for a store prepared from Hugging Face
         keys = [(k, dtypes.get(hf_key(k), store.dtype)) for k in full]
         if args.tie_word_embeddings:  # Meta's checkpoints always carry the output matrix
             keys.append(("output.weight", dtypes.get("model.embed_tokens.weight", store.dtype)))
     if args.tie_word_embeddings:
         full["output.weight"] = full["tok_embeddings.weight"]
-    split_dims = source.get("split_dims") or {k: meta_split_dim(k, args) for k, _ in keys}
+    split_dims = recorded.get("split_dims") or {k: meta_split_dim(k, args) for k, _ in keys}
     extras = set(store.read("extras")) if store.has("extras") else set()
     plan = []
     for key, src_dtype in keys:
@@ -392,8 +392,6 @@ def meta_params(args: ModelArgs) -> dict:
     """params.json for a model: Meta's fields only. A feed-forward width given explicitly (HF's
     intermediate_size) becomes multiple_of / ffn_dim_multiplier that reproduce it; a rope scaling other
     than Llama 3.1's defaults (use_scaled_rope) and anything else params.json cannot say is refused."""
-    from slowllama.model.layers import rope_scaling_of
-
     d = args.to_dict()
     out = {k: d[k] for k in ModelArgs.META_FIELDS if d.get(k) is not None}
     if args.kv_heads == args.n_heads:

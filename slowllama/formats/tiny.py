@@ -15,7 +15,7 @@ from slowllama.model.args import PRESETS, ModelArgs, dtype_from_name
 from slowllama.errors import SlowllamaError
 from slowllama.data.windows import read_text
 from slowllama.formats.meta import expected_shapes, meta_split_dim
-from slowllama.store.store import check_output_folder
+from slowllama.store.guards import check_output_folder
 from slowllama.model.tokenizer import train_tokenizer
 
 # chapter 1 of Alice's Adventures in Wonderland (public domain), shipped with the package

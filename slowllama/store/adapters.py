@@ -18,7 +18,8 @@ from slowllama.store import safetensors_io as st
 from slowllama.model.args import ModelArgs
 from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
-from slowllama.store.store import StoreLock, write_json_atomic
+from slowllama.store.atomic import write_json_atomic
+from slowllama.store.lock import StoreLock
 from slowllama.model.lora import LoRAConfig
 from slowllama.model.lora import init_params
 

@@ -19,214 +19,50 @@ commits by replacing the manifest atomically (write, fsync, rename, fsync the fo
 file is fsynced; only then are the files the new manifest no longer names removed. Files the
 manifest does not name are garbage of an interrupted step, removed when the store is next opened
 for writing. So the store is always entirely at one step.
-Only this module touches module files.
+Only this package touches module files: Store here, StoreBuilder (builder.py) for a new store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
-import fcntl
 import functools
 import json
 import os
 import shutil
-import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
+from safetensors import safe_open
 
-from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.errors import SlowllamaError
 from slowllama.faults import fault_point
+from slowllama.jsonfile import read_json
+from slowllama.model.args import ModelArgs, dtype_from_name
+from slowllama.model.layers import module_names, module_shapes
+from slowllama.sizes import format_size
 from slowllama.store import safetensors_io as st
+from slowllama.store.atomic import fsync_dir, signals_deferred, write_json_atomic
+from slowllama.store.guards import check_free_space, disk_full_error
+from slowllama.store.lock import StoreLock
+from slowllama.store.manifest import (KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord,
+                                      SourceRecord)
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, state_parts
 
-FORMAT = "slowllama-store"
-VERSION = 1
-KINDS = ("modules", "optim", "master")  # weights, optimizer state, fp32 master weights
-STATE_KINDS = ("optim", "master")  # kept in parts (state_parts.py)
-MANIFEST = "manifest.json"
 JOURNAL = "journal.json"
 # paths a writer creates or writes through: none may be a symbolic link (it would lead the writes outside)
 OWN_PATHS = (MANIFEST, JOURNAL, "lock", *KINDS, "scratch", "run", "run/settings.json", "run/metrics.jsonl")
 
 
-def entry_files(info: dict) -> list[str]:
-    """The files of one manifest entry: its module file, then its row patches in the order they apply."""
-    return [info["file"]] + [patch["file"] for patch in info.get("rows", [])]
-
-
-def named_files(manifest: dict) -> set[str]:
-    """Every file a manifest names (paths relative to the store)."""
-    return {f for kind in manifest["files"].values() for info in kind.values() for f in entry_files(info)}
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj, fault: str = "") -> None:
-    """Write JSON to path by tmp file + fsync + rename + fsync of the folder: all or nothing.
-
-    fault: prefix of the fault points just before and after the rename (crash tests).
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if fault:
-            fault_point(f"{fault}.before_rename")
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    os.replace(tmp, path)
-    if fault:
-        fault_point(f"{fault}.after_rename")
-    fsync_dir(path.parent)
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Hold SIGINT / SIGTERM until the block is done (a commit is never cut in half by a Ctrl-C).
-
-    Python runs signal handlers in the main thread between bytecodes, whichever thread the signal
-    reached: swapping the handlers for a recorder holds them all.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got = []
-    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        for signum in got:
-            if callable(old[signum]):
-                old[signum](signum, None)
-            elif old[signum] == signal.SIG_DFL:
-                signal.raise_signal(signum)
-
-
-def check_free_space(folder: Path, needed: int, what: str, detail: str = "") -> None:
-    """Refuse before writing anything when the disk holding folder has less than `needed` bytes free."""
-    probe = Path(folder)
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise SlowllamaError(f"{what}: not enough free disk at {probe}: needs {needed / 2**30:.2f} GiB"
-                             f"{f' ({detail})' if detail else ''}, {free / 2**30:.2f} GiB free")
-
-
-def check_output_folder(out: Path, force: bool, inputs: tuple = ()) -> None:
-    """Refuse an output folder that exists (without --force), is not a folder, or overlaps an input folder."""
-    out = Path(out)
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
-        if out.is_symlink() or not out.is_dir():
-            raise SlowllamaError(f"{out}: not a folder (--force replaces only a folder)")
-    real = Path(os.path.realpath(out))
-    for src in inputs:
-        src_real = Path(os.path.realpath(src))
-        if real == src_real or src_real in real.parents or real in src_real.parents:
-            raise SlowllamaError(f"{out}: overlaps {src}, which it is made from (choose another folder)")
-
-
-@contextlib.contextmanager
-def staged_folder(out: Path):
-    """A folder to write `out` into: hidden beside it, put in place only once complete and durable
-    (every file fsynced, then renamed over any old `out`), removed if the writing fails."""
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        for p in tmp.iterdir():
-            st.fsync_file(str(p))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def disk_full_error(e: OSError, what: str) -> SlowllamaError:
-    return SlowllamaError(f"{what}: disk full ({e.strerror}); the store stays at its last committed step")
-
-
-class StoreLock:
-    """One writer per store: an exclusive flock on STORE/lock, with the owner's pid in it for messages."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / "lock"
-        self.fd: Optional[int] = None
-
-    def acquire(self, log: Callable[[str], None]) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as e:
-            raise SlowllamaError(f"{self.path}: cannot open the lock file ({e.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise SlowllamaError(f"{self.path.parent}: in use by another slowllama process (pid {pid})") from None
-        old = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        if old and old != str(os.getpid()):
-            log(f"taking over the lock of pid {old}, which is no longer running")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def refuse_if_written(self) -> None:
-        """Readers: refuse a store that another process is writing (its files change at every step)."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return  # no lock file: nobody ever wrote this store
-        try:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            if pid == str(os.getpid()):
-                return  # this process writes it (eval and generation inside finetune)
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SlowllamaError(f"{self.path.parent}: a finetune (pid {pid or '?'}) is writing this store; "
-                                 "read it when that run has stopped") from None
-        except OSError:
-            return  # not a lock file a writer could hold (verify reports a lock that is not a file)
-        finally:
-            os.close(fd)
-
-
 class Store:
     """A store folder, opened read-only or for writing (then locked, and recovered if a step was cut off)."""
 
-    def __init__(self, path: Path, manifest: dict, writable: bool):
+    def __init__(self, path: Path, manifest: Manifest, writable: bool):
         self.path = Path(path)
         self.manifest = manifest
         self.writable = writable
@@ -235,7 +71,7 @@ class Store:
         self.drop_cache = False  # evict files from the page cache after reading or writing them
         self.bytes_read = 0
         self.bytes_written = 0
-        self._pending: dict[tuple[str, str], dict] = {}  # (kind, name) -> file info written this step
+        self._pending: dict[tuple[str, str], FileEntry] = {}  # (kind, name) -> entry written this step
         self._written: set[str] = set()  # files written since the last commit (a rollback removes them)
         self._pending_lock = threading.Lock()
         self._fsync_dirs: set[Path] = set()
@@ -259,10 +95,7 @@ class Store:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise SlowllamaError(f"{path}: not a slowllama store (no {MANIFEST}; run `slowllama prepare` first)")
-        from slowllama.jsonfile import read_json
-        manifest = read_json(manifest_path)
-        cls._check_manifest(manifest, path)
-        store = cls(path, manifest, writable)
+        store = cls(path, Manifest.read(path), writable)
         if writable:
             store._refuse_symlinks()
             store.lock = StoreLock(path)
@@ -272,50 +105,6 @@ class Store:
         elif not follower:
             StoreLock(path).refuse_if_written()
         return store
-
-    @staticmethod
-    def _check_manifest(m: dict, path: Path) -> None:
-        where = f"{path / MANIFEST}"
-        if not isinstance(m, dict) or m.get("format") != FORMAT:
-            raise SlowllamaError(f"{where}: not a slowllama manifest")
-        if m.get("version") != VERSION:
-            raise SlowllamaError(f"{where}: store version {m.get('version')!r}, this slowllama reads {VERSION}")
-        for field in ("model", "dtype", "files", "step"):
-            if field not in m:
-                raise SlowllamaError(f"{where}: field {field!r} missing")
-        if not isinstance(m["step"], int) or isinstance(m["step"], bool) or m["step"] < 0:
-            raise SlowllamaError(f"{where}: field 'step' must be a non-negative integer, got {m['step']!r}")
-        if not isinstance(m["files"], dict) or not all(isinstance(f, dict) for f in m["files"].values()):
-            raise SlowllamaError(f"{where}: field 'files' must be an object of objects")
-        for kind, kind_files in m["files"].items():
-            for name, info in kind_files.items():
-                rows = info.get("rows", []) if isinstance(info, dict) else []
-                if not isinstance(rows, list):
-                    raise SlowllamaError(f"{where}: 'rows' of {kind} {name!r} must be a list of file entries")
-                for entry in [info, *rows]:
-                    rel = entry.get("file", "") if isinstance(entry, dict) else ""
-                    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts \
-                            or "\0" in rel:
-                        raise SlowllamaError(f"{where}: file entry {rel!r} points outside the store")
-                    size, digest = entry.get("bytes"), entry.get("xxh3")
-                    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str):
-                        raise SlowllamaError(f"{where}: the entry of {kind} {name!r} needs 'bytes' (an integer) "
-                                             "and 'xxh3' (a string)")
-        cap = m.get("state_part_elements", DEFAULT_PART_ELEMENTS)
-        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
-            raise SlowllamaError(f"{where}: field 'state_part_elements' must be a positive integer, got {cap!r}")
-        run = m.get("run")
-        if run is not None and not (isinstance(run, dict) and isinstance(run.get("start_step"), int)
-                                    and isinstance(run.get("settings"), dict)
-                                    and isinstance(run.get("grad_norm", 0.0), (int, float))):
-            raise SlowllamaError(f"{where}: field 'run' must be an object with 'start_step' and 'settings'")
-        if not isinstance(m["model"], dict):
-            raise SlowllamaError(f"{where}: field 'model' must be an object")
-        try:
-            ModelArgs.from_dict(m["model"]).validate(where)
-        except TypeError as e:
-            raise SlowllamaError(f"{where}: bad model args ({e})") from None
-        dtype_from_name(m["dtype"], f"{where}: dtype")
 
     def _refuse_symlinks(self) -> None:
         """A writer writes and deletes files in these places: each must be the store's own, not a link."""
@@ -327,7 +116,7 @@ class Store:
     def _recover(self, log) -> None:
         """Remove what an interrupted step left behind: files the committed manifest does not name."""
         journal = self.path / JOURNAL
-        referenced = named_files(self.manifest)
+        referenced = self.manifest.named_files()
         removed = 0
         for kind in KINDS:
             folder = self.path / kind
@@ -341,7 +130,6 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 (self.path / f"{tmp}.tmp").unlink()
         if journal.exists():
-            from slowllama.jsonfile import read_json
             try:
                 j = read_json(journal)
                 cut = j.get("step", "?") if isinstance(j, dict) else "?"
@@ -362,7 +150,7 @@ class Store:
         """Stores written before state parts hold a module's optimizer state (or master weights) in one file:
         split each into its parts, one commit per file at the same step (the disk holds one file twice at most;
         cut off, the next open goes on)."""
-        whole = [(kind, name) for kind in STATE_KINDS for name in self.manifest["files"].get(kind, {})
+        whole = [(kind, name) for kind in STATE_KINDS for name in self.manifest.files.get(kind, {})
                  if name in self.expected_shapes]
         for kind, name in whole:
             tensors = self.read(name, kind)
@@ -390,15 +178,30 @@ class Store:
     # ---- what it holds ---------------------------------------------------------------------
     @property
     def args(self) -> ModelArgs:
-        return ModelArgs.from_dict(self.manifest["model"])
+        return self.manifest.args
 
     @property
     def dtype(self) -> torch.dtype:
-        return dtype_from_name(self.manifest["dtype"])
+        return dtype_from_name(self.manifest.dtype)
 
     @property
     def step(self) -> int:
-        return int(self.manifest["step"])
+        return self.manifest.step
+
+    @property
+    def run(self) -> Optional[RunRecord]:
+        """The training run the store is in (None before a run's first commit)."""
+        return self.manifest.run
+
+    @property
+    def source(self) -> SourceRecord:
+        """What prepare recorded of the source checkpoint (an empty record if nothing was)."""
+        return self.manifest.source or SourceRecord({})
+
+    @property
+    def has_master_weights(self) -> bool:
+        """Whether the store holds fp32 master weights (a run with --master-weights fp32 wrote them)."""
+        return bool(self.manifest.files.get("master"))
 
     @property
     def scratch(self) -> Path:
@@ -416,20 +219,21 @@ class Store:
         with self._pending_lock:
             if (kind, name) in self._pending:
                 return True
-        return name in self.manifest["files"].get(kind, {})
+        return name in self.manifest.files.get(kind, {})
 
-    def file_info(self, name: str, kind: str = "modules") -> dict:
+    def file_info(self, name: str, kind: str = "modules") -> FileEntry:
+        """The entry of a module's (or state part's) file: the one written this step, else the committed one."""
         with self._pending_lock:
             info = self._pending.get((kind, name))
         if info is None:
-            info = self.manifest["files"].get(kind, {}).get(name)
+            info = self.manifest.files.get(kind, {}).get(name)
         if info is None:
             raise SlowllamaError(f"{self.path}: the store has no {kind} file for {name!r}")
         return info
 
     @property
     def state_part_elements(self) -> int:
-        return int(self.manifest.get("state_part_elements", DEFAULT_PART_ELEMENTS))
+        return self.manifest.state_part_elements or DEFAULT_PART_ELEMENTS
 
     def state_parts(self, module: str) -> list[StatePart]:
         """The parts a module's optimizer state and master weights are kept in."""
@@ -445,12 +249,12 @@ class Store:
         return {p.name: p for parts in self._parts.values() for p in parts}
 
     def module_bytes(self, name: str, kind: str = "modules") -> int:
-        return int(self.file_info(name, kind)["bytes"])
+        return self.file_info(name, kind).bytes
 
     # ---- reading and writing -----------------------------------------------------------------
-    def file_path(self, info: dict) -> Path:
+    def file_path(self, info: FileEntry) -> Path:
         """The path of a manifest entry, refused unless it is a plain file inside the store (no links)."""
-        path = self.path / info["file"]
+        path = self.path / info.file
         if path.is_symlink() or not os.path.realpath(path).startswith(os.path.realpath(self.path) + os.sep):
             raise SlowllamaError(f"{path}: a symbolic link or a path that leads outside the store; "
                                  "module files must be plain files inside it")
@@ -475,15 +279,15 @@ class Store:
         info = self.file_info(name, kind)
         tensors, path = self._read_entry(info, alloc)
         self._check_shapes(name, kind, tensors, path)
-        for patch in info.get("rows", []):
+        for patch in info.rows:
             self._apply_rows(tensors, patch)
         return tensors
 
-    def _read_entry(self, info: dict, alloc=None) -> tuple[dict[str, torch.Tensor], Path]:
-        expect = (int(info["bytes"]), info["xxh3"]) if self.verify else None
+    def _read_entry(self, info: FileEntry, alloc=None) -> tuple[dict[str, torch.Tensor], Path]:
+        expect = (info.bytes, info.xxh3) if self.verify else None
         path = self.file_path(info)
         tensors = st.read_file(str(path), alloc=alloc, expect=expect, drop_cache=self.drop_cache)
-        self.bytes_read += int(info["bytes"])
+        self.bytes_read += info.bytes
         return tensors, path
 
     def read_state(self, name: str, kind: str = "optim") -> dict[str, torch.Tensor]:
@@ -495,7 +299,7 @@ class Store:
                     pieces.setdefault(key, []).append(t)
         return {k: p[0] if len(p) == 1 else torch.cat(p) for k, p in pieces.items()}
 
-    def _apply_rows(self, tensors: dict[str, torch.Tensor], patch: dict) -> None:
+    def _apply_rows(self, tensors: dict[str, torch.Tensor], patch: FileEntry) -> None:
         """Apply a row patch (written by write_rows) to a module's tensors, checked like any file."""
         rows, path = self._read_entry(patch)
         for key in [k[:-len(".ids")] for k in rows if k.endswith(".ids")]:
@@ -533,17 +337,13 @@ class Store:
     @functools.cached_property
     def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         """{module name: {weight name: shape}} of the model the manifest describes."""
-        from slowllama.model.layers import module_names, module_shapes
-
         return {name: module_shapes(self.args, name) for name in module_names(self.args)}
 
     def read_slice(self, name: str, key: str, dim: Optional[int] = None, start: int = 0,
                    length: Optional[int] = None, kind: str = "modules") -> torch.Tensor:
         """One tensor of a module file, or a slice of it along `dim`, read by mmap (export's access)."""
-        from safetensors import safe_open
-
         info = self.file_info(name, kind)
-        if info.get("rows"):  # patched rows: the whole tensor, as read() makes it
+        if info.rows:  # patched rows: the whole tensor, as read() makes it
             t = self.read(name, kind)[key]
             return t if dim is None else t.narrow(dim, start, length)
         with safe_open(str(self.file_path(info)), framework="pt") as f:
@@ -568,7 +368,7 @@ class Store:
             raise
 
     def write(self, name: str, tensors: dict[str, torch.Tensor], kind: str = "modules",
-              gen: Optional[int] = None) -> dict:
+              gen: Optional[int] = None) -> FileEntry:
         """Write a module's tensors to a new file of generation `gen` (default: the next step).
 
         Thread-safe, so a background writer may call it. The file joins the store at commit().
@@ -583,10 +383,10 @@ class Store:
         """Whether a row patch of nbytes beats rewriting the module: patches stay under a quarter of its size
         (past that, the next write is the whole module, and the patches go)."""
         info = self.file_info(name, kind)
-        return sum(p["bytes"] for p in info.get("rows", [])) + nbytes <= int(info["bytes"]) // 4
+        return sum(p.bytes for p in info.rows) + nbytes <= info.bytes // 4
 
     def write_rows(self, name: str, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], kind: str = "modules",
-                   gen: Optional[int] = None) -> dict:
+                   gen: Optional[int] = None) -> FileEntry:
         """Write only some rows of a module's weights: rows = {key: (row ids, their new values)}.
 
         A row patch file of generation `gen`, applied on top of the module's file (and its earlier
@@ -598,12 +398,12 @@ class Store:
             tensors[f"{key}.ids"], tensors[f"{key}.rows"] = ids.to(torch.int64), values
         patch = self._write_file(f"{kind}/{name}@{gen}.rows.safetensors", tensors)
         with self._pending_lock:
-            base = self._pending.get((kind, name)) or self.manifest["files"][kind][name]
-            info = {**base, "rows": [*base.get("rows", []), patch]}
+            base = self._pending.get((kind, name)) or self.manifest.files[kind][name]
+            info = dataclasses.replace(base, rows=(*base.rows, patch))
             self._pending[(kind, name)] = info
         return info
 
-    def _write_file(self, rel: str, tensors: dict[str, torch.Tensor]) -> dict:
+    def _write_file(self, rel: str, tensors: dict[str, torch.Tensor]) -> FileEntry:
         """Write one file of the store (not yet durable: a background fsync, which commit() waits for)."""
         self._require_writable()
         folder = self.path / Path(rel).parent
@@ -626,14 +426,16 @@ class Store:
             self._written.add(rel)
             self._fsync_dirs.add(folder)
             self.bytes_written += size
-        return {"file": rel, "bytes": size, "xxh3": digest}
+        return FileEntry(rel, size, digest)
 
-    def commit(self, step: int, updates: Optional[dict] = None, remove: tuple = ()) -> None:
+    def commit(self, step: int, run: Union[RunRecord, dict, None] = None, remove: tuple = ()) -> None:
         """Make every file written since the last commit part of the store, at step `step`, atomically.
 
-        updates: other manifest fields to set in the same atomic write (run state, for instance);
+        run: the run record, committed in the same atomic write (None: the store's stays as it is);
         remove: (kind, name) entries that leave the store, their files deleted once committed.
         """
+        if isinstance(run, dict):  # transitional (issue 14): train/checkpoints.py still passes {"run": dict}
+            run = RunRecord.from_json(run["run"])
         self._require_writable()
         self.sync()
         with self._pending_lock:
@@ -642,19 +444,19 @@ class Store:
         for d in dirs:
             fsync_dir(d)
         old_files = []
-        manifest = json.loads(json.dumps(self.manifest))
+        files = {kind: dict(entries) for kind, entries in self.manifest.files.items()}
         for (kind, name), info in pending.items():
-            prev = manifest["files"].setdefault(kind, {}).get(name)
+            prev = files.setdefault(kind, {}).get(name)
             if prev:
-                old_files += [f for f in entry_files(prev) if f not in entry_files(info)]
-            manifest["files"][kind][name] = info
+                old_files += [f for f in prev.files() if f not in info.files()]
+            files[kind][name] = info
         for kind, name in remove:
-            old_files += entry_files(manifest["files"][kind].pop(name))
-        manifest["step"] = step
-        manifest.update(updates or {})
+            old_files += files[kind].pop(name).files()
+        manifest = dataclasses.replace(self.manifest, files=files, step=step,
+                                       run=self.manifest.run if run is None else run)
         with signals_deferred():  # a second Ctrl-C lands before or after the commit, never inside it
             try:
-                write_json_atomic(self.path / MANIFEST, manifest, fault="store.commit")
+                write_json_atomic(self.path / MANIFEST, manifest.to_json(), fault="store.commit")
             except OSError as e:
                 if self._step_on_disk() != step:  # the rename did not happen: nothing was committed
                     if e.errno == errno.ENOSPC:
@@ -669,12 +471,12 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 (self.path / JOURNAL).unlink()
 
-    def _committed(self, manifest: dict, pending: dict) -> None:
+    def _committed(self, manifest: Manifest, pending: dict[tuple[str, str], FileEntry]) -> None:
         self.manifest = manifest
         with self._pending_lock:
             for key, info in pending.items():
                 self._pending.pop(key, None)
-                self._written.difference_update(entry_files(info))
+                self._written.difference_update(info.files())
 
     def sync(self, errors: bool = True) -> None:
         """Wait until every file written so far is durable; raises the first fsync's error (if errors)."""
@@ -702,10 +504,10 @@ class Store:
             (self.path / JOURNAL).unlink()
 
     def update_manifest(self, updates: dict) -> None:
-        """Change manifest fields (not the file table) atomically."""
+        """Change manifest fields (not the file table) atomically: updates = {JSON field: value}."""
         self._require_writable()
-        manifest = {**self.manifest, **updates}
-        write_json_atomic(self.path / MANIFEST, manifest)
+        manifest = Manifest.from_json({**self.manifest.to_json(), **updates}, str(self.path / MANIFEST))
+        write_json_atomic(self.path / MANIFEST, manifest.to_json())
         self.manifest = manifest
 
     def _require_writable(self) -> None:
@@ -718,11 +520,9 @@ class Store:
         A step writes new module files (and optimizer state, master weights) beside the committed
         ones, which go only once it commits; activations beyond the memory budget go to scratch/.
         """
-        from slowllama.sizes import format_size
-
-        modules = sum(int(info["bytes"]) for name, info in self.manifest["files"]["modules"].items()
+        modules = sum(info.bytes for name, info in self.manifest.files["modules"].items()
                       if name in self.expected_shapes)
-        weights = modules // element_size(self.dtype)
+        weights = modules // st.element_size(self.dtype)
         parts = {"new module files": modules, "optimizer state": weights * optim_bytes_per_weight,
                  "master weights": weights * master_bytes_per_weight, "spilled activations": spill_bytes}
         detail = ", ".join(f"{what} {format_size(n)}" for what, n in parts.items() if n)
@@ -730,13 +530,13 @@ class Store:
 
     def evict_from_page_cache(self) -> None:
         """Evict every file the manifest names from the page cache: the next reads come from the disk."""
-        for rel in named_files(self.manifest):
+        for rel in self.manifest.named_files():
             st.evict_file(str(self.path / rel))
 
     def verify_all(self, progress=None) -> list[str]:
         """Check the size and checksum of every file the manifest names; returns the problems found."""
         problems = []
-        entries = [(kind, name) for kind, files in self.manifest["files"].items() for name in files]
+        entries = self.manifest.entries()
         for kind, name in (progress(entries) if progress else entries):
             try:
                 self.read(name, kind)
@@ -745,77 +545,9 @@ class Store:
         return problems
 
 
-class StoreBuilder:
-    """A new store, built in a hidden temporary folder and renamed into place only when complete."""
-
-    def __init__(self, path, force: bool = False):
-        self.path = Path(path)
-        if self.path.exists() and not force:
-            raise SlowllamaError(f"{self.path}: already exists (use --force to replace it)")
-        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        (self.tmp / "modules").mkdir(parents=True)
-        self.files: dict[str, dict] = {"modules": {}}
-
-    def module_writer(self, name: str, specs: dict) -> st.SliceWriter:
-        return st.SliceWriter(str(self.tmp / "modules" / f"{name}@0.safetensors"), specs)
-
-    def finish_module(self, name: str, writer: st.SliceWriter) -> None:
-        size, digest = writer.finish()
-        self.files["modules"][name] = {"file": f"modules/{name}@0.safetensors", "bytes": size, "xxh3": digest}
-
-    def write_module(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        rel = f"modules/{name}@0.safetensors"
-        size, digest = st.write_file(str(self.tmp / rel), tensors)
-        self.files["modules"][name] = {"file": rel, "bytes": size, "xxh3": digest}
-
-    def link_module(self, name: str, store: "Store", kind: str = "modules") -> None:
-        """Take a module file of another store unchanged (a hard link where possible, else a copy)."""
-        info = store.file_info(name, kind)
-        dest = self.tmp / kind / Path(info["file"]).name
-        dest.parent.mkdir(exist_ok=True)
-        if info.get("rows"):  # row patches: one file with them applied
-            size, digest = st.write_file(str(dest), store.read(name, kind))
-            self.files.setdefault(kind, {})[name] = {"file": f"{kind}/{dest.name}", "bytes": size, "xxh3": digest}
-            return
-        try:
-            os.link(store.path / info["file"], dest)
-        except OSError:
-            shutil.copyfile(store.path / info["file"], dest)
-        self.files.setdefault(kind, {})[name] = {**info, "file": f"{kind}/{dest.name}"}
-
-    def copy_file(self, src: Path, name: str) -> None:
-        shutil.copyfile(src, self.tmp / name)
-
-    def finish(self, manifest: dict) -> Path:
-        manifest = {"format": FORMAT, "version": VERSION, "state_part_elements": DEFAULT_PART_ELEMENTS, **manifest,
-                    "files": self.files, "step": 0}
-        write_json_atomic(self.tmp / MANIFEST, manifest)
-        if self.path.exists():  # --force: the old store goes only once the new one is complete
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
-        return self.path
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 def part_tensors(tensors: dict[str, torch.Tensor], part: StatePart, kind: str) -> dict[str, torch.Tensor]:
     """The tensors of one part, cut from a module's whole optimizer state or master weights."""
     if kind == "master":
         return {part.key: tensors[part.key][part.rows]}
     return {"step": tensors["step"], **{f"{part.key}.{m}": tensors[f"{part.key}.{m}"][part.rows]
                                         for m in ("exp_avg", "exp_avg_sq")}}
-
-
-def spec_of(tensors: dict[str, torch.Tensor]) -> dict:
-    return {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
-
-
-def element_size(dtype: torch.dtype) -> int:
-    return st.element_size(dtype)

@@ -1,0 +1,84 @@
+"""A new store (prepare, fuse, synthetic benchmarks), built aside and put in place only when complete.
+
+A store that a failed or interrupted prepare leaves is never mistaken for a good one: until
+finish() renames it into place it is a hidden folder beside the destination.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from slowllama.errors import SlowllamaError
+from slowllama.store import safetensors_io as st
+from slowllama.store.atomic import fsync_dir, write_json_atomic
+from slowllama.store.manifest import MANIFEST, FileEntry, Manifest
+from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
+from slowllama.store.store import Store
+
+
+class StoreBuilder:
+    """A new store, built in a hidden temporary folder and renamed into place only when complete."""
+
+    def __init__(self, path, force: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and not force:
+            raise SlowllamaError(f"{self.path}: already exists (use --force to replace it)")
+        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        (self.tmp / "modules").mkdir(parents=True)
+        self.files: dict[str, dict[str, FileEntry]] = {"modules": {}}
+
+    def module_writer(self, name: str, specs: dict) -> st.SliceWriter:
+        """A writer that fills a module's file piece by piece (prepare places each checkpoint slice)."""
+        return st.SliceWriter(str(self.tmp / "modules" / f"{name}@0.safetensors"), specs)
+
+    def finish_module(self, name: str, writer: st.SliceWriter) -> None:
+        size, digest = writer.finish()
+        self.files["modules"][name] = FileEntry(f"modules/{name}@0.safetensors", size, digest)
+
+    def write_module(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        rel = f"modules/{name}@0.safetensors"
+        size, digest = st.write_file(str(self.tmp / rel), tensors)
+        self.files["modules"][name] = FileEntry(rel, size, digest)
+
+    def link_module(self, name: str, store: Store, kind: str = "modules") -> None:
+        """Take a module file of another store unchanged (a hard link where possible, else a copy)."""
+        info = store.file_info(name, kind)
+        dest = self.tmp / kind / Path(info.file).name
+        dest.parent.mkdir(exist_ok=True)
+        if info.rows:  # row patches: one file with them applied
+            size, digest = st.write_file(str(dest), store.read(name, kind))
+            self.files.setdefault(kind, {})[name] = FileEntry(f"{kind}/{dest.name}", size, digest)
+            return
+        try:
+            os.link(store.path / info.file, dest)
+        except OSError:
+            shutil.copyfile(store.path / info.file, dest)
+        self.files.setdefault(kind, {})[name] = dataclasses.replace(info, file=f"{kind}/{dest.name}")
+
+    def copy_file(self, src: Path, name: str) -> None:
+        shutil.copyfile(src, self.tmp / name)
+
+    def finish(self, manifest: Manifest) -> Path:
+        """Put the store in place: `manifest` gives the model, dtype, source and other fields; the file table
+        is the one written here, at step 0, with no run."""
+        manifest = dataclasses.replace(manifest, files=self.files, step=0, run=None, json_order=(),
+                                       state_part_elements=manifest.state_part_elements or DEFAULT_PART_ELEMENTS)
+        write_json_atomic(self.tmp / MANIFEST, manifest.to_json())
+        if self.path.exists():  # --force: the old store goes only once the new one is complete
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
