@@ -39,7 +39,8 @@ from slowllama.model.lora import LoRAConfig, LoRAState, init_params, parse_targe
 from slowllama.optim.registry import make_optimizer
 from slowllama.settings import BenchSettings, resolve_device
 from slowllama.sizes import parse_size
-from slowllama.store.store import Store, check_free_space
+from slowllama.store.guards import check_free_space
+from slowllama.store.store import Store
 from slowllama.train.checkpoints import NoCheckpoint, StoreCheckpoint
 from slowllama.train.trainer import Trainer
 

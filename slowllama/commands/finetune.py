@@ -202,7 +202,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
             f"{s.steps} steps; nothing to do")
         return {"steps_done": done, "nothing_to_do": True}
     optimizer = optimizer_of(s)
-    master = s.master_weights == "fp32" or any(store.manifest["files"].get("master", {}))
+    master = s.master_weights == "fp32" or store.has_master_weights
     if master and s.master_weights != "fp32":
         log(f"{store.path}: using the fp32 master weights the store already has")
     if s.rounding == "stochastic" and store.dtype == torch.float16 and not s.lora_rank:
@@ -224,7 +224,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
         log(engine.choose_replication())
     if fleet.main:
         (checkpoint.run_dir / "settings.json").write_text(json.dumps(
-            {"settings": asdict(s), "start_step": run["start_step"], "resumed_at": done,
+            {"settings": asdict(s), "start_step": run.start_step, "resumed_at": done,
              "ranks": fleet.world}, indent=1) + "\n")
     if done:
         log(f"resuming the run at step {done} of {s.steps}")

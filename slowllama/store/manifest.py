@@ -185,15 +185,6 @@ class Manifest:
         """Every file the manifest names (paths relative to the store)."""
         return {f for entries in self.files.values() for entry in entries.values() for f in entry.files()}
 
-    # Transitional (issue 14): train/checkpoints.py and commands/finetune.py still read the manifest as a
-    # dict (manifest.get("run"), manifest["files"]); once they use Store.run and Store.has_master_weights,
-    # these two go.
-    def get(self, key: str, default=None):
-        return self.to_json().get(key, default)
-
-    def __getitem__(self, key: str):
-        return self.to_json()[key]
-
 
 def check_manifest(m, where: str) -> None:
     """Refuse a manifest that is not one this version reads, naming the field (a store edited by hand)."""

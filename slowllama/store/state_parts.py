@@ -5,8 +5,9 @@ they would make the memory a module in flight needs several times its weights'. 
 most `max_elements` elements (rows of one weight, in order), an update streams them instead: the
 next part is read while one part is updated, and each part is written as soon as it is done.
 
-A part is named `<module>#<index>`; its file holds `<key>.exp_avg`, `<key>.exp_avg_sq` and `step`
-(optimizer state) or `<key>` (master weights) for rows [start, stop) of the module's weight `key`.
+A part is named `<module>#<index>`; its file holds, for rows [start, stop) of the module's weight
+`key`, the optimizer's state tensors `<key>.<name>` as the optimizer declares them (AdamW:
+`<key>.exp_avg`, `<key>.exp_avg_sq`, and the module's `step`), or `<key>` (master weights).
 The split follows from the shapes and the store's manifest field `state_part_elements`, so every
 reader of a store finds the same parts.
 """

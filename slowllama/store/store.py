@@ -35,7 +35,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -428,14 +428,12 @@ class Store:
             self.bytes_written += size
         return FileEntry(rel, size, digest)
 
-    def commit(self, step: int, run: Union[RunRecord, dict, None] = None, remove: tuple = ()) -> None:
+    def commit(self, step: int, run: Optional[RunRecord] = None, remove: tuple = ()) -> None:
         """Make every file written since the last commit part of the store, at step `step`, atomically.
 
         run: the run record, committed in the same atomic write (None: the store's stays as it is);
         remove: (kind, name) entries that leave the store, their files deleted once committed.
         """
-        if isinstance(run, dict):  # transitional (issue 14): train/checkpoints.py still passes {"run": dict}
-            run = RunRecord.from_json(run["run"])
         self._require_writable()
         self.sync()
         with self._pending_lock:
@@ -546,8 +544,10 @@ class Store:
 
 
 def part_tensors(tensors: dict[str, torch.Tensor], part: StatePart, kind: str) -> dict[str, torch.Tensor]:
-    """The tensors of one part, cut from a module's whole optimizer state or master weights."""
+    """The tensors of one part, cut from a module's whole optimizer state or master weights: the rows of its
+    weight's own tensors (the weight, or `<weight>.<name>` for each state tensor, whatever the optimizer named
+    them), and the module's step count where it keeps one."""
     if kind == "master":
         return {part.key: tensors[part.key][part.rows]}
-    return {"step": tensors["step"], **{f"{part.key}.{m}": tensors[f"{part.key}.{m}"][part.rows]
-                                        for m in ("exp_avg", "exp_avg_sq")}}
+    return {key: t if key == "step" else t[part.rows] for key, t in tensors.items()
+            if key == "step" or key.rsplit(".", 1)[0] == part.key}

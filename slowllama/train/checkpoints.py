@@ -2,12 +2,13 @@
 
 Each gives the trainer the same few actions: resume (the run record and the steps done), begin a
 step, commit it atomically, roll it back, and a folder for the run's logs. The run record is
-{"start_step": the store's step when the run began, "settings": the settings that define the run,
-"grad_norm": the last step's gradient norm (for --clip-norm previous)}.
+a RunRecord (store/manifest.py): the store's step when the run began, the settings that define the run,
+the last step's gradient norm (for --clip-norm previous).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,6 +19,7 @@ from slowllama.engine.fleet import Fleet
 from slowllama.errors import SlowllamaError
 from slowllama.model.lora import LoRAConfig, LoRAState, init_params
 from slowllama.store.adapters import AdapterFolder
+from slowllama.store.manifest import RunRecord
 from slowllama.store.store import Store
 
 
@@ -39,24 +41,21 @@ class StoreCheckpoint:
     def run_dir(self) -> Path:
         return self.store.run_dir
 
-    def resume(self, wanted: dict, new_run: bool, log) -> tuple[dict, int]:
-        """The run record (manifest "run") and how many of its steps are done; wanted: the run's settings."""
-        run = self.store.manifest.get("run")
+    def resume(self, wanted: dict, new_run: bool, log) -> tuple[RunRecord, int]:
+        """The run record and how many of its steps are done; wanted: the settings that define the run."""
+        run = self.store.run
         if run is None or new_run:  # recorded by the first step's commit
-            return {"start_step": self.store.step, "settings": wanted}, 0
-        report_changes(run["settings"], wanted, log)
-        return {**run, "settings": wanted}, self.store.step - run["start_step"]
+            return RunRecord(self.store.step, wanted), 0
+        report_changes(run.settings, wanted, log)
+        return replace(run, settings=wanted), self.store.step - run.start_step
 
     def begin(self) -> None:
         self.store.begin_step(self.store.step + 1)
 
-    def commit(self, number: int, run: Optional[dict]) -> None:
+    def commit(self, number: int, run: Optional[RunRecord]) -> None:
         """Commit step `number` of the run, the store's step start_step + number; without a run record (a
         benchmark's steps, the tests') the numbers are the store's own steps."""
-        if run is None:
-            self.store.commit(number)
-        else:
-            self.store.commit(run["start_step"] + number, {"run": run})
+        self.store.commit(number if run is None else run.start_step + number, run)
 
     def rollback(self) -> None:
         self.store.rollback()
@@ -81,24 +80,25 @@ class AdapterCheckpoint:
         state = None if new_run else self.folder.state()
         if state is not None:
             self.folder.load_config(args)  # refuses an adapter of another model
-            self.done, params, optim, self.run = self.folder.load_training_state(device)
+            self.done, params, optim, run = self.folder.load_training_state(device)
+            self.run = RunRecord(run.get("start_step", 0), run.get("settings", {}), run.get("grad_norm"))
         else:
             self.done, params, optim, self.run = 0, init_params(args, cfg, seed, device), {}, None
             self.folder.write_config(cfg, args)
         self.lora = LoRAState(cfg, {k: nn.Parameter(v) for k, v in params.items()}, optim)
 
-    def resume(self, wanted: dict, new_run: bool, log) -> tuple[dict, int]:
+    def resume(self, wanted: dict, new_run: bool, log) -> tuple[RunRecord, int]:
         if self.run is None:
-            return {"start_step": 0, "settings": wanted}, 0
-        report_changes(self.run.get("settings", {}), wanted, log)
-        return {**self.run, "settings": wanted}, self.done
+            return RunRecord(0, wanted), 0
+        report_changes(self.run.settings, wanted, log)
+        return replace(self.run, settings=wanted), self.done
 
     def begin(self) -> None:
         pass
 
-    def commit(self, number: int, run: Optional[dict]) -> None:
+    def commit(self, number: int, run: Optional[RunRecord]) -> None:
         snapshot = number % self.save_every == 0 or number == self.steps
-        self.folder.save(number, self.lora.params, self.lora.optim_state, run, snapshot)
+        self.folder.save(number, self.lora.params, self.lora.optim_state, run.to_json() if run else {}, snapshot)
 
     def rollback(self) -> None:
         pass
@@ -121,7 +121,7 @@ class NoCheckpoint:
     def begin(self) -> None:
         pass
 
-    def commit(self, number: int, run: Optional[dict]) -> None:
+    def commit(self, number: int, run: Optional[RunRecord]) -> None:
         pass
 
     def rollback(self) -> None:

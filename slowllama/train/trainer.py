@@ -10,7 +10,7 @@ run's last step and when a stop is asked for (the store is then written only the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from slowllama.engine.chain import OffloadedModel
 from slowllama.engine.step import NonFiniteLoss, Step, StepResult
 from slowllama.optim.schedule import clip_coefficient
+from slowllama.store.manifest import RunRecord
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Trainer:
     stop (every rank polls it at the same point of a step, a collective).
     """
 
-    def __init__(self, engine: OffloadedModel, checkpoint, run: Optional[dict] = None, *, done: int = 0,
+    def __init__(self, engine: OffloadedModel, checkpoint, run: Optional[RunRecord] = None, *, done: int = 0,
                  steps: Optional[int] = None, save_every: int = 1, grad_clip: float = 0.0,
                  clip_norm: str = "previous", stop: Optional[Callable[[], int]] = None,
                  log: Callable[[str], None] = print):
@@ -65,7 +66,7 @@ class Trainer:
         try:
             coef = 1.0
             if self.grad_clip and engine.lora is None:  # LoRA clips exactly inside the step
-                norm = (self.run or {}).get("grad_norm")
+                norm = self.run.grad_norm if self.run is not None else None
                 if self.clip_norm == "exact" or norm is None:  # norm pass: the gradient, no update
                     norm = engine.train_step(Step(number, lr, update=False, micro_offset=micro_offset), batches,
                                              acts).grad_norm
@@ -73,7 +74,7 @@ class Trainer:
             result = engine.train_step(Step(number, lr, coef, max_grad_norm=self.grad_clip,
                                             micro_offset=micro_offset), batches, acts)
             if self.run is not None:
-                self.run = {**self.run, "grad_norm": result.grad_norm}
+                self.run = replace(self.run, grad_norm=result.grad_norm)
             stop = fleet.max(self.stop()) if self.stop is not None else 0  # a signal to any rank stops them all
             if number % self.commit_every == 0 or number == self.steps or stop:
                 self._commit(number)
