@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from slowllama.model.args import ModelArgs, dtype_name, preset_args
 from slowllama.errors import SlowllamaError
-from slowllama.model.layers import module_names, module_shapes
+from slowllama.model.shapes import module_names, module_shapes
 from slowllama.bench.roofline import matmul_params
 from slowllama.store.store import Store, StoreBuilder, check_free_space, element_size
 

@@ -10,9 +10,12 @@ from typing import Optional
 
 
 from slowllama.errors import SlowllamaError
+from slowllama.formats.convert import export
 from slowllama.store.adapters import AdapterFolder
 from slowllama.model.lora import block_params
 from slowllama.model.lora import merged_module
+from slowllama.model.shapes import module_names
+from slowllama.store.store import Store, StoreBuilder, check_free_space
 
 
 def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] = None, dtype: Optional[str] = None,
@@ -22,10 +25,6 @@ def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] 
     The merged modules go to a temporary store beside OUT (unchanged modules are hard-linked), which
     is exported like any store and then removed.
     """
-    from slowllama.formats.convert import export
-    from slowllama.model.layers import module_names
-    from slowllama.store.store import Store, StoreBuilder, check_free_space
-
     store = Store.open(store_path)
     out = Path(out)
     if out.exists() and not force:

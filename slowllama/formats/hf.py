@@ -26,7 +26,7 @@ from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
 from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
 from slowllama.sizes import parse_size
-from slowllama.model.layers import module_names, module_shapes, split_key
+from slowllama.model.shapes import expected_shapes, module_names, module_shapes, split_key
 from slowllama.store.store import Store, StoreBuilder, check_free_space, element_size, staged_folder
 from slowllama.model.tokenizer import load_tokenizer, tokenizer_files
 
@@ -92,8 +92,6 @@ def read_layouts(src: Path, files: list[str], index: Optional[dict]) -> list[dic
 
 def plan_routes(src: Path, layouts: list[dict], args: ModelArgs) -> dict[str, Optional[str]]:
     """Where each source tensor goes: its Meta key, None for an extra (inv_freq), or _TIED_COPY."""
-    from slowllama.formats.meta import expected_shapes
-
     full = expected_shapes(args)
     routes: dict[str, Optional[str]] = {}
     seen: dict[str, str] = {}
@@ -150,7 +148,7 @@ def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool =
     """Stream a Hugging Face Llama / Mistral folder into a new store. Peak memory: about one tensor."""
     from safetensors import safe_open
 
-    from slowllama.formats.meta import expected_shapes, resolve_store_dtype
+    from slowllama.formats.meta import resolve_store_dtype
 
     src, dest = Path(src), Path(dest)
     config = read_json(src / "config.json")
@@ -288,8 +286,6 @@ def plan_export(store: Store, shards: Optional[int], max_shard_size: Optional[st
         tensors = [(k, out_dtype or st.TORCH_DTYPES.get(d, store.dtype), tuple(s))
                    for layout in source["shards"] for k, d, s in layout["keys"]]
     else:
-        from slowllama.formats.meta import expected_shapes
-
         dtypes, full = source_dtypes(store), expected_shapes(args)
         tensors = [(hf.hf_key(m), out_dtype or dtypes.get(hf.hf_key(m), store.dtype), full[m])
                    for m in hf.hf_order(args)]

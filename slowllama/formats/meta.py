@@ -22,7 +22,7 @@ from tqdm import tqdm
 from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
 from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
-from slowllama.model.layers import join_key, module_names, module_shapes, split_key
+from slowllama.model.shapes import expected_shapes, join_key, module_names, module_shapes, split_key
 from slowllama.store.store import Store, StoreBuilder, check_free_space, check_output_folder, element_size, staged_folder
 from slowllama.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 
@@ -109,15 +109,6 @@ def infer_split(key: str, piece: tuple, full: tuple, n: int, where: str) -> Opti
             return d
     raise SlowllamaError(f"{where}: {key!r} has shape {list(piece)}, which is not a 1/{n} slice of the "
                          f"model's {list(full)} (shards don't fit together)")
-
-
-def expected_shapes(args: ModelArgs) -> dict[str, tuple]:
-    """Every weight of the model under its full Meta key, with its shape."""
-    out = {}
-    for name in module_names(args):
-        for local, shape in module_shapes(args, name).items():
-            out[join_key(name, local)] = shape
-    return out
 
 
 def resolve_vocab(args: ModelArgs, tok: Tokenizer, first_shard: dict, n: int, src: Path) -> None:

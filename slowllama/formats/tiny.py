@@ -14,7 +14,8 @@ import torch
 from slowllama.model.args import PRESETS, ModelArgs, dtype_from_name
 from slowllama.errors import SlowllamaError
 from slowllama.data.windows import read_text
-from slowllama.formats.meta import expected_shapes, meta_split_dim
+from slowllama.formats.meta import meta_split_dim
+from slowllama.model.shapes import expected_shapes
 from slowllama.store.store import check_output_folder
 from slowllama.model.tokenizer import train_tokenizer
 

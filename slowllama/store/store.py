@@ -43,6 +43,7 @@ import torch
 from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.errors import SlowllamaError
 from slowllama.faults import fault_point
+from slowllama.model.shapes import module_names, module_shapes
 from slowllama.store import safetensors_io as st
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, state_parts
 
@@ -533,8 +534,6 @@ class Store:
     @functools.cached_property
     def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         """{module name: {weight name: shape}} of the model the manifest describes."""
-        from slowllama.model.layers import module_names, module_shapes
-
         return {name: module_shapes(self.args, name) for name in module_names(self.args)}
 
     def read_slice(self, name: str, key: str, dim: Optional[int] = None, start: int = 0,
