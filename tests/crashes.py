@@ -28,7 +28,8 @@ def streaming_budget(stateful: bool) -> str:
     """--max-memory just above the working set of the module in flight: no module stays resident, so
     every step reads and writes every module and commits (the path of models larger than memory)."""
     from slowllama.engine.residency import working_bytes
-    from slowllama.model.args import PRESETS, ModelArgs
+    from slowllama.model.args import ModelArgs
+    from slowllama.model.families import PRESETS
     from slowllama.optim.adamw import AdamW
 
     args = ModelArgs(**{**PRESETS["tiny"], "n_layers": 2, "dim": 64})

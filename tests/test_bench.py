@@ -11,7 +11,8 @@ import torch
 
 from conftest import assert_one_line_error, run_cli
 from slowllama.commands.bench import bench
-from slowllama.model.args import ModelArgs, preset_args
+from slowllama.model.args import ModelArgs
+from slowllama.model.families import preset_args
 from slowllama.optim.adamw import AdamW
 from slowllama.engine.residency import working_bytes
 from slowllama.errors import SlowllamaError

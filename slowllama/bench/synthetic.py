@@ -12,7 +12,8 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from slowllama.model.args import ModelArgs, dtype_name, preset_args
+from slowllama.model.args import ModelArgs, dtype_name
+from slowllama.model.families import preset_args
 from slowllama.errors import SlowllamaError
 from slowllama.model.shapes import module_names, module_shapes
 from slowllama.bench.roofline import matmul_params

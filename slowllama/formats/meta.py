@@ -22,6 +22,9 @@ from tqdm import tqdm
 from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
 from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
+from slowllama.model.families import (CODE_LLAMA_MAX_SEQ_LEN, LLAMA3_SCALED_ROPE, embeddings_cut_by_vocabulary,
+                                      is_code_llama)
+from slowllama.model.layers import rope_scaling_of
 from slowllama.model.shapes import expected_shapes, join_key, module_names, module_shapes, split_key
 from slowllama.store.store import Store, StoreBuilder, check_free_space, check_output_folder, element_size, staged_folder
 from slowllama.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
@@ -45,7 +48,7 @@ META_SPLIT_DIM = {
 
 def meta_split_dim(key: str, args: ModelArgs) -> Optional[int]:
     module, local = split_key(key)
-    if key == "tok_embeddings.weight" and args.vocab_size >= 128000:
+    if key == "tok_embeddings.weight" and embeddings_cut_by_vocabulary(args):
         return 0  # Llama 3 cuts its embeddings by vocabulary (VocabParallelEmbedding)
     return META_SPLIT_DIM.get(local if module.startswith("layers.") else key)
 
@@ -96,7 +99,20 @@ def read_meta_params(src: Path) -> tuple[dict, ModelArgs]:
         raise SlowllamaError(f"{src}: no params.json (expected a Meta Llama folder: params.json, "
                              "tokenizer.model, consolidated.NN.pth)")
     params = read_json(src / "params.json")
-    return params, ModelArgs.from_params(params, str(src / "params.json"))
+    return params, args_from_params(params, str(src / "params.json"))
+
+
+def args_from_params(params: dict, where: str = "params.json") -> ModelArgs:
+    """ModelArgs of Meta's params.json dict; unknown fields are an error naming them."""
+    if not isinstance(params, dict):
+        raise SlowllamaError(f"{where}: expected a JSON object")
+    unknown = sorted(set(params) - set(ModelArgs.META_FIELDS))
+    if unknown:
+        raise SlowllamaError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(ModelArgs.META_FIELDS)})")
+    args = ModelArgs(**params)
+    if "max_seq_len" not in params and is_code_llama(args):
+        args.max_seq_len = CODE_LLAMA_MAX_SEQ_LEN  # Code Llama's params.json does not say it
+    return args.validate(where)
 
 
 def infer_split(key: str, piece: tuple, full: tuple, n: int, where: str) -> Optional[int]:
@@ -375,16 +391,10 @@ FFN_CANDIDATES = [(256, None), (256, 1.0), (256, 1.3), (1024, 1.3), (4096, 1.3),
                   (1024, 1.0), (4096, 1.0)]
 
 
-LLAMA3_DEFAULT_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 8192}
-
-
 def meta_params(args: ModelArgs) -> dict:
     """params.json for a model: Meta's fields only. A feed-forward width given explicitly (HF's
     intermediate_size) becomes multiple_of / ffn_dim_multiplier that reproduce it; a rope scaling other
     than Llama 3.1's defaults (use_scaled_rope) and anything else params.json cannot say is refused."""
-    from slowllama.model.layers import rope_scaling_of
-
     d = args.to_dict()
     out = {k: d[k] for k in ModelArgs.META_FIELDS if d.get(k) is not None}
     if args.kv_heads == args.n_heads:
@@ -394,10 +404,10 @@ def meta_params(args: ModelArgs) -> dict:
         out.update(_ffn_fields(args))
     scaling = rope_scaling_of(args)
     if scaling:
-        numbers = {k: scaling.get(k) for k in LLAMA3_DEFAULT_SCALING}
-        if numbers != LLAMA3_DEFAULT_SCALING:
+        numbers = {k: scaling.get(k) for k in LLAMA3_SCALED_ROPE}
+        if numbers != LLAMA3_SCALED_ROPE:
             raise SlowllamaError(f"--format meta: Meta's params.json cannot express this llama3 rope scaling "
-                                 f"({numbers}; use_scaled_rope means {LLAMA3_DEFAULT_SCALING}); export --format hf")
+                                 f"({numbers}; use_scaled_rope means {LLAMA3_SCALED_ROPE}); export --format hf")
         out["use_scaled_rope"] = True
     if not out.get("use_scaled_rope"):
         out.pop("use_scaled_rope", None)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import ModelArgs
+from slowllama.model.families import LLAMA3_SCALED_ROPE
 from slowllama.model.shapes import linear_shape, module_shapes
 
 
@@ -59,8 +60,7 @@ def rope_scaling_of(args: ModelArgs) -> Optional[dict]:
             raise SlowllamaError(f"rope scaling type {rope_type!r} is not supported (supported: llama3)")
         return args.rope_scaling
     if args.use_scaled_rope:  # Meta's params.json flag: the "llama3" scaling with its default numbers
-        return {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+        return {"rope_type": "llama3", **LLAMA3_SCALED_ROPE}
     return None
 
 

@@ -9,6 +9,7 @@ the engine's budgets. The model is offloaded as modules, in the order of the for
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -87,6 +88,14 @@ def linear_shape(args: ModelArgs, name: str) -> tuple[int, ...]:
     """(out_features, in_features) of a linear layer by short name: one of LINEARS, or 'output' (the head's
     projection to the vocabulary, which is the embedding matrix when they are tied)."""
     return _LINEAR_WEIGHTS[name].shape(args)
+
+
+def model_param_count(args: ModelArgs) -> dict[str, int]:
+    """Parameter counts of the offloaded modules (embeddings, one block, head) and of the whole model."""
+    embeddings, block, head = (sum(math.prod(s) for s in module_shapes(args, name).values())
+                               for name in ("tok_embeddings", "layers.0", "head"))
+    return {"embeddings": embeddings, "block": block, "head": head,
+            "total": embeddings + args.n_layers * block + head}
 
 
 def split_key(key: str) -> tuple[str, str]:
