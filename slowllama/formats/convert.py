@@ -7,7 +7,8 @@ from typing import Callable, Optional
 
 
 from slowllama.errors import SlowllamaError
-from slowllama.store.store import Store
+from slowllama.store.store import MANIFEST, Store
+from slowllama.formats.hf import EXPECTED, export_hf, is_hf_folder, prepare_hf
 from slowllama.formats.meta import META_FILES
 from slowllama.formats.meta import SHARD_RE
 from slowllama.formats.meta import export_meta
@@ -16,9 +17,6 @@ from slowllama.formats.meta import prepare_meta
 
 def detect_format(src: Path) -> str:
     """'meta' or 'hf', by the files in the folder."""
-    from slowllama.formats.hf import EXPECTED, is_hf_folder
-    from slowllama.store.store import MANIFEST
-
     src = Path(src)
     if not src.is_dir():
         raise SlowllamaError(f"{src}: no such folder")
@@ -36,8 +34,6 @@ def prepare(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = Fa
             log: Callable[[str], None] = print) -> Path:
     """Stream a Meta or Hugging Face folder (detected by its files) into a new store."""
     if detect_format(src) == "hf":
-        from slowllama.formats.hf import prepare_hf
-
         return prepare_hf(src, dest, dtype=dtype, force=force, log=log)
     return prepare_meta(src, dest, dtype=dtype, force=force, log=log)
 
@@ -48,8 +44,6 @@ def export(store_path: Path, out: Path, format: Optional[str] = None, shards: Op
     """Write a store as a Meta or Hugging Face folder (default: the format it was prepared from)."""
     fmt = format or (Store.open(store_path).manifest.get("source") or {}).get("format", "meta")
     if fmt == "hf":
-        from slowllama.formats.hf import export_hf
-
         return export_hf(store_path, out, shards=shards, max_shard_size=max_shard_size, dtype=dtype, force=force,
                          log=log)
     if fmt != "meta":

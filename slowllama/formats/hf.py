@@ -1,7 +1,7 @@
 """Hugging Face checkpoints <-> store: streaming prepare and export of safetensors shards.
 
 prepare reads each shard by mmap (safetensors' safe_open), one tensor at a time: renamed and, for wq/wk,
-put back into Meta's rotary layout (slowllama.hf), then written into its module file. The manifest
+put back into Meta's rotary layout (formats/hf_names.py), then written into its module file. The manifest
 records what export needs to rebuild the folder exactly: config.json, each shard's name, metadata and
 tensors in file order with their dtypes, the index's metadata; config.json, generation_config.json,
 the index and the tokenizer files are copied into the store as they are.
@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from slowllama.formats import hf_names as hf
+from slowllama.formats.dtypes import resolve_store_dtype, source_dtypes
 from slowllama.store import safetensors_io as st
 from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
 from slowllama.jsonfile import read_json
@@ -129,8 +131,6 @@ def plan_routes(src: Path, layouts: list[dict], args: ModelArgs) -> dict[str, Op
 
 def _check_tied_copy(src: Path, layouts: list[dict], routes: dict) -> None:
     """A tied model may still carry lm_head.weight: accept it only as an exact copy of the embeddings."""
-    from safetensors import safe_open
-
     where = {key: layout["file"] for layout in layouts for key, _, _ in layout["keys"]}
     copies = [key for key, route in routes.items() if route == _TIED_COPY]
     for key in copies:
@@ -146,10 +146,6 @@ def _check_tied_copy(src: Path, layouts: list[dict], routes: dict) -> None:
 def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
                log: Callable[[str], None] = print) -> Path:
     """Stream a Hugging Face Llama / Mistral folder into a new store. Peak memory: about one tensor."""
-    from safetensors import safe_open
-
-    from slowllama.formats.meta import resolve_store_dtype
-
     src, dest = Path(src), Path(dest)
     config = read_json(src / "config.json")
     args, notes = hf.args_from_config(config, str(src / "config.json"))
@@ -187,7 +183,7 @@ def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool =
             for layout in layouts:
                 path = src / layout["file"]
                 bar.set_postfix_str(path.name)
-                with _open_shard(safe_open, path) as f:
+                with _open_shard(path) as f:
                     for key, d, shape in layout["keys"]:
                         route = routes[key]
                         if route != _TIED_COPY:
@@ -220,7 +216,7 @@ def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool =
 class _open_shard:
     """safe_open with its errors (a corrupt shard) as one line naming the file."""
 
-    def __init__(self, safe_open, path: Path):
+    def __init__(self, path: Path):
         self.path = path
         try:
             self.f = safe_open(str(path), framework="pt")
@@ -248,23 +244,6 @@ class OutShard:
     file: str
     metadata: Optional[dict]
     tensors: list  # [(hf key, torch dtype, shape)] in file order
-
-
-def source_dtypes(store: Store) -> dict[str, torch.dtype]:
-    """Each weight's dtype in the source checkpoint, by HF key (the store's dtype where unknown)."""
-    source = store.manifest.get("source") or {}
-    out = {}
-    if source.get("format") == "hf":
-        for layout in source.get("shards", []):
-            for key, d, _ in layout["keys"]:
-                out[key] = st.TORCH_DTYPES.get(d, store.dtype)
-    elif source.get("shards"):  # Meta: every shard holds every key
-        for key, d, _ in source["shards"][0]["keys"]:
-            try:
-                out[hf.hf_key(key)] = dtype_from_name(d)
-            except SlowllamaError:  # rope.freqs: not a weight, not in HF's format
-                continue
-    return out
 
 
 def _safetensors_order(tensors: list) -> list:

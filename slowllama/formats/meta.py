@@ -1,5 +1,5 @@
-"""Checkpoints <-> store: format detection, and Meta's format: streaming prepare (shard by shard) and
-export (one output shard at a time). Hugging Face folders: slowllama.hf_checkpoint.
+"""Meta's checkpoints <-> store: streaming prepare (shard by shard) and export (one output shard at a
+time), and params.json <-> ModelArgs. Hugging Face folders: formats/hf.py; which is which: formats/convert.py.
 
 Meta's consolidated.NN.pth shards each hold a slice of every large tensor (model parallelism):
 column-parallel weights are cut along dim 0, row-parallel ones along dim 1, norms are replicated.
@@ -13,6 +13,7 @@ import json
 import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +23,8 @@ from tqdm import tqdm
 from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
 from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
+from slowllama.formats.dtypes import resolve_store_dtype, source_dtypes
+from slowllama.formats.hf_names import hf_key
 from slowllama.model.families import (CODE_LLAMA_MAX_SEQ_LEN, LLAMA3_SCALED_ROPE, embeddings_cut_by_vocabulary,
                                       is_code_llama)
 from slowllama.model.layers import rope_scaling_of
@@ -69,8 +72,6 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint shard, memory-mapped; only plain tensors are accepted (weights_only)."""
-    import zipfile
-
     try:
         if zipfile.is_zipfile(path):
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -145,13 +146,6 @@ def resolve_vocab(args: ModelArgs, tok: Tokenizer, first_shard: dict, n: int, sr
 
 
 META_FILES = "params.json, tokenizer.model, consolidated.NN.pth"
-
-
-def resolve_store_dtype(dtype: Optional[str], source_dtype: torch.dtype, where: str) -> torch.dtype:
-    store_dtype = dtype_from_name(dtype, "--dtype") if dtype else source_dtype
-    if store_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise SlowllamaError(f"{where}: weights of dtype {source_dtype} are not supported (use --dtype)")
-    return store_dtype
 
 
 def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
@@ -360,9 +354,6 @@ def _plan(store: Store, source: dict, src_shards, n: int, out_dtype, full: dict)
         keys = [(k, dtype_from_name(d) if d in ("fp32", "bf16", "fp16") else store.dtype)
                 for k, d, _ in src_shards[0]["keys"]]
     else:
-        from slowllama.formats.hf_names import hf_key
-        from slowllama.formats.hf import source_dtypes
-
         dtypes = source_dtypes(store)  # by HF name, for a store prepared from Hugging Face
         keys = [(k, dtypes.get(hf_key(k), store.dtype)) for k in full]
         if args.tie_word_embeddings:  # Meta's checkpoints always carry the output matrix
