@@ -20,6 +20,7 @@ from slowllama.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 ALICE = REPO / "test_data" / "alice.txt"
+FAULTS_RUNNER = "slowllama.testing.faults"  # `python -m` it in place of slowllama: $SLOWLLAMA_FAULTS armed
 
 
 @pytest.fixture(scope="session")
@@ -45,10 +46,10 @@ def committed_step(store, engine, number: int, lr: float) -> None:
     Trainer(engine, StoreCheckpoint(store), log=lambda m: None).step(number, microbatches(x, y, 2), lr)
 
 
-def run_cli(*args, check=None, env=None, timeout=300, **kw):
-    """Run `python -m slowllama ARGS` in a subprocess; returns the CompletedProcess (text)."""
+def run_cli(*args, check=None, env=None, timeout=300, module="slowllama", **kw):
+    """Run `python -m slowllama ARGS` (or `-m FAULTS_RUNNER`) in a subprocess; returns the CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "slowllama", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, **kw)
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

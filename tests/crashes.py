@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import ALICE, run_cli
+from conftest import ALICE, FAULTS_RUNNER, run_cli
 from slowllama import cli
 from slowllama.formats.meta import export_meta, prepare_meta
 from slowllama.settings import FinetuneSettings
@@ -29,7 +29,8 @@ def streaming_budget(stateful: bool) -> str:
     """--max-memory just above the working set of the module in flight: no module stays resident, so
     every step reads and writes every module and commits (the path of models larger than memory)."""
     from slowllama.engine.residency import working_bytes
-    from slowllama.model.args import PRESETS, ModelArgs
+    from slowllama.model.args import ModelArgs
+    from slowllama.model.families import PRESETS
     from slowllama.optim.adamw import AdamW
 
     args = ModelArgs(**{**PRESETS["tiny"], "n_layers": 2, "dim": 64})
@@ -110,7 +111,7 @@ def reference(tmp_path_factory, run: str) -> dict:
 def finetune_cli(store: Path, run: str, faults: str = "", **kw):
     """`slowllama finetune` in a subprocess, with faults armed."""
     env = {**ONE_THREAD, "SLOWLLAMA_FAULTS": faults}
-    return run_cli("finetune", store, *RUNS[run], env=env, **kw)
+    return run_cli("finetune", store, *RUNS[run], env=env, module=FAULTS_RUNNER, **kw)
 
 
 def resume_in_process(store: Path, run: str, capsys) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from slowllama.formats.meta import META_SPLIT_DIM, read_meta_params, shard_files
-from slowllama.model.layers import Transformer, split_key
+from slowllama.model.layers import Transformer
+from slowllama.model.shapes import split_key
 from slowllama.testing.reference import store_state_dict, train_in_memory  # noqa: F401  (re-exported for tests)
 
 

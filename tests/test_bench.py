@@ -11,12 +11,14 @@ import torch
 
 from conftest import assert_one_line_error, run_cli
 from slowllama.commands.bench import bench
-from slowllama.model.args import ModelArgs, preset_args
+from slowllama.model.args import ModelArgs
+from slowllama.model.families import preset_args
 from slowllama.optim.adamw import AdamW
 from slowllama.engine.residency import working_bytes
 from slowllama.errors import SlowllamaError
 from slowllama.bench.machine import copy_bandwidth, disk_read_bandwidth, disk_write_bandwidth, matmul_peak, page_cache_read_bandwidth, page_cache_residency, peak_rss, reset_peak_rss
-from slowllama.model.layers import Transformer, build_module, module_names, module_shapes
+from slowllama.model.layers import Transformer, build_module
+from slowllama.model.shapes import module_names, module_shapes
 from slowllama.bench.roofline import Machine, attention_flops, bound, efficiency, matmul_params, median_after_warmup, step_flops, tier_seconds
 from slowllama.settings import BenchSettings
 from slowllama.store.store import Store

@@ -37,7 +37,7 @@ def test_precedence_defaults_config_command_line(tmp_path):
     ("lr = true\n", ("lr must be a number, got bool",)),
     ("pack = \"yes\"\n", ("pack must be a boolean (true or false), got str",)),
     ("data = 5\n", ("data must be a string, got int",)),
-    ("optimizer = \"adam\"\n", ("optimizer must be one of auto, sgd, adamw, got 'adam'",)),
+    ("optimizer = \"adam\"\n", ("optimizer must be one of auto, sgd, adamw, lion, got 'adam'",)),
     ("[finetune]\nlr = 0.1\n", ("unknown key 'finetune'",)),
     ("batch_size = 2\nbatch-size = 3\n", ("batch_size is given twice",)),
     ("lr = \n", ("not valid TOML",)),

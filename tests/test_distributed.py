@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALICE
+from conftest import ALICE, FAULTS_RUNNER
 from crashes import (ONE_THREAD, assert_bit_identical, assert_clean, fresh_store, in_one_thread, settings,
                      state, streaming_budget)
 from slowllama.store.adapters import AdapterFolder
@@ -32,10 +32,11 @@ RUNS = {
 }
 
 
-def torchrun(store: Path, args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 300):
-    """`torchrun --nproc-per-node N -m slowllama finetune STORE ARGS` in a subprocess."""
+def torchrun(store: Path, args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 300,
+             module: str = "slowllama"):
+    """`torchrun --nproc-per-node N -m slowllama finetune STORE ARGS` (or `-m FAULTS_RUNNER`) in a subprocess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "slowllama", "finetune", str(store), *args]
+           "-m", module, "finetune", str(store), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1", **(env or {})})
 
@@ -95,7 +96,8 @@ def test_two_ranks_train_lora_adapters_like_one_process(tmp_path, tmp_path_facto
 def test_a_rank_killed_mid_step_leaves_the_store_committed_and_resumes(rank, fault, tmp_path, tmp_path_factory):
     store = fresh_store(tmp_path_factory, tmp_path / "store")
     killed = torchrun(store, RUNS["adamw-streaming"], env={"SLOWLLAMA_FAULTS": fault,
-                                                           "SLOWLLAMA_FAULTS_RANK": str(rank)})
+                                                           "SLOWLLAMA_FAULTS_RANK": str(rank)},
+                      module=FAULTS_RUNNER)
     assert killed.returncode != 0
     Store.open(store, writable=True, log=lambda m: None).close()  # what the next start does first: roll back
     assert Store.open(store).step == 1
@@ -172,7 +174,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_step_in_progress(tmp_pat
     store = fresh_store(tmp_path_factory, tmp_path / "store")
     # rank 1 gets SIGTERM in step 2's backward: both ranks finish step 2, commit it and stop
     stopped = torchrun(store, RUNS["adamw-streaming"], env={"SLOWLLAMA_FAULTS": "backward.module:5:sigterm",
-                                                            "SLOWLLAMA_FAULTS_RANK": "1"})
+                                                            "SLOWLLAMA_FAULTS_RANK": "1"}, module=FAULTS_RUNNER)
     assert stopped.returncode != 0
     assert "stopped after step 2 of 3; the store is committed" in stopped.stderr, stopped.stderr
     assert Store.open(store).step == 2

@@ -8,7 +8,7 @@ from reference import meta_model, store_state_dict, train_in_memory
 from slowllama.commands.finetune import finetune
 from slowllama.data.windows import load_text
 from slowllama.engine.residency import largest_part_elements, staging_bytes, working_bytes
-from slowllama.model.args import preset_args
+from slowllama.model.families import preset_args
 from slowllama.model.tokenizer import load_tokenizer
 from slowllama.optim.adamw import AdamW
 from slowllama.optim.lion import Lion

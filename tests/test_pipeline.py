@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from conftest import ALICE, assert_one_line_error, committed_step, run_cli
+from conftest import ALICE, FAULTS_RUNNER, assert_one_line_error, committed_step, run_cli
 from reference import assert_state_close, store_state_dict
 from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.formats.meta import prepare_meta
@@ -104,7 +104,8 @@ def test_a_kill_between_deferred_commits_loses_only_the_steps_since(tiny_fp32, t
     env = {"OMP_NUM_THREADS": "1"}
     run_cli("finetune", straight, *args, env=env, check=0)
     # killed in the forward pass of step 4 (after 3 full steps): the store holds step 2, its last commit
-    killed = run_cli("finetune", store, *args, env={**env, "SLOWLLAMA_FAULTS": "forward.module:16"})
+    killed = run_cli("finetune", store, *args, env={**env, "SLOWLLAMA_FAULTS": "forward.module:16"},
+                     module=FAULTS_RUNNER)
     assert killed.returncode == -signal.SIGKILL
     assert Store.open(store).step == 2
     run_cli("finetune", store, *args, env=env, check=0)

@@ -4,7 +4,7 @@ import re
 
 from conftest import REPO
 from slowllama.cli import build_parser
-from slowllama.model.args import size_table
+from slowllama.model.families import size_table
 
 README = (REPO / "README.md").read_text()
 # code in the README: fenced blocks and `inline spans`

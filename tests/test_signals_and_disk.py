@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, assert_one_line_error
+from conftest import FAULTS_RUNNER, REPO, assert_one_line_error
 from crashes import (ONE_THREAD, RUNS, assert_bit_identical, assert_clean, committed_hash, exported, finetune_cli,
                      fresh_store, in_one_thread, reference, resume_in_process, state)
 from slowllama import cli
-from slowllama import faults
+from slowllama.testing import faults
 from slowllama.store.store import Store
 
 RESUME_HINT = "Run the same command again to resume."
@@ -38,11 +38,24 @@ def test_a_signal_stops_after_the_step_in_progress(how, code, tmp_path, tmp_path
     assert_bit_identical(exported(store, tmp_path / "export"), expected["export"])
 
 
+def test_a_normal_run_arms_no_fault_and_loads_no_test_support(tmp_path, tmp_path_factory):
+    # $SLOWLLAMA_FAULTS means something to the test runner alone: `slowllama` ignores it
+    store = fresh_store(tmp_path_factory, tmp_path / "store")
+    code = ("import sys; from slowllama import cli; code = cli.main(sys.argv[1:]); "
+            "print(sorted(m for m in sys.modules if m.startswith('slowllama.testing'))); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code, "finetune", str(store), *RUNS["sgd"]], capture_output=True,
+                          text=True, env={**os.environ, **ONE_THREAD, "SLOWLLAMA_FAULTS": "forward.module:1"},
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"
+    assert Store.open(store).step == 3
+
+
 def test_a_signal_from_outside(tmp_path, tmp_path_factory):
     # the process waits at step 1's second forward module until SIGTERM comes from this test
     store = fresh_store(tmp_path_factory, tmp_path / "store")
     env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1", "SLOWLLAMA_FAULTS": "forward.module:2:wait"}
-    child = subprocess.Popen([sys.executable, "-m", "slowllama", "finetune", str(store), *RUNS["sgd"]],
+    child = subprocess.Popen([sys.executable, "-m", FAULTS_RUNNER, "finetune", str(store), *RUNS["sgd"]],
                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
         assert child.stderr.readline().strip() == "fault: waiting at forward.module"
@@ -137,7 +150,7 @@ def test_a_really_full_disk(tmp_path, tmp_path_factory, capsys):
     args = " ".join(RUNS["sgd"])
     script = (f"mount -t tmpfs -o size=24m tmpfs {mnt} && cp -r {store} {mnt}/store && "
               f"SLOWLLAMA_FAULTS=store.write.after:5:fill SLOWLLAMA_FAULT_FILL={mnt}/filler "
-              f"{sys.executable} -m slowllama finetune {mnt}/store {args}; echo rc=$? >&2; "
+              f"{sys.executable} -m {FAULTS_RUNNER} finetune {mnt}/store {args}; echo rc=$? >&2; "
               f"rm -f {mnt}/filler; rm -rf {store} && cp -r {mnt}/store {store}")
     proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
                           capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=300)

@@ -16,21 +16,19 @@ skipped half not counted: query i meets i + 1 keys, so a window of S tokens cost
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Optional
 
 from slowllama.model.args import ModelArgs
+from slowllama.model.shapes import LINEARS, linear_shape
 
 
 def matmul_params(args: ModelArgs) -> dict[str, int]:
     """Weights that take part in matmuls: all blocks' linear layers and the output projection."""
-    d, hd = args.dim, args.head_dim
-    q = args.n_heads * hd
-    kv = args.kv_heads * hd
-    block = d * q + 2 * d * kv + q * d + 3 * d * args.hidden_dim  # wq, wk, wv, wo, w1, w2, w3
-    blocks = args.n_layers * block
-    head = args.vocab_size * d
+    blocks = args.n_layers * sum(math.prod(linear_shape(args, name)) for name in LINEARS)  # wq, wk, wv, wo, w1..w3
+    head = math.prod(linear_shape(args, "output"))  # also when tied: the embedding matrix multiplies then
     return {"blocks": blocks, "head": head, "total": blocks + head}
 
 

@@ -11,10 +11,9 @@ from typing import Optional
 
 from slowllama.errors import SlowllamaError
 from slowllama.formats.convert import export
-from slowllama.model.layers import module_names
+from slowllama.model.lora import block_params, merged_module
+from slowllama.model.shapes import module_names
 from slowllama.store.adapters import AdapterFolder
-from slowllama.model.lora import block_params
-from slowllama.model.lora import merged_module
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.guards import check_free_space
 from slowllama.store.store import Store

@@ -34,9 +34,10 @@ from slowllama.engine.step import NonFiniteLoss, Step, StepResult, Tally, module
 from slowllama.engine.updates import Updater
 from slowllama.errors import SlowllamaError
 from slowllama.faults import fault_point
-from slowllama.model.args import ModelArgs, model_param_count
-from slowllama.model.layers import IGNORE_INDEX, build_module, cross_entropy_sum, module_names, rope_tables
+from slowllama.model.args import ModelArgs
+from slowllama.model.layers import IGNORE_INDEX, build_module, cross_entropy_sum, rope_tables
 from slowllama.model.lora import LoRAState, block_params, inject
+from slowllama.model.shapes import model_param_count, module_names
 from slowllama.optim.base import Optimizer
 from slowllama.optim.sgd import SGD
 from slowllama.store.store import Store

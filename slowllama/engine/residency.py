@@ -16,8 +16,8 @@ from typing import Callable, Optional
 import torch
 
 from slowllama.errors import SlowllamaError
-from slowllama.model.args import ModelArgs, model_param_count
-from slowllama.model.layers import module_shapes
+from slowllama.model.args import ModelArgs
+from slowllama.model.shapes import model_param_count, module_shapes
 from slowllama.optim.base import Optimizer
 from slowllama.sizes import format_size
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, state_parts

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints <-> store: streaming prepare and export of safetensors shards.
 
 prepare reads each shard by mmap (safetensors' safe_open), one tensor at a time: renamed and, for wq/wk,
-put back into Meta's rotary layout (slowllama.hf), then written into its module file. The manifest
+put back into Meta's rotary layout (formats/hf_names.py), then written into its module file. The manifest
 records what export needs to rebuild the folder exactly: config.json, each shard's name, metadata and
 tensors in file order with their dtypes, the index's metadata; config.json, generation_config.json,
 the index and the tokenizer files are copied into the store as they are.
@@ -22,14 +22,13 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from slowllama.formats import hf_names as hf
-from slowllama.formats.meta import expected_shapes, resolve_store_dtype
-from slowllama.formats.source_dtypes import source_dtypes
+from slowllama.formats.dtypes import resolve_store_dtype, source_dtypes
 from slowllama.store import safetensors_io as st
 from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
 from slowllama.sizes import parse_size
-from slowllama.model.layers import module_names, module_shapes, split_key
+from slowllama.model.shapes import expected_shapes, module_names, module_shapes, split_key
 from slowllama.store.atomic import staged_folder
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.guards import check_free_space

@@ -14,10 +14,11 @@ from typing import Optional
 
 import torch
 
-from slowllama.model.args import ModelArgs
 from slowllama.errors import SlowllamaError
+from slowllama.model.args import ModelArgs
+from slowllama.model.families import ARCHITECTURES, LLAMA, HFArchitecture
+from slowllama.model.layers import rope_scaling_of
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 ROPE_TYPES = ("default", "llama3")  # rope scaling types the model implements
 
 GLOBAL_TO_META = {
@@ -138,18 +139,12 @@ def hf_order(args: ModelArgs) -> list[str]:
 
 # ---- config.json <-> ModelArgs ---------------------------------------------------------------------
 
-# transformers' defaults for fields a config.json may leave out
-DEFAULTS = {
-    "llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
-                  hidden_act="silu", attention_bias=False, mlp_bias=False),
-    "mistral": dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, rope_theta=10000.0,
-                    tie_word_embeddings=False, hidden_act="silu", num_key_value_heads=8, sliding_window=4096),
-}
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
-def architecture_of(config: dict, where: str = "config.json") -> str:
-    """'llama' or 'mistral', from the config's architectures (or model_type); anything else is refused."""
+def architecture_of(config: dict, where: str = "config.json") -> HFArchitecture:
+    """The architecture a config.json names in `architectures` (or else in model_type); anything else is
+    refused."""
     archs = config.get("architectures")
     if archs is not None:
         if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
@@ -159,9 +154,11 @@ def architecture_of(config: dict, where: str = "config.json") -> str:
                                  f"(supported: {', '.join(ARCHITECTURES)})")
         return ARCHITECTURES[archs[0]]
     model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES.values():
-        raise SlowllamaError(f"{where}: model_type {model_type!r} is not supported (supported: llama, mistral)")
-    return model_type
+    for arch in ARCHITECTURES.values():
+        if arch.model_type == model_type:
+            return arch
+    raise SlowllamaError(f"{where}: model_type {model_type!r} is not supported "
+                         f"(supported: {', '.join(arch.model_type for arch in ARCHITECTURES.values())})")
 
 
 def rope_of(config: dict, where: str = "config.json") -> tuple[float, Optional[dict]]:
@@ -208,7 +205,7 @@ def args_from_config(config: dict, where: str = "config.json") -> tuple[ModelArg
     if not isinstance(config, dict):
         raise SlowllamaError(f"{where}: expected a JSON object")
     arch = architecture_of(config, where)
-    c = {**DEFAULTS[arch], **{k: v for k, v in config.items() if v is not None or k == "sliding_window"}}
+    c = {**arch.defaults, **{k: v for k, v in config.items() if v is not None or k == "sliding_window"}}
     for name in REQUIRED:
         if name not in c:
             raise SlowllamaError(f"{where}: field {name!r} missing")
@@ -233,7 +230,7 @@ def args_from_config(config: dict, where: str = "config.json") -> tuple[ModelArg
                      max_seq_len=c["max_position_embeddings"], hidden_dim_override=c["intermediate_size"],
                      rope_scaling=scaling, tie_word_embeddings=c["tie_word_embeddings"])
     notes = []
-    window = c.get("sliding_window") if arch == "mistral" else None
+    window = c.get("sliding_window") if arch.sliding_window else None
     if window is not None:
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise SlowllamaError(f"{where}: field 'sliding_window' must be a positive integer or null, got {window!r}")
@@ -248,7 +245,7 @@ def args_from_config(config: dict, where: str = "config.json") -> tuple[ModelArg
 def config_from_args(args: ModelArgs, torch_dtype: str, bos_id: Optional[int], eos_id: Optional[int]) -> dict:
     """A LlamaForCausalLM config.json for a model that has none (a store prepared from Meta's format)."""
     return {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [LLAMA.name],
         "attention_bias": False,
         "attention_dropout": 0.0,
         "bos_token_id": bos_id,
@@ -259,7 +256,7 @@ def config_from_args(args: ModelArgs, torch_dtype: str, bos_id: Optional[int], e
         "intermediate_size": args.hidden_dim,
         "max_position_embeddings": args.max_seq_len,
         "mlp_bias": False,
-        "model_type": "llama",
+        "model_type": LLAMA.model_type,
         "num_attention_heads": args.n_heads,
         "num_hidden_layers": args.n_layers,
         "num_key_value_heads": args.kv_heads,
@@ -275,7 +272,6 @@ def config_from_args(args: ModelArgs, torch_dtype: str, bos_id: Optional[int], e
 
 
 def rope_scaling_dict(args: ModelArgs) -> Optional[dict]:
-    from slowllama.model.layers import rope_scaling_of
-
+    """config.json's rope_scaling of a model: a copy of its llama3 scaling, or None."""
     scaling = rope_scaling_of(args)
     return {**scaling} if scaling else None

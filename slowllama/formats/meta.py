@@ -1,5 +1,5 @@
-"""Checkpoints <-> store: format detection, and Meta's format: streaming prepare (shard by shard) and
-export (one output shard at a time). Hugging Face folders: slowllama.hf_checkpoint.
+"""Meta's checkpoints <-> store: streaming prepare (shard by shard) and export (one output shard at a
+time), and params.json <-> ModelArgs. Hugging Face folders: formats/hf.py; which is which: formats/convert.py.
 
 Meta's consolidated.NN.pth shards each hold a slice of every large tensor (model parallelism):
 column-parallel weights are cut along dim 0, row-parallel ones along dim 1, norms are replicated.
@@ -23,9 +23,12 @@ from tqdm import tqdm
 from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
 from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
+from slowllama.formats.dtypes import resolve_store_dtype, source_dtypes
 from slowllama.formats.hf_names import hf_key
-from slowllama.formats.source_dtypes import source_dtypes
-from slowllama.model.layers import join_key, module_names, module_shapes, rope_scaling_of, split_key
+from slowllama.model.families import (CODE_LLAMA_MAX_SEQ_LEN, LLAMA3_SCALED_ROPE, embeddings_cut_by_vocabulary,
+                                      is_code_llama)
+from slowllama.model.layers import rope_scaling_of
+from slowllama.model.shapes import expected_shapes, join_key, module_names, module_shapes, split_key
 from slowllama.store.atomic import staged_folder
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.guards import check_free_space, check_output_folder
@@ -53,7 +56,7 @@ META_SPLIT_DIM = {
 
 def meta_split_dim(key: str, args: ModelArgs) -> Optional[int]:
     module, local = split_key(key)
-    if key == "tok_embeddings.weight" and args.vocab_size >= 128000:
+    if key == "tok_embeddings.weight" and embeddings_cut_by_vocabulary(args):
         return 0  # Llama 3 cuts its embeddings by vocabulary (VocabParallelEmbedding)
     return META_SPLIT_DIM.get(local if module.startswith("layers.") else key)
 
@@ -102,7 +105,20 @@ def read_meta_params(src: Path) -> tuple[dict, ModelArgs]:
         raise SlowllamaError(f"{src}: no params.json (expected a Meta Llama folder: params.json, "
                              "tokenizer.model, consolidated.NN.pth)")
     params = read_json(src / "params.json")
-    return params, ModelArgs.from_params(params, str(src / "params.json"))
+    return params, args_from_params(params, str(src / "params.json"))
+
+
+def args_from_params(params: dict, where: str = "params.json") -> ModelArgs:
+    """ModelArgs of Meta's params.json dict; unknown fields are an error naming them."""
+    if not isinstance(params, dict):
+        raise SlowllamaError(f"{where}: expected a JSON object")
+    unknown = sorted(set(params) - set(ModelArgs.META_FIELDS))
+    if unknown:
+        raise SlowllamaError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(ModelArgs.META_FIELDS)})")
+    args = ModelArgs(**params)
+    if "max_seq_len" not in params and is_code_llama(args):
+        args.max_seq_len = CODE_LLAMA_MAX_SEQ_LEN  # Code Llama's params.json does not say it
+    return args.validate(where)
 
 
 def infer_split(key: str, piece: tuple, full: tuple, n: int, where: str) -> Optional[int]:
@@ -115,15 +131,6 @@ def infer_split(key: str, piece: tuple, full: tuple, n: int, where: str) -> Opti
             return d
     raise SlowllamaError(f"{where}: {key!r} has shape {list(piece)}, which is not a 1/{n} slice of the "
                          f"model's {list(full)} (shards don't fit together)")
-
-
-def expected_shapes(args: ModelArgs) -> dict[str, tuple]:
-    """Every weight of the model under its full Meta key, with its shape."""
-    out = {}
-    for name in module_names(args):
-        for local, shape in module_shapes(args, name).items():
-            out[join_key(name, local)] = shape
-    return out
 
 
 def resolve_vocab(args: ModelArgs, tok: Tokenizer, first_shard: dict, n: int, src: Path) -> None:
@@ -144,13 +151,6 @@ def resolve_vocab(args: ModelArgs, tok: Tokenizer, first_shard: dict, n: int, sr
 
 
 META_FILES = "params.json, tokenizer.model, consolidated.NN.pth"
-
-
-def resolve_store_dtype(dtype: Optional[str], source_dtype: torch.dtype, where: str) -> torch.dtype:
-    store_dtype = dtype_from_name(dtype, "--dtype") if dtype else source_dtype
-    if store_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise SlowllamaError(f"{where}: weights of dtype {source_dtype} are not supported (use --dtype)")
-    return store_dtype
 
 
 def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
@@ -384,10 +384,6 @@ FFN_CANDIDATES = [(256, None), (256, 1.0), (256, 1.3), (1024, 1.3), (4096, 1.3),
                   (1024, 1.0), (4096, 1.0)]
 
 
-LLAMA3_DEFAULT_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 8192}
-
-
 def meta_params(args: ModelArgs) -> dict:
     """params.json for a model: Meta's fields only. A feed-forward width given explicitly (HF's
     intermediate_size) becomes multiple_of / ffn_dim_multiplier that reproduce it; a rope scaling other
@@ -401,10 +397,10 @@ def meta_params(args: ModelArgs) -> dict:
         out.update(_ffn_fields(args))
     scaling = rope_scaling_of(args)
     if scaling:
-        numbers = {k: scaling.get(k) for k in LLAMA3_DEFAULT_SCALING}
-        if numbers != LLAMA3_DEFAULT_SCALING:
+        numbers = {k: scaling.get(k) for k in LLAMA3_SCALED_ROPE}
+        if numbers != LLAMA3_SCALED_ROPE:
             raise SlowllamaError(f"--format meta: Meta's params.json cannot express this llama3 rope scaling "
-                                 f"({numbers}; use_scaled_rope means {LLAMA3_DEFAULT_SCALING}); export --format hf")
+                                 f"({numbers}; use_scaled_rope means {LLAMA3_SCALED_ROPE}); export --format hf")
         out["use_scaled_rope"] = True
     if not out.get("use_scaled_rope"):
         out.pop("use_scaled_rope", None)

@@ -11,10 +11,12 @@ from typing import Optional
 
 import torch
 
-from slowllama.model.args import PRESETS, ModelArgs, dtype_from_name
+from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.errors import SlowllamaError
 from slowllama.data.windows import read_text
-from slowllama.formats.meta import expected_shapes, meta_split_dim
+from slowllama.formats.meta import args_from_params, meta_split_dim
+from slowllama.model.families import PRESETS
+from slowllama.model.shapes import expected_shapes
 from slowllama.store.guards import check_output_folder
 from slowllama.model.tokenizer import train_tokenizer
 
@@ -60,7 +62,7 @@ def write_tiny(out: Path, *, text: Optional[Path] = None, shards: int = 2, dtype
     read_text(text)  # UTF-8, not empty
     check_output_folder(out, force)
     params = {**PRESETS["tiny"], **overrides}
-    args = ModelArgs.from_params(params, "tiny model")
+    args = args_from_params(params, "tiny model")
     if shards < 1:
         raise SlowllamaError(f"--shards: must be at least 1, got {shards}")
     for key, shape in expected_shapes(args).items():

@@ -33,7 +33,7 @@ class ModelArgs:
     """Everything that fixes the shapes and the math of a Llama-family model.
 
     The first block of fields are Meta's params.json names; the rest come from other formats
-    (Hugging Face's config.json) or from the checkpoint itself.
+    (Hugging Face's config.json) or from the checkpoint itself. The weights' shapes: model/shapes.py.
     """
 
     dim: int = 4096
@@ -98,69 +98,9 @@ class ModelArgs:
             raise SlowllamaError(f"{where}: field 'ffn_dim_multiplier' must be a positive number, got {self.ffn_dim_multiplier!r}")
         return self
 
-    @classmethod
-    def from_params(cls, params: dict, where: str = "params.json") -> "ModelArgs":
-        """Build from Meta's params.json dict; unknown fields are an error naming them."""
-        if not isinstance(params, dict):
-            raise SlowllamaError(f"{where}: expected a JSON object")
-        unknown = sorted(set(params) - set(cls.META_FIELDS))
-        if unknown:
-            raise SlowllamaError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(cls.META_FIELDS)})")
-        args = cls(**params)
-        if "max_seq_len" not in params and args.rope_theta >= 1e6:
-            args.max_seq_len = 16384  # Code Llama's context; Llama 2's is the default 4096
-        return args.validate(where)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
         return cls(**d)
-
-
-def model_param_count(args: ModelArgs) -> dict:
-    """Parameter counts of the offloaded modules (embeddings, one block, head)."""
-    d, v, h = args.dim, args.vocab_size, args.hidden_dim
-    kv = args.kv_heads * args.head_dim
-    block = d * d * 2 + d * kv * 2 + 3 * d * h + 2 * d  # wq, wo, wk, wv, w1..w3, two norms
-    head = d + (0 if args.tie_word_embeddings else v * d)
-    return {"embeddings": v * d, "block": block, "head": head,
-            "total": v * d + args.n_layers * block + head}
-
-
-# Shapes of the public Llama 2 / Code Llama releases, for size tables and benchmark presets.
-PRESETS = {
-    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-                 ffn_dim_multiplier=1.3, max_seq_len=512),
-    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
-    "13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256),
-    "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
-                ffn_dim_multiplier=1.3),
-}
-
-
-def preset_args(name: str, **overrides) -> ModelArgs:
-    if name not in PRESETS:
-        raise SlowllamaError(f"--preset: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
-    return ModelArgs(**{**PRESETS[name], **overrides}).validate(f"preset {name}")
-
-
-def size_table() -> str:
-    """README's table of disk and memory per model size, computed from the shapes."""
-    gib = 1 << 30
-    rows = ["| model | parameters | store (bf16) | largest module (bf16) | disk, full FT with SGD | "
-            "disk, full FT with AdamW | disk, LoRA |",
-            "|---|---|---|---|---|---|---|"]
-    for name in ("7b", "13b", "70b"):
-        args = preset_args(name)
-        counts = model_param_count(args)
-        n = counts["total"]
-        largest = max(counts["embeddings"], counts["block"], counts["head"])
-        store = 2 * n
-        # a step writes new files beside the old ones until its commit: up to twice the weights on disk;
-        # AdamW adds two fp32 moments per weight (and their new copies during a step)
-        rows.append(f"| Llama 2 {name.upper()} | {n / 1e9:.2f} B | {store / gib:.1f} GiB | "
-                    f"{2 * largest / gib:.2f} GiB | {2 * store / gib:.0f} GiB | "
-                    f"{2 * (store + 8 * n) / gib:.0f} GiB | {store / gib:.1f} GiB |")
-    return "\n".join(rows)

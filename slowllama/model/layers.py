@@ -1,7 +1,8 @@
 """The Llama model as plain trainable nn.Modules with Meta's names; no I/O here.
 
-The offloaded engine runs these modules one at a time (embeddings, each block, head);
-`Transformer` composes them into an ordinary in-memory model, used for references and tests.
+The shapes of their weights come from the table in model/shapes.py. The offloaded engine runs these
+modules one at a time (embeddings, each block, head); `Transformer` composes them into an ordinary
+in-memory model, used for references and tests.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slowllama.model.args import ModelArgs
 from slowllama.errors import SlowllamaError
+from slowllama.model.args import ModelArgs
+from slowllama.model.families import LLAMA3_SCALED_ROPE
+from slowllama.model.shapes import linear_shape, module_shapes
 
 
 class RMSNorm(nn.Module):
@@ -57,8 +60,7 @@ def rope_scaling_of(args: ModelArgs) -> Optional[dict]:
             raise SlowllamaError(f"rope scaling type {rope_type!r} is not supported (supported: llama3)")
         return args.rope_scaling
     if args.use_scaled_rope:  # Meta's params.json flag: the "llama3" scaling with its default numbers
-        return {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+        return {"rope_type": "llama3", **LLAMA3_SCALED_ROPE}
     return None
 
 
@@ -100,14 +102,20 @@ class KVCache:
         return self.k[:, :end], self.v[:, :end]
 
 
+def _linear(args: ModelArgs, name: str) -> nn.Linear:
+    """A linear layer of the shape table (model/shapes.py) by short name; Llama's have no bias."""
+    out_features, in_features = linear_shape(args, name)
+    return nn.Linear(in_features, out_features, bias=False)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, dropout: float = 0.0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = _linear(args, "wq")
+        self.wk = _linear(args, "wk")
+        self.wv = _linear(args, "wv")
+        self.wo = _linear(args, "wo")
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
@@ -138,9 +146,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, dropout: float = 0.0):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w1 = _linear(args, "w1")
+        self.w2 = _linear(args, "w2")
+        self.w3 = _linear(args, "w3")
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -165,7 +173,7 @@ class Embeddings(nn.Module):
 
     def __init__(self, args: ModelArgs, dropout: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(args.vocab_size, args.dim))
+        self.weight = nn.Parameter(torch.empty(module_shapes(args, "tok_embeddings")["weight"]))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -178,7 +186,7 @@ class OutputHead(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = None if args.tie_word_embeddings else _linear(args, "output")
 
     def forward(self, h: torch.Tensor, output_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = self.output.weight if self.output is not None else output_weight
@@ -193,36 +201,6 @@ def build_module(args: ModelArgs, name: str, dropout: float = 0.0, device="meta"
         if name == "head":
             return OutputHead(args)
         return TransformerBlock(args, dropout)
-
-
-def module_names(args: ModelArgs) -> list[str]:
-    """The offloaded modules in the order of the forward pass."""
-    return ["tok_embeddings"] + [f"layers.{i}" for i in range(args.n_layers)] + ["head"]
-
-
-def module_shapes(args: ModelArgs, name: str) -> dict[str, tuple[int, ...]]:
-    """Parameter names (Meta's, relative to the module) and shapes, read off the module built on 'meta'."""
-    return {k: tuple(v.shape) for k, v in build_module(args, name).state_dict().items()}
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """A Meta checkpoint key -> (module name, key inside the module); ('', key) for extras like rope.freqs."""
-    if key.startswith("tok_embeddings."):
-        return "tok_embeddings", key[len("tok_embeddings."):]
-    if key.startswith("layers."):
-        _, index, rest = key.split(".", 2)
-        return f"layers.{index}", rest
-    if key.startswith(("norm.", "output.")):
-        return "head", key
-    return "", key
-
-
-def join_key(module: str, key: str) -> str:
-    if module == "tok_embeddings":
-        return f"tok_embeddings.{key}"
-    if module.startswith("layers."):
-        return f"{module}.{key}"
-    return key
 
 
 SeedHook = Callable[[int], None]
@@ -244,7 +222,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = Embeddings(args, dropout)
         self.layers = nn.ModuleList(TransformerBlock(args, dropout) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = None if args.tie_word_embeddings else _linear(args, "output")
 
     def forward(self, tokens: torch.Tensor, seed_hook: Optional[SeedHook] = None) -> torch.Tensor:
         """Logits (bsz, seqlen, vocab). seed_hook(i) runs before module i (0 = embeddings), for dropout replay."""

@@ -12,12 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slowllama.model.args import ModelArgs
 from slowllama.errors import SlowllamaError
+from slowllama.model.args import ModelArgs
+from slowllama.model.shapes import LINEARS, linear_shape
 
-
-TARGETS = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
-           "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
+TARGETS = LINEARS  # any linear layer of a block: short name -> its path in the block
 
 
 @dataclass
@@ -91,16 +90,10 @@ def inject(block: nn.Module, params: dict[str, torch.Tensor], cfg: LoRAConfig) -
 def init_params(args: ModelArgs, cfg: LoRAConfig, seed: int, device) -> dict[str, torch.Tensor]:
     """A ~ kaiming-uniform (as nn.Linear's default init), B = 0: the adapted model starts as the base."""
     g = torch.Generator().manual_seed(seed)
-    shapes = {"attention.wq": (args.n_heads * args.head_dim, args.dim),
-              "attention.wk": (args.kv_heads * args.head_dim, args.dim),
-              "attention.wv": (args.kv_heads * args.head_dim, args.dim),
-              "attention.wo": (args.dim, args.n_heads * args.head_dim),
-              "feed_forward.w1": (args.hidden_dim, args.dim), "feed_forward.w3": (args.hidden_dim, args.dim),
-              "feed_forward.w2": (args.dim, args.hidden_dim)}
     params = {}
     for i in range(args.n_layers):
         for t in cfg.targets:
-            out_f, in_f = shapes[TARGETS[t]]
+            out_f, in_f = linear_shape(args, t)
             bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) on (rank, in)
             a = (torch.rand(cfg.rank, in_f, generator=g) * 2 - 1) * bound
             params[f"layers.{i}.{TARGETS[t]}.lora_a"] = a.to(device)

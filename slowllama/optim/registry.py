@@ -24,8 +24,8 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in Optimizer.__s
 
 
 def optimizer_names() -> list[str]:
-    """The names --optimizer takes, in a stable order."""
-    return sorted(OPTIMIZERS)
+    """The names --optimizer takes: full fine-tuning's default (sgd) first, then the others alphabetically."""
+    return sorted(OPTIMIZERS, key=lambda name: (name != "sgd", name))
 
 
 def optimizers_help() -> str:

@@ -44,7 +44,7 @@ from slowllama.errors import SlowllamaError
 from slowllama.faults import fault_point
 from slowllama.jsonfile import read_json
 from slowllama.model.args import ModelArgs, dtype_from_name
-from slowllama.model.layers import module_names, module_shapes
+from slowllama.model.shapes import module_names, module_shapes
 from slowllama.sizes import format_size
 from slowllama.store import safetensors_io as st
 from slowllama.store.atomic import fsync_dir, signals_deferred, write_json_atomic
