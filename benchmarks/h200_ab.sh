@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Old commit against new commit, back to back on one machine: the bench rows of RESULTS.md's latest table.
 #   OLD=folder-with-the-old-checkout bash benchmarks/h200_ab.sh STAGE    ($OUT: JSON lines and logs of every run)
-# Each run alternates old, new (then new, old for the second of a pair) so drift in the machine shows.
+# Each pair runs old, then new (REPEAT=1: then new, old again, so that drift in the machine shows).
 set -u
 cd "$(dirname "$0")/.."
 NEW=$PWD
@@ -26,9 +26,10 @@ for line in open('$OUT/$which-$name.jsonl'):
     r = json.loads(line)
     if 'summary' not in r: print('  step', r['step'], round(r['seconds'], 4), 'loss', round(r['loss'], 5))"
 }
-pair() {  # pair NAME ARGS...: old then new, and new then old
+pair() {  # pair NAME ARGS...: old then new (with REPEAT=1 also new then old)
     local name=$1; shift
-    bench old "$name" "$@"; bench new "$name" "$@"; bench new "$name-2" "$@"; bench old "$name-2" "$@"
+    bench old "$name" "$@"; bench new "$name" "$@"
+    if [ "${REPEAT:-0}" = 1 ]; then bench new "$name-2" "$@"; bench old "$name-2" "$@"; fi
 }
 case "${1:-}" in
 resident)  # SGD 16x256 resident (save-every 100), LoRA r4 wq,wv 16x128: the model stays on the GPU
