@@ -39,13 +39,20 @@ resident)  # SGD 16x256 resident (save-every 100), LoRA r4 wq,wv 16x128: the mod
     pair sgd_16x256_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --save-every 100 --probe-size 256M
     pair lora4_16x128 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 128 --steps 4 --lora-rank 4 --probe-size 256M
     ;;
+sgd_adamw)  # the resident SGD pair both ways round, then the AdamW pairs (one machine, one store)
+    (cd "$NEW" && PYTHONPATH=$NEW python3 -m slowllama bench --preset 7b --store-dir $S7 --steps 1 --probe-size 64M --device cuda > /dev/null 2>&1)
+    REPEAT=1 pair sgd_16x256_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 5 --save-every 100 --probe-size 64M
+    pair adamw_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 64M
+    pair adamw_hostram --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 64M
+    ;;
 adamw)  # AdamW resident on the GPU, and with model + moments in host RAM (GPU 16G)
     pair adamw_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 256M
     pair adamw_hostram --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 256M
     ;;
 ssd)  # SGD SSD-bound: host 4 GiB, GPU 8 GiB, page cache dropped (every step reads and writes the store)
-    bench old sgd_ssd --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
-    bench new sgd_ssd --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    (cd "$NEW" && PYTHONPATH=$NEW python3 -m slowllama bench --preset 7b --store-dir $S7 --steps 1 --probe-size 64M --device cuda > /dev/null 2>&1)
+    bench old sgd_ssd --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps ${STEPS:-3} --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    bench new sgd_ssd --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps ${STEPS:-3} --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
     ;;
 ssd2)
     bench new sgd_ssd-2 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
