@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
+from slowllama.commands.finetune import finetune
 from slowllama.data.windows import load_text
 from slowllama.formats.meta import export_meta, prepare_meta
-from slowllama.testing.reference import load_transformer, max_relative_difference, store_state_dict, train_in_memory
-from slowllama.settings import FinetuneSettings
 from slowllama.formats.tiny import DEFAULT_TEXT, write_tiny
 from slowllama.model.tokenizer import load_tokenizer
-from slowllama.commands.finetune import finetune
+from slowllama.settings import FinetuneSettings
+from slowllama.testing.reference import load_transformer, max_relative_difference, store_state_dict, train_in_memory
 
 STEPS, BATCH, ACCUMULATE, SEQ, LR, DROPOUT = 3, 2, 2, 64, 0.05, 0.1
 

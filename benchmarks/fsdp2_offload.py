@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from slowllama.bench.roofline import step_flops  # noqa: E402
 from slowllama.model.args import DTYPES  # noqa: E402
 from slowllama.model.families import preset_args  # noqa: E402
 from slowllama.model.layers import Transformer  # noqa: E402
-from slowllama.bench.roofline import step_flops  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import json
+import importlib
 import sys
 from pathlib import Path
 from typing import Optional
+
+from tqdm import tqdm
 
 from slowllama.config_file import read_config, setting_type
 from slowllama.errors import SlowllamaError
@@ -84,72 +86,30 @@ def settings_from(cls, namespace: argparse.Namespace, command: str = ""):
 
 
 def log(message: str) -> None:
-    from tqdm import tqdm
-
+    """Information and progress lines: on stderr, above any progress bar."""
     tqdm.write(message, file=sys.stderr)
 
 
-def emit_json(obj: dict) -> None:
-    print(json.dumps(obj), flush=True)
+# each command's entry point, run(settings, log): imported when the command runs, since building the
+# parser (--help) needs none of them
+ENTRY_POINTS = {
+    "init-tiny": "slowllama.commands.init_tiny:run",
+    "prepare": "slowllama.commands.convert:run_prepare",
+    "export": "slowllama.commands.convert:run_export",
+    "fuse": "slowllama.commands.convert:run_fuse",
+    "eval": "slowllama.commands.evaluate:run",
+    "generate": "slowllama.commands.generate:run",
+    "finetune": "slowllama.commands.finetune:run",
+    "plot": "slowllama.commands.plot:run",
+    "verify": "slowllama.commands.verify:run",
+    "bench": "slowllama.commands.bench:run",
+}
 
 
 def run_command(command: str, s) -> int:
     """Run one command with its settings; returns the exit code."""
-    if command == "init-tiny":
-        from slowllama.formats.tiny import write_tiny
-
-        out = write_tiny(Path(s.out), text=s.text, shards=s.shards, dtype=s.dtype, seed=s.seed, force=s.force,
-                         n_layers=s.layers, dim=s.dim)
-        log(f"wrote a tiny random Llama to {out}")
-    elif command == "prepare":
-        from slowllama.formats.convert import prepare
-
-        out = prepare(Path(s.src), Path(s.store), dtype=s.dtype, force=s.force, log=log)
-        log(f"prepared store {out}")
-    elif command == "export":
-        from slowllama.formats.convert import export
-
-        out = export(Path(s.store), Path(s.out), format=s.format, shards=s.shards, max_shard_size=s.max_shard_size,
-                     dtype=s.dtype, force=s.force, log=log)
-        log(f"exported {s.store} to {out}")
-    elif command == "fuse":
-        from slowllama.commands.convert import fuse
-
-        if not s.adapter_path:
-            raise SlowllamaError("--adapter-path: required (the LoRA adapter folder to merge in)")
-        out = fuse(Path(s.store), Path(s.out), Path(s.adapter_path), shards=s.shards, dtype=s.dtype,
-                   force=s.force, log=log)
-        log(f"wrote {s.store} with the adapters of {s.adapter_path} merged in to {out}")
-    elif command == "eval":
-        from slowllama.commands.evaluate import run_eval
-
-        result = run_eval(s, log)
-        if s.json:
-            emit_json(result)
-        else:
-            print(f"eval_loss {result['eval_loss']:.6f}  eval_ppl {result['eval_ppl']:.4f}  tokens {result['tokens']}")
-    elif command == "generate":
-        from slowllama.commands.generate import generate_command
-
-        generate_command(s, log)
-    elif command == "finetune":
-        from slowllama.commands.finetune import finetune
-
-        finetune(s, log, emit_json if s.json else (lambda m: None))
-    elif command == "plot":
-        from slowllama.commands.plot import plot_command
-
-        log(f"wrote {plot_command(s, log)}")
-    elif command == "verify":
-        from slowllama.commands.verify import verify_store
-
-        summary = verify_store(Path(s.store), log=print)
-        if s.json:
-            emit_json(summary)
-    elif command == "bench":
-        from slowllama.commands.bench import bench
-
-        bench(s, log)
+    module, function = ENTRY_POINTS[command].split(":")
+    getattr(importlib.import_module(module), function)(s, log)
     return 0
 
 

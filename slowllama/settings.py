@@ -65,7 +65,8 @@ def compile_opt():
 @dataclass
 class InitTinySettings:
     out: str = opt(None, "folder to write the tiny Meta-format model to", positional=True)
-    text: Optional[str] = opt(None, "text to train the tokenizer on (default: chapter 1 of Alice in Wonderland, shipped with slowllama)")
+    text: Optional[str] = opt(None, "text to train the tokenizer on (default: chapter 1 of Alice in Wonderland, "
+                              "shipped with slowllama)")
     layers: int = opt(4, "number of transformer blocks")
     dim: int = opt(128, "model width")
     shards: int = opt(2, "number of consolidated.NN.pth shards")

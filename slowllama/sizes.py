@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import resource
+import sys
 from typing import Optional
 
-
 from slowllama.errors import SlowllamaError
-
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
@@ -41,9 +41,6 @@ def physical_memory() -> int:
 
 def host_peak_rss() -> int:
     """Peak resident set size of this process in bytes."""
-    import resource
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 
-from conftest import ALICE, FAULTS_RUNNER, run_cli
 from slowllama import cli
+from slowllama.commands.finetune import finetune
 from slowllama.formats.meta import export_meta, prepare_meta
+from slowllama.formats.tiny import write_tiny
 from slowllama.settings import FinetuneSettings
 from slowllama.store.manifest import KINDS, MANIFEST
 from slowllama.store.store import Store
-from slowllama.formats.tiny import write_tiny
-from slowllama.commands.finetune import finetune
+
+from conftest import ALICE, FAULTS_RUNNER, run_cli
 
 # 2 blocks: 4 modules (tok_embeddings, layers.0, layers.1, head); per step 3 forward and 4 backward
 # fault points, 4 module files written (SGD) or 25 (AdamW: weights + 21 parts of state)

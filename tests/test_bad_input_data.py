@@ -8,9 +8,10 @@ import json
 
 import pytest
 
+from slowllama.store.store import Store
+
 from conftest import ALICE, REPO, assert_one_line_error
 from reference import store_state_dict
-from slowllama.store.store import Store
 
 SAMSUM = REPO / "test_data" / "samsum_mini.jsonl"
 GOOD = {"prompt": "Q: two and two?\nA:", "completion": " four"}

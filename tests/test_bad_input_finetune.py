@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
+from slowllama.store.store import Store
+
 from conftest import ALICE, REPO, assert_one_line_error, run_cli
 from reference import store_state_dict
-from slowllama.store.store import Store
 
 
 def finetune(store, *args):

@@ -7,9 +7,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
 from slowllama.errors import SlowllamaError
 from slowllama.formats.meta import prepare_meta
+
+from conftest import assert_one_line_error, run_cli
 
 
 @pytest.fixture

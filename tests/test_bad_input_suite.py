@@ -17,10 +17,11 @@ import pytest
 import torch
 import xxhash
 
-from conftest import ALICE, assert_one_line_error, run_cli
-from crashes import base_store, folder_hash
 from slowllama import cli
 from slowllama.store import safetensors_io as st
+
+from conftest import ALICE, assert_one_line_error, run_cli
+from crashes import base_store, folder_hash
 
 CASES = {}
 

@@ -9,20 +9,39 @@ import re
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from slowllama.bench.machine import (
+    copy_bandwidth,
+    disk_read_bandwidth,
+    disk_write_bandwidth,
+    matmul_peak,
+    page_cache_read_bandwidth,
+    page_cache_residency,
+    peak_rss,
+    reset_peak_rss,
+)
+from slowllama.bench.roofline import (
+    Machine,
+    attention_flops,
+    bound,
+    efficiency,
+    matmul_params,
+    median_after_warmup,
+    step_flops,
+    tier_seconds,
+)
+from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes, write_random_store
 from slowllama.commands.bench import bench
-from slowllama.model.args import ModelArgs
-from slowllama.model.families import preset_args
-from slowllama.optim.adamw import AdamW
 from slowllama.engine.residency import working_bytes
 from slowllama.errors import SlowllamaError
-from slowllama.bench.machine import copy_bandwidth, disk_read_bandwidth, disk_write_bandwidth, matmul_peak, page_cache_read_bandwidth, page_cache_residency, peak_rss, reset_peak_rss
+from slowllama.model.args import ModelArgs
+from slowllama.model.families import preset_args
 from slowllama.model.layers import Transformer, build_module
 from slowllama.model.shapes import module_names, module_shapes
-from slowllama.bench.roofline import Machine, attention_flops, bound, efficiency, matmul_params, median_after_warmup, step_flops, tier_seconds
+from slowllama.optim.adamw import AdamW
 from slowllama.settings import BenchSettings
 from slowllama.store.store import Store
-from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes, write_random_store
+
+from conftest import assert_one_line_error, run_cli
 
 # dim 8, 2 heads of 4, 1 kv head, FFN 12, vocab 10, 2 layers: small enough to count by hand
 SMALL = ModelArgs(dim=8, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=10, multiple_of=4, hidden_dim_override=12)

@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from conftest import ALICE
-from reference import assert_state_close, meta_model, store_state_dict
-from test_training import reference_model
-from slowllama.settings import FinetuneSettings
 from slowllama.commands.finetune import finetune
 from slowllama.engine.compiled import CompiledUpdates
 from slowllama.optim.registry import make_optimizer
 from slowllama.optim.rounding import round_to
+from slowllama.settings import FinetuneSettings
+
+from conftest import ALICE
+from reference import assert_state_close, meta_model, store_state_dict
+from test_training import reference_model
 
 
 def run(store, **kw) -> list[str]:

@@ -3,9 +3,10 @@
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
 from slowllama.cli import build_parser, settings_from
 from slowllama.settings import COMMANDS
+
+from conftest import assert_one_line_error, run_cli
 
 
 def parse(*argv):

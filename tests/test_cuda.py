@@ -5,16 +5,17 @@ import json
 import pytest
 import torch
 
-from conftest import ALICE, run_cli
-from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
-from slowllama.engine.residency import staging_bytes, working_bytes
-from slowllama.optim.adamw import AdamW
+from slowllama.commands.finetune import finetune
 from slowllama.data.windows import load_text
+from slowllama.engine.residency import staging_bytes, working_bytes
 from slowllama.formats.meta import prepare_meta
+from slowllama.model.tokenizer import load_tokenizer
+from slowllama.optim.adamw import AdamW
 from slowllama.settings import FinetuneSettings
 from slowllama.store.store import Store
-from slowllama.model.tokenizer import load_tokenizer
-from slowllama.commands.finetune import finetune
+
+from conftest import ALICE, run_cli
+from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 quiet = dict(log=lambda m: None, emit=lambda m: None)

@@ -6,20 +6,30 @@ import math
 import pytest
 import torch
 
-from conftest import ALICE, REPO
-from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
+from slowllama.commands.finetune import finetune
+from slowllama.data.sequences import load_examples
+from slowllama.data.windows import (
+    count_windows,
+    eval_batches,
+    load_train_val,
+    pack,
+    pad,
+    split_indices,
+    step_windows,
+    window,
+)
 from slowllama.engine.chain import EngineConfig, OffloadedModel
-from slowllama.data.windows import count_windows, eval_batches, load_train_val, pack, pad, split_indices, step_windows, window
 from slowllama.errors import SlowllamaError
 from slowllama.formats.meta import prepare_meta
 from slowllama.model.layers import IGNORE_INDEX, cross_entropy_sum
-from slowllama.data.sequences import load_examples
+from slowllama.model.tokenizer import load_tokenizer
 from slowllama.settings import FinetuneSettings
 from slowllama.store.store import Store
-from slowllama.model.tokenizer import load_tokenizer
-from slowllama.commands.finetune import finetune
 from slowllama.train.checkpoints import StoreCheckpoint
 from slowllama.train.trainer import Trainer
+
+from conftest import ALICE, REPO
+from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
 
 SAMSUM = REPO / "test_data" / "samsum_mini.jsonl"
 SAMSUM_CHAT = REPO / "test_data" / "samsum_mini_chat.jsonl"

@@ -11,13 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALICE, FAULTS_RUNNER
-from crashes import (ONE_THREAD, assert_bit_identical, assert_clean, fresh_store, in_one_thread, settings,
-                     state, streaming_budget)
+from slowllama.commands.finetune import finetune
 from slowllama.store.adapters import AdapterFolder
 from slowllama.store.safetensors_io import read_file
 from slowllama.store.store import Store
-from slowllama.commands.finetune import finetune
+
+from conftest import ALICE, FAULTS_RUNNER
+from crashes import (
+    ONE_THREAD,
+    assert_bit_identical,
+    assert_clean,
+    fresh_store,
+    in_one_thread,
+    settings,
+    state,
+    streaming_budget,
+)
 
 COMMON = ["--device", "cpu", "--steps", "3", "--batch-size", "2", "--accumulate", "2", "--seq-len", "16",
           "--seed", "3", "--log-every", "0", "--eval-every", "0", "--data", str(ALICE)]
@@ -153,9 +162,9 @@ def test_mismatched_settings_between_ranks_are_named(tmp_path):
 
 
 def test_each_rank_spills_activations_to_its_own_scratch_folder(tmp_path, tmp_path_factory):
-    from slowllama.engine.fleet import Fleet
-    from slowllama.engine.activations import Budget
     from slowllama.commands.common import make_engine
+    from slowllama.engine.activations import Budget
+    from slowllama.engine.fleet import Fleet
 
     store = Store.open(fresh_store(tmp_path_factory, tmp_path / "store"))
     s = settings(store.path, COMMON)

@@ -11,16 +11,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ALICE, REPO, run_cli
-from hf_models import ARCHS, logits
-from slowllama.formats import hf_names as hf
 from slowllama.errors import SlowllamaError
+from slowllama.formats import hf_names as hf
 from slowllama.formats.convert import export, prepare
 from slowllama.formats.meta import prepare_meta
 from slowllama.model.layers import rope_tables
-from slowllama.testing.reference import load_transformer, store_state_dict
 from slowllama.settings import EvalSettings, FinetuneSettings
 from slowllama.store.store import Store
+from slowllama.testing.reference import load_transformer, store_state_dict
+
+from conftest import ALICE, REPO, run_cli
+from hf_models import ARCHS, logits
 
 quiet = dict(log=lambda m: None)
 

@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
-from hf_models import CHAT_TEMPLATE
 from slowllama.errors import SlowllamaError
 from slowllama.model.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+
+from conftest import assert_one_line_error, run_cli
+from hf_models import CHAT_TEMPLATE
 
 TEXT = "Alice was beginning to get very tired of sitting by her sister on the bank."
 

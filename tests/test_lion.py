@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-from conftest import ALICE, assert_one_line_error, run_cli
-from reference import meta_model, store_state_dict, train_in_memory
 from slowllama.commands.finetune import finetune
 from slowllama.data.windows import load_text
 from slowllama.engine.residency import largest_part_elements, staging_bytes, working_bytes
@@ -14,6 +12,9 @@ from slowllama.optim.adamw import AdamW
 from slowllama.optim.lion import Lion
 from slowllama.settings import FinetuneSettings
 from slowllama.store.store import Store
+
+from conftest import ALICE, assert_one_line_error, run_cli
+from reference import meta_model, store_state_dict, train_in_memory
 
 LR, BETAS, DECAY = 3e-4, (0.9, 0.99), 0.1
 

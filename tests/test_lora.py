@@ -6,15 +6,16 @@ import json
 import pytest
 import torch
 
-from conftest import ALICE, assert_one_line_error, run_cli
-from reference import meta_model, store_state_dict, train_in_memory
+from slowllama.commands.finetune import finetune
 from slowllama.data.windows import load_text
 from slowllama.formats.meta import prepare_meta
 from slowllama.model.lora import LoRAConfig, LoRALinear, init_params, inject
-from slowllama.settings import FinetuneSettings
 from slowllama.model.tokenizer import load_tokenizer
-from slowllama.commands.finetune import finetune
+from slowllama.settings import FinetuneSettings
 from slowllama.store import safetensors_io as st
+
+from conftest import ALICE, assert_one_line_error, run_cli
+from reference import meta_model, store_state_dict, train_in_memory
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
 TARGET_LIST = "wq,wk,wv,wo,w1,w2,w3"

@@ -6,15 +6,16 @@ import math
 import pytest
 import torch
 
+from slowllama.data.windows import load_text
+from slowllama.engine.chain import EngineConfig, OffloadedModel
+from slowllama.engine.generation import generate
+from slowllama.model.args import ModelArgs
+from slowllama.model.layers import KVCache, Transformer, cross_entropy_sum, rope_tables
+from slowllama.model.tokenizer import load_tokenizer
+from slowllama.store.store import Store
+
 from conftest import ALICE, run_cli
 from reference import meta_model
-from slowllama.engine.chain import EngineConfig, OffloadedModel
-from slowllama.model.args import ModelArgs
-from slowllama.data.windows import load_text
-from slowllama.engine.generation import generate
-from slowllama.model.layers import KVCache, Transformer, cross_entropy_sum, rope_tables
-from slowllama.store.store import Store
-from slowllama.model.tokenizer import load_tokenizer
 
 
 def cpu_engine(store_path, **kw):
@@ -117,7 +118,9 @@ def test_generate_cli_streams_text(store_fp32, tiny_fp32):
                    check=0)
     assert proc.stdout.startswith("Alice drank") and len(proc.stdout) > len("Alice drank\n")
     # test_gen.py takes a Meta folder as well as a store
-    import subprocess, sys
+    import subprocess
+    import sys
+
     from conftest import REPO
     out = subprocess.run([sys.executable, str(REPO / "test_gen.py"), str(tiny_fp32), "cpu"], capture_output=True,
                          text=True, timeout=300)

@@ -5,16 +5,17 @@ import math
 import pytest
 import torch
 
-from conftest import ALICE, assert_one_line_error, run_cli
-from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
+from slowllama.commands.finetune import finetune
 from slowllama.data.windows import load_text
 from slowllama.formats.meta import prepare_meta
-from slowllama.optim.schedule import lr_at
+from slowllama.model.tokenizer import load_tokenizer
 from slowllama.optim.rounding import round_to
+from slowllama.optim.schedule import lr_at
 from slowllama.settings import FinetuneSettings
 from slowllama.store.store import Store
-from slowllama.model.tokenizer import load_tokenizer
-from slowllama.commands.finetune import finetune
+
+from conftest import ALICE, assert_one_line_error, run_cli
+from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
 

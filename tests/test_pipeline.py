@@ -6,14 +6,15 @@ import signal
 import pytest
 import torch
 
-from conftest import ALICE, FAULTS_RUNNER, assert_one_line_error, committed_step, run_cli
-from reference import assert_state_close, store_state_dict
+from slowllama.commands.finetune import finetune
 from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.formats.meta import prepare_meta
 from slowllama.optim.adamw import AdamW
 from slowllama.settings import FinetuneSettings
 from slowllama.store.store import Store
-from slowllama.commands.finetune import finetune
+
+from conftest import ALICE, FAULTS_RUNNER, assert_one_line_error, committed_step, run_cli
+from reference import assert_state_close, store_state_dict
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
 BLOCKS = [f"layers.{i}" for i in range(4)]

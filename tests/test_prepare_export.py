@@ -1,18 +1,19 @@
 """prepare / export: byte-identical round trips, the store's files, resharding, and streaming memory."""
 
 import json
-import sys
 import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from slowllama.formats.meta import export_meta, prepare_meta
+from slowllama.formats.tiny import write_tiny
+from slowllama.store.store import Store
+
 from conftest import REPO, run_cli
 from reference import meta_state_dict
-from slowllama.formats.meta import export_meta, prepare_meta
-from slowllama.store.store import Store
-from slowllama.formats.tiny import write_tiny
 
 quiet = dict(log=lambda m: None)
 

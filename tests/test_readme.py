@@ -2,9 +2,10 @@
 
 import re
 
-from conftest import REPO
 from slowllama.cli import build_parser
 from slowllama.model.families import size_table
+
+from conftest import REPO
 
 README = (REPO / "README.md").read_text()
 # code in the README: fenced blocks and `inline spans`

@@ -4,12 +4,13 @@ import json
 
 import torch
 
+from slowllama.commands.finetune import finetune
+from slowllama.settings import FinetuneSettings
+
 from conftest import ALICE, run_cli
 from crashes import files_on_disk, referenced
 from reference import assert_state_close, meta_state_dict, store_state_dict
 from test_training import reference_model, run_finetune
-from slowllama.settings import FinetuneSettings
-from slowllama.commands.finetune import finetune
 
 
 def embedding_entry(store) -> dict:

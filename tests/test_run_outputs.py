@@ -6,10 +6,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_cli
+from slowllama.commands.finetune import finetune
 from slowllama.commands.plot import plot_run, read_metrics
 from slowllama.settings import FinetuneSettings
-from slowllama.commands.finetune import finetune
+
+from conftest import REPO, assert_one_line_error, run_cli
 
 SAMSUM = REPO / "test_data" / "samsum_mini.jsonl"
 SAMSUM_CHAT = REPO / "test_data" / "samsum_mini_chat.jsonl"

@@ -2,19 +2,20 @@
 
 import torch
 
-from conftest import ALICE, assert_one_line_error, committed_step, run_cli
-from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
+from slowllama.bench.synthetic import bench_args
+from slowllama.commands.finetune import finetune
+from slowllama.data.windows import load_text
 from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.engine.residency import staging_bytes, working_bytes
-from slowllama.bench.synthetic import bench_args
-from slowllama.data.windows import load_text
 from slowllama.formats.meta import prepare_meta
+from slowllama.model.tokenizer import load_tokenizer
 from slowllama.optim.adamw import AdamW
 from slowllama.settings import FinetuneSettings
 from slowllama.store.state_parts import state_parts
 from slowllama.store.store import Store
-from slowllama.model.tokenizer import load_tokenizer
-from slowllama.commands.finetune import finetune
+
+from conftest import ALICE, assert_one_line_error, committed_step, run_cli
+from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
 SMALL = 16384  # elements per part: wq whole, w1/w2/w3 and the embeddings in 4 parts each

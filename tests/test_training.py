@@ -5,18 +5,19 @@ import json
 import pytest
 import torch
 
-from conftest import ALICE, run_cli
-from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
-from slowllama.engine.chain import EngineConfig, OffloadedModel
-from slowllama.engine.step import module_seed
-from slowllama.engine.residency import working_bytes
+from slowllama.commands.finetune import finetune
 from slowllama.data.windows import load_text, microbatches, step_windows
+from slowllama.engine.chain import EngineConfig, OffloadedModel
+from slowllama.engine.residency import working_bytes
+from slowllama.engine.step import module_seed
 from slowllama.formats.meta import export_meta, prepare_meta
 from slowllama.model.layers import cross_entropy_sum
+from slowllama.model.tokenizer import load_tokenizer
 from slowllama.settings import FinetuneSettings
 from slowllama.store.store import Store
-from slowllama.model.tokenizer import load_tokenizer
-from slowllama.commands.finetune import finetune
+
+from conftest import ALICE, run_cli
+from reference import assert_state_close, meta_model, store_state_dict, train_in_memory
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
 
@@ -180,8 +181,10 @@ print(status("VmHWM") - before)
 def test_peak_memory_does_not_grow_with_layers(tmp_path):
     import subprocess
     import sys
-    from conftest import REPO
+
     from slowllama.formats.tiny import write_tiny
+
+    from conftest import REPO
 
     dim = 512
     peaks = {}
@@ -210,6 +213,7 @@ def test_tied_embeddings_train_like_in_memory(tiny_fp32, tmp_path):
     # Llama 3.2 1B/3B style: the output projection is the embedding matrix, trained from both ends
     from slowllama.formats.meta import store_from_state_dict
     from slowllama.model.layers import Transformer
+
     from reference import meta_state_dict
 
     _, args = __import__("slowllama.formats.meta", fromlist=["read_meta_params"]).read_meta_params(tiny_fp32)

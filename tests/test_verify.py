@@ -8,10 +8,11 @@ import shutil
 import pytest
 import xxhash
 
-from conftest import ALICE, assert_one_line_error
-from crashes import committed_hash, fresh_store
 from slowllama import cli
 from slowllama.store import safetensors_io as st
+
+from conftest import ALICE, assert_one_line_error
+from crashes import committed_hash, fresh_store
 
 
 class Result:

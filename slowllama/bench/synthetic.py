@@ -12,11 +12,11 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
+from slowllama.bench.roofline import matmul_params
+from slowllama.errors import SlowllamaError
 from slowllama.model.args import ModelArgs, dtype_name
 from slowllama.model.families import preset_args
-from slowllama.errors import SlowllamaError
 from slowllama.model.shapes import module_names, module_shapes
-from slowllama.bench.roofline import matmul_params
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.guards import check_free_space
 from slowllama.store.manifest import Manifest

@@ -1,18 +1,19 @@
-"""`slowllama fuse`: the base model with LoRA adapters merged in (W + (alpha / rank) · B A), written in
-the source's format."""
+"""`slowllama prepare`, `export` and `fuse`: checkpoints into stores and back (formats/convert.py
+dispatches by format), and fuse, the base model with LoRA adapters merged in (W + (alpha / rank) · B A),
+written in the source's format."""
 
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
-
+from typing import Callable, Optional
 
 from slowllama.errors import SlowllamaError
-from slowllama.formats.convert import export
+from slowllama.formats.convert import export, prepare
 from slowllama.model.lora import block_params, merged_module
 from slowllama.model.shapes import module_names
+from slowllama.settings import ExportSettings, FuseSettings, PrepareSettings
 from slowllama.store.adapters import AdapterFolder
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.guards import check_free_space
@@ -55,3 +56,22 @@ def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] 
     finally:
         builder.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_prepare(s: PrepareSettings, log: Callable[[str], None]) -> None:
+    out = prepare(Path(s.src), Path(s.store), dtype=s.dtype, force=s.force, log=log)
+    log(f"prepared store {out}")
+
+
+def run_export(s: ExportSettings, log: Callable[[str], None]) -> None:
+    out = export(Path(s.store), Path(s.out), format=s.format, shards=s.shards, max_shard_size=s.max_shard_size,
+                 dtype=s.dtype, force=s.force, log=log)
+    log(f"exported {s.store} to {out}")
+
+
+def run_fuse(s: FuseSettings, log: Callable[[str], None]) -> None:
+    if not s.adapter_path:
+        raise SlowllamaError("--adapter-path: required (the LoRA adapter folder to merge in)")
+    out = fuse(Path(s.store), Path(s.out), Path(s.adapter_path), shards=s.shards, dtype=s.dtype, force=s.force,
+               log=log)
+    log(f"wrote {s.store} with the adapters of {s.adapter_path} merged in to {out}")

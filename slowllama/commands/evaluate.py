@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Callable
 
 from tqdm import tqdm
 
-from slowllama.engine.chain import OffloadedModel
+from slowllama.commands.common import adapter_state, check_seq_len, make_engine
 from slowllama.data.windows import TokenData, count_windows, eval_batches, load_data
+from slowllama.engine.chain import OffloadedModel
 from slowllama.errors import SlowllamaError
+from slowllama.model.tokenizer import load_tokenizer
 from slowllama.settings import EvalSettings, resolve_device
 from slowllama.store.store import Store
-from slowllama.model.tokenizer import load_tokenizer
-from slowllama.commands.common import adapter_state
-from slowllama.commands.common import check_seq_len
-from slowllama.commands.common import make_engine
 
 
 def evaluate(engine: OffloadedModel, data: TokenData, seq_len: int, batch_size: int,
@@ -54,3 +53,11 @@ def run_eval(s: EvalSettings, log: Callable[[str], None]) -> dict:
     engine = make_engine(store, s, lora=adapter_state(store, s, resolve_device(s)[0]), batch_size=s.batch_size,
                          seq_len=s.seq_len, activations=eval_activation_bytes(store.args, data, s.seq_len))
     return evaluate(engine, data, s.seq_len, s.batch_size)
+
+
+def run(s: EvalSettings, log: Callable[[str], None]) -> None:
+    result = run_eval(s, log)
+    if s.json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(f"eval_loss {result['eval_loss']:.6f}  eval_ppl {result['eval_ppl']:.4f}  tokens {result['tokens']}")

@@ -81,6 +81,11 @@ def validate_finetune(s: FinetuneSettings) -> None:
         raise SlowllamaError(f"--lr-schedule: unknown schedule {s.lr_schedule!r}")
 
 
+def run(s: FinetuneSettings, log: Callable[[str], None]) -> None:
+    """`slowllama finetune`: with --json, one JSON object per step on stdout."""
+    finetune(s, log, (lambda metrics: print(json.dumps(metrics), flush=True)) if s.json else (lambda metrics: None))
+
+
 def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[dict], None]) -> dict:
     """Fine-tune: the store in place, or LoRA adapters on it (--lora-rank); returns the last step's metrics.
 

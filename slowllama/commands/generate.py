@@ -11,12 +11,12 @@ from slowllama.engine.generation import generate
 from slowllama.errors import SlowllamaError
 from slowllama.formats.convert import prepare
 from slowllama.model.tokenizer import load_tokenizer
-from slowllama.settings import resolve_device
+from slowllama.settings import GenerateSettings, resolve_device
 from slowllama.store.manifest import MANIFEST
 from slowllama.store.store import Store
 
 
-def generate_command(s, log) -> str:
+def run(s: GenerateSettings, log) -> str:
     """`slowllama generate`: print the prompt and its continuation as it is produced.
 
     STORE may also be a Meta or Hugging Face folder: it is then prepared into a temporary store first.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from slowllama.errors import SlowllamaError
+from slowllama.settings import PlotSettings
 
 MISSING = "matplotlib is not installed (pip install 'slowllama[plot]')"
 
@@ -79,7 +80,7 @@ def find_metrics(path: Path) -> Path:
                          "fine-tuned?)")
 
 
-def plot_command(s, log: Callable[[str], None]) -> Path:
+def run(s: PlotSettings, log: Callable[[str], None]) -> None:
     """`slowllama plot`: an explicit request, so a missing matplotlib is an error here."""
     metrics = find_metrics(Path(s.run))
     rows = read_metrics(metrics)
@@ -87,7 +88,7 @@ def plot_command(s, log: Callable[[str], None]) -> Path:
         raise SlowllamaError(f"{metrics}: no steps recorded yet")
     out = Path(s.out) if s.out else metrics.parent / "loss.png"
     try:
-        return plot_losses(rows, out, title=metrics.parent.resolve().parent.name)
+        log(f"wrote {plot_losses(rows, out, title=metrics.parent.resolve().parent.name)}")
     except ImportError:
         raise SlowllamaError(f"cannot plot: {MISSING}") from None
     except OSError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -9,6 +10,7 @@ from tqdm import tqdm
 
 from slowllama.errors import SlowllamaError
 from slowllama.formats.meta import export_plan
+from slowllama.settings import VerifySettings
 from slowllama.sizes import format_size
 from slowllama.store.manifest import KINDS, MANIFEST
 from slowllama.store.store import OWN_PATHS, Store
@@ -82,3 +84,10 @@ def layout_problems(store: Store) -> tuple[list[str], list[str]]:
             elif f"{kind}/{f.name}" not in referenced:
                 leftovers.append(str(f))
     return problems, leftovers
+
+
+def run(s: VerifySettings, log: Callable[[str], None]) -> None:
+    """`slowllama verify`: the report on stdout (with --json, also the summary as one JSON object)."""
+    summary = verify_store(Path(s.store), log=print)
+    if s.json:
+        print(json.dumps(summary), flush=True)

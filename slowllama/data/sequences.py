@@ -14,9 +14,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from slowllama.data.chat import assistant_spans, chat_template, completion_spans
+from slowllama.data.records import Record, read_records, read_text
 from slowllama.errors import SlowllamaError
 from slowllama.model.layers import IGNORE_INDEX
-from slowllama.data.records import Record, read_records, read_text
 from slowllama.model.tokenizer import Tokenizer
 
 

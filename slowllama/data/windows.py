@@ -18,10 +18,10 @@ from typing import Callable, Optional
 
 import torch
 
-from slowllama.errors import SlowllamaError
-from slowllama.model.layers import IGNORE_INDEX
 from slowllama.data.records import read_text
 from slowllama.data.sequences import Example, load_examples
+from slowllama.errors import SlowllamaError
+from slowllama.model.layers import IGNORE_INDEX
 from slowllama.model.tokenizer import Tokenizer
 
 

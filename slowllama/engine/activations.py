@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 
-
 class Budget:
     """A byte budget shared by the module cache and the activation cache of one memory tier."""
 

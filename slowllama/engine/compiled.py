@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from slowllama.model.args import ModelArgs
 from slowllama.errors import SlowllamaError
+from slowllama.model.args import ModelArgs
 from slowllama.model.layers import build_module
 from slowllama.optim.base import Optimizer
 

@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from slowllama.errors import SlowllamaError
 
@@ -171,8 +172,6 @@ def start_fleet(device_name: str, backend: str, log: Callable[[str], None]) -> F
     """
     if not launched_by_torchrun():
         return Fleet()
-    import torch.distributed as dist
-
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")

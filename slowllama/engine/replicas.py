@@ -58,7 +58,8 @@ class Replicas:
             return tensors
         if name in self.copies:
             return self.copies[name]
-        tensors = {k: torch.empty(shape, dtype=self.dtype, device=self.device) for k, shape in self.shapes[name].items()}
+        tensors = {k: torch.empty(shape, dtype=self.dtype, device=self.device)
+                   for k, shape in self.shapes[name].items()}
         fleet.broadcast(tensors)
         if self.replicate:
             self.copies[name] = tensors

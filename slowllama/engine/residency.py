@@ -74,7 +74,8 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
     tokens = batch_size * seq_len
     total += microbatches * tokens * args.dim * ec  # gradients w.r.t. the module's inputs
     # one block run (and backward) on one microbatch: projections, FFN, attention probabilities
-    total += tokens * (12 * args.dim + 4 * args.hidden_dim) * max(ec, 4) + 2 * batch_size * args.n_heads * seq_len ** 2 * 4
+    total += (tokens * (12 * args.dim + 4 * args.hidden_dim) * max(ec, 4)
+              + 2 * batch_size * args.n_heads * seq_len ** 2 * 4)
     total += min(head_chunk, tokens * microbatches * args.vocab_size * 12)
     return int(total * 1.2)
 

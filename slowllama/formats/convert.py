@@ -5,13 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-
 from slowllama.errors import SlowllamaError
 from slowllama.formats.hf import EXPECTED, export_hf, is_hf_folder, prepare_hf
-from slowllama.formats.meta import META_FILES
-from slowllama.formats.meta import SHARD_RE
-from slowllama.formats.meta import export_meta
-from slowllama.formats.meta import prepare_meta
+from slowllama.formats.meta import META_FILES, SHARD_RE, export_meta, prepare_meta
 from slowllama.store.manifest import MANIFEST
 from slowllama.store.store import Store
 

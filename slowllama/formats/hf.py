@@ -21,21 +21,21 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from slowllama.errors import SlowllamaError
 from slowllama.formats import hf_names as hf
 from slowllama.formats.dtypes import resolve_store_dtype, source_dtypes
-from slowllama.store import safetensors_io as st
-from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.jsonfile import read_json
-from slowllama.errors import SlowllamaError
-from slowllama.sizes import parse_size
+from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.model.shapes import expected_shapes, module_names, module_shapes, split_key
+from slowllama.model.tokenizer import load_tokenizer, tokenizer_files
+from slowllama.sizes import parse_size
+from slowllama.store import safetensors_io as st
 from slowllama.store.atomic import staged_folder
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.guards import check_free_space
 from slowllama.store.manifest import Manifest, SourceRecord
 from slowllama.store.safetensors_io import element_size
 from slowllama.store.store import Store
-from slowllama.model.tokenizer import load_tokenizer, tokenizer_files
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

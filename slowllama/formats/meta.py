@@ -20,23 +20,26 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
-from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
 from slowllama.formats.dtypes import resolve_store_dtype, source_dtypes
 from slowllama.formats.hf_names import hf_key
-from slowllama.model.families import (CODE_LLAMA_MAX_SEQ_LEN, LLAMA3_SCALED_ROPE, embeddings_cut_by_vocabulary,
-                                      is_code_llama)
+from slowllama.jsonfile import read_json
+from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
+from slowllama.model.families import (
+    CODE_LLAMA_MAX_SEQ_LEN,
+    LLAMA3_SCALED_ROPE,
+    embeddings_cut_by_vocabulary,
+    is_code_llama,
+)
 from slowllama.model.layers import rope_scaling_of
 from slowllama.model.shapes import expected_shapes, join_key, module_names, module_shapes, split_key
+from slowllama.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from slowllama.store.atomic import staged_folder
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.guards import check_free_space, check_output_folder
 from slowllama.store.manifest import Manifest
 from slowllama.store.safetensors_io import element_size
 from slowllama.store.store import Store
-from slowllama.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
-
 
 SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 

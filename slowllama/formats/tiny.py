@@ -11,14 +11,14 @@ from typing import Optional
 
 import torch
 
-from slowllama.model.args import ModelArgs, dtype_from_name
-from slowllama.errors import SlowllamaError
 from slowllama.data.windows import read_text
+from slowllama.errors import SlowllamaError
 from slowllama.formats.meta import args_from_params, meta_split_dim
+from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.model.families import PRESETS
 from slowllama.model.shapes import expected_shapes
-from slowllama.store.guards import check_output_folder
 from slowllama.model.tokenizer import train_tokenizer
+from slowllama.store.guards import check_output_folder
 
 # chapter 1 of Alice's Adventures in Wonderland (public domain), shipped with the package
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "assets" / "alice.txt"

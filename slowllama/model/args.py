@@ -10,7 +10,6 @@ import torch
 
 from slowllama.errors import SlowllamaError
 
-
 # names on the command line and in manifests <-> torch dtypes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -22,7 +22,6 @@ from slowllama.errors import SlowllamaError
 from slowllama.model.args import ModelArgs
 from slowllama.model.shapes import model_param_count
 
-
 # ---- Hugging Face ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Optional
 import sentencepiece as spm
 
 from slowllama.errors import SlowllamaError
+from slowllama.jsonfile import read_json
 
 # the files that make up a tokenizer; prepare copies those present into the store, export copies them back
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -37,8 +38,6 @@ class SpecialTokens:
 def _read(path: Path) -> Optional[dict]:
     if not path.is_file():
         return None
-    from slowllama.jsonfile import read_json
-
     data = read_json(path)
     if not isinstance(data, dict):
         raise SlowllamaError(f"{path}: expected a JSON object")

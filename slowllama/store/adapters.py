@@ -14,15 +14,13 @@ from typing import Optional
 
 import torch
 
-from slowllama.store import safetensors_io as st
-from slowllama.model.args import ModelArgs
-from slowllama.jsonfile import read_json
 from slowllama.errors import SlowllamaError
+from slowllama.jsonfile import read_json
+from slowllama.model.args import ModelArgs
+from slowllama.model.lora import LoRAConfig, init_params
+from slowllama.store import safetensors_io as st
 from slowllama.store.atomic import write_json_atomic
 from slowllama.store.lock import StoreLock
-from slowllama.model.lora import LoRAConfig
-from slowllama.model.lora import init_params
-
 
 ADAPTERS = "adapters.safetensors"
 

@@ -50,8 +50,7 @@ from slowllama.store import safetensors_io as st
 from slowllama.store.atomic import fsync_dir, signals_deferred, write_json_atomic
 from slowllama.store.guards import check_free_space, disk_full_error
 from slowllama.store.lock import StoreLock
-from slowllama.store.manifest import (KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord,
-                                      SourceRecord)
+from slowllama.store.manifest import KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord, SourceRecord
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, state_parts
 
 JOURNAL = "journal.json"

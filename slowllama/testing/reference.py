@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from slowllama.engine.step import module_seed
 from slowllama.data.windows import TokenData, microbatches, step_windows
+from slowllama.engine.step import module_seed
 from slowllama.model.layers import IGNORE_INDEX, Transformer, cross_entropy_sum
 from slowllama.model.shapes import join_key, module_names
 from slowllama.store.store import Store

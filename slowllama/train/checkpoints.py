@@ -141,8 +141,9 @@ def share_adapters(fleet: Fleet, lora: Optional[LoRAState], device) -> Optional[
         return None
     cfg, param_shapes, state_shapes = shapes
     if lora is None:
-        lora = LoRAState(cfg, {k: nn.Parameter(torch.empty(shape, device=device)) for k, shape in param_shapes.items()},
-                         {k: torch.empty(shape, dtype=dtype, device=device) for k, (shape, dtype) in state_shapes.items()})
+        params = {k: nn.Parameter(torch.empty(shape, device=device)) for k, shape in param_shapes.items()}
+        state = {k: torch.empty(shape, dtype=dtype, device=device) for k, (shape, dtype) in state_shapes.items()}
+        lora = LoRAState(cfg, params, state)
     fleet.broadcast({k: p.data for k, p in lora.params.items()})
     fleet.broadcast(lora.optim_state)
     return lora

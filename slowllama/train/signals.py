@@ -7,8 +7,6 @@ from contextlib import contextmanager
 from typing import Callable, Optional
 
 
-
-
 class StopNow(KeyboardInterrupt):
     def __init__(self, code: int):
         super().__init__()
