@@ -9,26 +9,10 @@ import re
 import pytest
 import torch
 
-from slowllama.bench.machine import (
-    copy_bandwidth,
-    disk_read_bandwidth,
-    disk_write_bandwidth,
-    matmul_peak,
-    page_cache_read_bandwidth,
-    page_cache_residency,
-    peak_rss,
-    reset_peak_rss,
-)
-from slowllama.bench.roofline import (
-    Machine,
-    attention_flops,
-    bound,
-    efficiency,
-    matmul_params,
-    median_after_warmup,
-    step_flops,
-    tier_seconds,
-)
+from slowllama.bench.machine import (copy_bandwidth, disk_read_bandwidth, disk_write_bandwidth, matmul_peak,
+                                     page_cache_read_bandwidth, page_cache_residency, peak_rss, reset_peak_rss)
+from slowllama.bench.roofline import (Machine, attention_flops, bound, efficiency, matmul_params, median_after_warmup,
+                                      step_flops, tier_seconds)
 from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes, write_random_store
 from slowllama.commands.bench import bench
 from slowllama.engine.residency import working_bytes

@@ -12,19 +12,8 @@ import pytest
 
 from slowllama.store.store import Store
 
-from crashes import (
-    assert_bit_identical,
-    assert_clean,
-    exported,
-    files_on_disk,
-    finetune_cli,
-    fresh_store,
-    generation,
-    reference,
-    referenced,
-    resume_in_process,
-    state,
-)
+from crashes import (assert_bit_identical, assert_clean, exported, files_on_disk, finetune_cli, fresh_store, generation,
+                     reference, referenced, resume_in_process, state)
 
 # (faults of one process, the step the store must be at after the kill, files left beside it,
 #  what the next start says)

@@ -8,16 +8,8 @@ import torch
 
 from slowllama.commands.finetune import finetune
 from slowllama.data.sequences import load_examples
-from slowllama.data.windows import (
-    count_windows,
-    eval_batches,
-    load_train_val,
-    pack,
-    pad,
-    split_indices,
-    step_windows,
-    window,
-)
+from slowllama.data.windows import (count_windows, eval_batches, load_train_val, pack, pad, split_indices, step_windows,
+                                    window)
 from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.errors import SlowllamaError
 from slowllama.formats.meta import prepare_meta

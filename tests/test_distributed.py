@@ -17,16 +17,8 @@ from slowllama.store.safetensors_io import read_file
 from slowllama.store.store import Store
 
 from conftest import ALICE, FAULTS_RUNNER
-from crashes import (
-    ONE_THREAD,
-    assert_bit_identical,
-    assert_clean,
-    fresh_store,
-    in_one_thread,
-    settings,
-    state,
-    streaming_budget,
-)
+from crashes import (ONE_THREAD, assert_bit_identical, assert_clean, fresh_store, in_one_thread, settings, state,
+                     streaming_budget)
 
 COMMON = ["--device", "cpu", "--steps", "3", "--batch-size", "2", "--accumulate", "2", "--seq-len", "16",
           "--seed", "3", "--log-every", "0", "--eval-every", "0", "--data", str(ALICE)]

@@ -9,14 +9,8 @@ from slowllama.bench.roofline import matmul_params
 from slowllama.model.families import PRESETS, preset_args
 from slowllama.model.layers import Transformer, build_module
 from slowllama.model.lora import LoRAConfig, init_params
-from slowllama.model.shapes import (
-    LINEARS,
-    expected_shapes,
-    linear_shape,
-    model_param_count,
-    module_names,
-    module_shapes,
-)
+from slowllama.model.shapes import (LINEARS, expected_shapes, linear_shape, model_param_count, module_names,
+                                    module_shapes)
 
 SHAPES = {
     **{name: preset_args(name) for name in PRESETS},  # tiny and 70b have grouped-query attention

@@ -15,20 +15,8 @@ from slowllama.store.store import Store
 from slowllama.testing import faults
 
 from conftest import FAULTS_RUNNER, REPO, assert_one_line_error
-from crashes import (
-    ONE_THREAD,
-    RUNS,
-    assert_bit_identical,
-    assert_clean,
-    committed_hash,
-    exported,
-    finetune_cli,
-    fresh_store,
-    in_one_thread,
-    reference,
-    resume_in_process,
-    state,
-)
+from crashes import (ONE_THREAD, RUNS, assert_bit_identical, assert_clean, committed_hash, exported, finetune_cli,
+                     fresh_store, in_one_thread, reference, resume_in_process, state)
 
 RESUME_HINT = "Run the same command again to resume."
 

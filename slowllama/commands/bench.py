@@ -27,16 +27,8 @@ from typing import Callable
 import torch
 
 from slowllama.bench.machine import copy_bandwidth, matmul_peak, measure_disk, peak_rss, reset_peak_rss, synchronize
-from slowllama.bench.roofline import (
-    Machine,
-    StepFlops,
-    bound,
-    efficiency,
-    matmul_params,
-    median_after_warmup,
-    step_flops,
-    tier_seconds,
-)
+from slowllama.bench.roofline import (Machine, StepFlops, bound, efficiency, matmul_params, median_after_warmup,
+                                      step_flops, tier_seconds)
 from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes
 from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine
 from slowllama.data.windows import microbatches

@@ -25,12 +25,8 @@ from slowllama.formats.dtypes import resolve_store_dtype, source_dtypes
 from slowllama.formats.hf_names import hf_key
 from slowllama.jsonfile import read_json
 from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
-from slowllama.model.families import (
-    CODE_LLAMA_MAX_SEQ_LEN,
-    LLAMA3_SCALED_ROPE,
-    embeddings_cut_by_vocabulary,
-    is_code_llama,
-)
+from slowllama.model.families import (CODE_LLAMA_MAX_SEQ_LEN, LLAMA3_SCALED_ROPE, embeddings_cut_by_vocabulary,
+                                      is_code_llama)
 from slowllama.model.layers import rope_scaling_of
 from slowllama.model.shapes import expected_shapes, join_key, module_names, module_shapes, split_key
 from slowllama.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
