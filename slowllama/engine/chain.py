@@ -100,13 +100,17 @@ class OffloadedModel:
     def fits_in_memory(self) -> bool:
         """Whether every module, with its optimizer state and master weights, fits the resident budgets."""
         room = self.device_budget.limit + (self.host_budget.limit if self.host_budget is not self.device_budget else 0)
-        return fits_in_memory(sum(self.store.module_bytes(n) for n in self.names),
+        return fits_in_memory(self._module_bytes(),
                               model_param_count(self.args)["total"], self.optimizer if self.lora is None else None,
                               self.updater.master, room)
 
     def fits_on_device(self) -> bool:
         """Whether every module's weights fit the device budget (ranks > 0 then keep them all)."""
-        return sum(self.store.module_bytes(n) for n in self.names) * 1.1 <= self.device_budget.limit
+        return self._module_bytes() * 1.1 <= self.device_budget.limit
+
+    def _module_bytes(self) -> int:
+        """Bytes of every module's weights in the store."""
+        return sum(self.store.module_bytes(n) for n in self.names)
 
     def defer_writes(self) -> None:
         """Keep updates resident until write_back() (a model that fits in memory: written at commit points)."""

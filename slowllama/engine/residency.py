@@ -15,14 +15,13 @@ from typing import Callable, Optional
 
 import torch
 
+from slowllama.engine.pipeline import Key
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import ModelArgs
 from slowllama.model.shapes import model_param_count, module_shapes
 from slowllama.optim.base import Optimizer
 from slowllama.sizes import format_size
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, state_parts
-
-Key = tuple[str, str]  # (kind, name): "modules" and a module's name, or "optim"/"master" and a part's
 
 
 def largest_part_elements(args: ModelArgs, part_elements: int = DEFAULT_PART_ELEMENTS) -> int:
