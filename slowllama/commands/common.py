@@ -10,7 +10,7 @@ import torch
 
 from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.engine.fleet import Fleet
-from slowllama.engine.residency import Need, choose_unit, is_unified, memory_need, split_budgets
+from slowllama.engine.residency import Need, choose_need, is_unified, memory_need, split_budgets
 from slowllama.errors import SlowllamaError
 from slowllama.model.lora import LoRAState
 from slowllama.optim.base import Optimizer
@@ -31,21 +31,24 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
     device, dtype = resolve_device(settings)
     host, gpu = run_budgets(settings, device)
 
-    def needs(unit: str) -> Need:
+    def needs(unit: str, lookahead: int, write_queue: int) -> Need:
         return memory_need(store.args, store.dtype, dtype, device.type, train=train, optimizer=optimizer,
                            master=config.get("master_weights", False), lora=lora is not None, batch_size=batch_size,
-                           seq_len=seq_len, microbatches=microbatches, lookahead=config.get("lookahead", 2),
-                           write_queue=config.get("write_queue", 2), part_elements=store.state_part_elements,
-                           unit=unit, activations=activations)
+                           seq_len=seq_len, microbatches=microbatches, lookahead=lookahead, write_queue=write_queue,
+                           part_elements=store.state_part_elements, unit=unit, activations=activations)
 
     unit = getattr(settings, "stream_unit", "auto")
-    if fleet is not None and fleet.active and unit == "weight":
-        raise SlowllamaError("--stream-unit weight: several ranks stream whole blocks (use block or auto)")
-    need = choose_unit(unit if fleet is None or not fleet.active else "block", device.type, host, gpu, needs)
+    if fleet is not None and fleet.active:
+        if unit == "weight":
+            raise SlowllamaError("--stream-unit weight: several ranks stream whole blocks (use block or auto)")
+        unit = "block"
+    need = choose_need(unit, device.type, host, gpu, config.pop("lookahead", 2), config.pop("write_queue", 2), needs)
     budgets = split_budgets(device.type, host, gpu, need)
     cfg = EngineConfig(device=device, compute_dtype=dtype, device_budget=budgets.device,
                        activation_budget=budgets.activations, host_budget=budgets.host,
-                       host_activation_budget=budgets.host_activations, unit=need.unit, **config)
+                       host_activation_budget=budgets.host_activations, unit=need.unit,
+                       lookahead=need.lookahead, write_queue=need.write_queue, read_ahead_bytes=need.read_bytes,
+                       write_bytes=need.write_bytes, **config)
     return OffloadedModel(store, cfg, optimizer=optimizer, lora=lora, fleet=fleet)
 
 

@@ -57,6 +57,8 @@ class EngineConfig:
     host_activation_budget: int = 0  # ... and in host memory (a GPU's host), before the scratch folder
     lookahead: int = 2  # modules read ahead of use (0: no prefetch)
     write_queue: int = 2  # updated modules whose writes may be in flight (0: synchronous writes)
+    read_ahead_bytes: int = 1 << 62  # ... and at most this many bytes of them (one at least)
+    write_bytes: int = 1 << 62  # ... and at most this many bytes of them (one at least)
     head_chunk_bytes: int = 256 << 20  # logits of at most this many bytes at once (fp32)
     stochastic_rounding: bool = False  # for 16-bit stores without master weights
     master_weights: bool = False  # keep (and use) an fp32 master copy in the store
@@ -88,7 +90,7 @@ class OffloadedModel:
         staging = staging_bytes(self.args, store.dtype, self.optimizer if lora is None else None, master,
                                 cfg.lookahead, cfg.write_queue, store.state_part_elements, cfg.unit)
         self.pipe = Pipeline(store, cfg.device, self.device_budget, self.host_budget, cfg.lookahead, cfg.write_queue,
-                             staging)
+                             staging, cfg.read_ahead_bytes, cfg.write_bytes)
         self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device)
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         wanted = wants_compile(cfg.compile, cfg.device)

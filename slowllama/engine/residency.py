@@ -104,12 +104,17 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
 @dataclass(frozen=True)
 class Need:
     """What a pass needs of memory whatever the budgets: the working set of what is in flight, the pinned staging
-    of reads and writes (cuda), and the activations it would like to keep."""
+    of reads and writes (cuda), and the activations it would like to keep; and how it streams: the unit, and the
+    bytes read ahead and written behind that the working set counts."""
 
     work: int
     staging: int
     activations: int
     unit: str = "block"
+    lookahead: int = 2
+    write_queue: int = 2
+    read_bytes: int = 1 << 62
+    write_bytes: int = 1 << 62
 
 
 def memory_need(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, device_type: str, *,
@@ -117,7 +122,8 @@ def memory_need(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.
                 batch_size: int = 1, seq_len: int = 1, microbatches: int = 1, lookahead: int = 2,
                 write_queue: int = 2, part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block",
                 activations: int = 0) -> Need:
-    """The need of a pass at one streaming unit ("block" or "weight"). activations: bytes the pass would keep
+    """The need of a pass at one streaming unit ("block" or "weight") with `lookahead` reads ahead and
+    `write_queue` writes in flight, each of at most the largest file. activations: bytes the pass would keep
     (default: a training step's block inputs). optimizer: the one whose state the store keeps (LoRA's adapters
     keep theirs resident, counted here as if streamed: a margin)."""
     work = working_bytes(args, store_dtype, compute_dtype, train=train, optimizer=optimizer, master=master, lora=lora,
@@ -127,7 +133,9 @@ def memory_need(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.
         if device_type == "cuda" else 0  # pinned buffers buy nothing on cpu and mps: reads land in plain memory
     if not activations and train:
         activations = args.n_layers * microbatches * batch_size * seq_len * args.dim * compute_dtype.itemsize
-    return Need(work, staging, activations, unit)
+    per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit)
+    return Need(work, staging, activations, unit, lookahead, write_queue, max(1, lookahead) * per_file,
+                max(1, write_queue) * per_file)
 
 
 @dataclass(frozen=True)
@@ -176,14 +184,21 @@ def minimum_budgets(device_type: str, need: Need) -> tuple[int, int]:
     return need.staging + 1, need.work
 
 
-def choose_unit(unit: str, device_type: str, host: int, gpu: int, needs: Callable[[str], Need]) -> Need:
-    """The streaming unit of a run: as asked, or with "auto" whole blocks where their need fits the budgets
-    (fewer, larger reads; compiled blocks), else each weight of a block."""
-    if unit != "auto":
-        return needs(unit)
-    block = needs("block")
-    lo_host, lo_gpu = minimum_budgets(device_type, block)
-    return block if host >= lo_host and gpu >= lo_gpu else needs("weight")
+def choose_need(unit: str, device_type: str, host: int, gpu: int, lookahead: int, write_queue: int,
+                needs: Callable[[str, int, int], Need]) -> Need:
+    """How a run streams: the first of these whose need fits the budgets (the last if none does, to be refused
+    naming its minimum): whole blocks (fewer, larger reads; compiled blocks), each weight of a block, each weight
+    with one read ahead and one write in flight. `unit` "block" or "weight" keeps to that unit.
+    needs(unit, lookahead, write_queue) -> Need."""
+    rungs = [("block", lookahead, write_queue), ("weight", lookahead, write_queue),
+             ("weight", min(lookahead, 1), min(write_queue, 1))]
+    rungs = [r for r in rungs if unit in ("auto", r[0])]
+    for rung in rungs:
+        need = needs(*rung)
+        lo_host, lo_gpu = minimum_budgets(device_type, need)
+        if host >= lo_host and gpu >= lo_gpu:
+            return need
+    return need
 
 
 def fits_in_memory(module_bytes: int, params: int, optimizer: Optional[Optimizer], master: bool,

@@ -80,7 +80,8 @@ class Updater:
                parts: list[StatePart], step: Step) -> dict[str, torch.Tensor]:
         """The optimizer over `parts` (rows of the weights in `weights`), part by part; returns the new weights."""
         number = scalars = None  # the update's number (optimizers that count steps), the fused update's constants
-        pieces: dict[str, list[torch.Tensor]] = {k: [] for k in weights}
+        counts = {k: sum(p.key == k for p in parts) for k in weights}
+        new: dict[str, torch.Tensor] = {}  # a weight of several parts: filled part by part (no second copy)
         gen, gen_key = None, None
         for part in parts:
             if part.key != gen_key:  # each weight's rounding bits are its own, whatever order weights come in
@@ -111,8 +112,13 @@ class Updater:
                     self.keep(part.name, "master", {part.key: w32})
             if state:
                 self.keep(part.name, "optim", state)
-            pieces[part.key].append(new_w)
-        return {k: p[0] if len(p) == 1 else torch.cat(p) for k, p in pieces.items()}
+            if counts[part.key] == 1:
+                new[part.key] = new_w
+            else:
+                if part.key not in new:
+                    new[part.key] = torch.empty(weights[part.key].shape, dtype=new_w.dtype, device=new_w.device)
+                new[part.key][part.rows] = new_w
+        return new
 
     def _state(self, part: StatePart, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """A part's optimizer state: from the store (checked to be this optimizer's), or fresh."""

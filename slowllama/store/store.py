@@ -29,6 +29,7 @@ import dataclasses
 import errno
 import functools
 import json
+import math
 import os
 import shutil
 import threading
@@ -252,6 +253,13 @@ class Store:
         return {p.name: p for parts in self._parts.values() for p in parts}
 
     def module_bytes(self, name: str, kind: str = "modules") -> int:
+        return self.file_info(name, kind).bytes
+
+    def key_bytes(self, name: str, kind: str = "modules") -> int:
+        """Bytes a read of `name` brings in: a module's (or part's) file, or one weight of a module."""
+        module, key = split_piece(name)
+        if key is not None:
+            return math.prod(self.expected_shapes[module][key]) * self.dtype.itemsize
         return self.file_info(name, kind).bytes
 
     # ---- reading and writing -----------------------------------------------------------------
