@@ -289,7 +289,8 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
             engine = make_engine(store, s, optimizer=optimizer, lora=lora, seed=s.seed, train=True,
                                  stochastic_rounding=dtype == torch.bfloat16, batch_size=batch_size,
                                  seq_len=s.seq_len, microbatches=micro, lookahead=2 if s.prefetch else 0,
-                                 write_queue=2 if s.async_writes else 0, fleet=fleet, compile=s.compile)
+                                 write_queue=2 if s.async_writes else 0, fleet=fleet, compile=s.compile,
+                                 log=log)
             if engine.compile_note:
                 log(engine.compile_note)
             if fleet.active:
