@@ -321,6 +321,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                       "tokens_per_step": s.batch_size * s.accumulate * s.seq_len,
                       "model_flops": flops.model, "hardware_flops": flops.hardware, "drop_cache": s.drop_cache,
                       "counts_host_device": True, "machine": machine_record, "stream_unit": engine.cfg.unit,
+                      "read_ahead": engine.cfg.lookahead, "writes_in_flight": engine.cfg.write_queue,
                       "budget_host_bytes": host_budget, "budget_gpu_bytes": gpu_budget or None,
                       "allowance_host_bytes": HOST_ALLOWANCE,
                       "allowance_gpu_bytes": DEVICE_ALLOWANCE if device.type == "cuda" else None}
