@@ -162,17 +162,17 @@ def split_budgets(device_type: str, host: int, gpu: int, need: Need) -> Budgets:
         free = host - need.work
         if free < 0:
             raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(need.work)} this "
-                                 f"model and step need in flight (the minimum)")
+                                 f"model and step need in flight (the minimum: {need.work} bytes)")
         act = min(need.activations, free // 2)
         return Budgets(device=free - act, activations=act, host=0 if device_type == "mps" else 1 << 62)
     free = gpu - need.work
     if free < 0:
         raise SlowllamaError(f"--max-gpu-memory: {format_size(gpu)} is below the {format_size(need.work)} this model "
-                             f"and step need in flight (the minimum)")
+                             f"and step need in flight (the minimum: {need.work} bytes)")
     act = min(need.activations, free // 2)
     if host <= need.staging:
         raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(need.staging + 1)} of "
-                             "host buffers that reads and writes in flight need (the minimum)")
+                             f"host buffers that reads and writes in flight need (the minimum: {need.staging + 1} bytes)")
     host_act = min(need.activations - act, (host - need.staging) // 2)
     return Budgets(device=free - act, activations=act, host=host - need.staging - host_act, host_activations=host_act)
 
