@@ -33,7 +33,7 @@ from slowllama.bench.synthetic import bench_args, open_or_build, random_batches,
 from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine, run_budgets
 from slowllama.data.windows import microbatches
 from slowllama.engine.fleet import Fleet, start_fleet
-from slowllama.engine.residency import DEVICE_ALLOWANCE, HOST_ALLOWANCE
+from slowllama.engine.residency import DEVICE_ALLOWANCE, host_allowance
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import dtype_from_name, dtype_name
 from slowllama.model.lora import LoRAConfig, LoRAState, init_params, parse_targets
@@ -323,7 +323,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                       "counts_host_device": True, "machine": machine_record, "stream_unit": engine.cfg.unit,
                       "read_ahead": engine.cfg.lookahead, "writes_in_flight": engine.cfg.write_queue,
                       "budget_host_bytes": host_budget, "budget_gpu_bytes": gpu_budget or None,
-                      "allowance_host_bytes": HOST_ALLOWANCE,
+                      "allowance_host_bytes": host_allowance(device.type),
                       "allowance_gpu_bytes": DEVICE_ALLOWANCE if device.type == "cuda" else None}
             summary = summarize(reports, header)
     finally:

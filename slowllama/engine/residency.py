@@ -26,10 +26,16 @@ from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, piece_
 
 
 UNITS = ("auto", "block", "weight")  # what streams through the device in a block's place: itself, or each weight
-# what the process uses beyond the budgets: the interpreter, torch and its kernels, the tokenizer, the data
-# (measured on the CPU box: 0.45 GiB RSS before the first step; a CUDA context is not part of allocated memory)
+# what the process uses beyond the budgets, the runtime itself: the interpreter, torch and its kernels, the
+# tokenizer, the data. Measured: 0.45 GiB RSS before the first step on the CPU box; with CUDA (its context,
+# cuBLAS and the other kernels' libraries) 1.7 GiB beyond a fully used --max-memory on the H200 machine
 HOST_ALLOWANCE = 1 << 30
+CUDA_HOST_ALLOWANCE = 2 << 30
 DEVICE_ALLOWANCE = 512 << 20  # cuBLAS/attention workspaces and the caching allocator's rounding
+
+
+def host_allowance(device_type: str) -> int:
+    return CUDA_HOST_ALLOWANCE if device_type == "cuda" else HOST_ALLOWANCE
 
 
 def largest_part_elements(args: ModelArgs, part_elements: int = DEFAULT_PART_ELEMENTS) -> int:
