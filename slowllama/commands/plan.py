@@ -22,8 +22,7 @@ import torch
 from slowllama.bench.machine import load_machines, machine_cache_path, machine_kind
 from slowllama.bench.roofline import Machine, bound, step_flops, tier_seconds
 from slowllama.commands.common import budget_setting, check_seq_len, default_host_budget, device_memory, step_needs
-from slowllama.engine.residency import (Budgets, Need, choose_need, fits_in_memory, is_unified, minimum_budgets,
-                                        split_budgets)
+from slowllama.engine.residency import Need, choose_need, fits_in_memory, is_unified, minimum_budgets, split_budgets
 from slowllama.engine.traffic import step_traffic
 from slowllama.errors import SlowllamaError
 from slowllama.formats.dtypes import resolve_store_dtype
