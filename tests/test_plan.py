@@ -3,10 +3,12 @@
 import json
 
 import pytest
+import torch
 
 from conftest import ALICE, assert_one_line_error
 
 from slowllama.bench.machine import load_machines, machine_kind, save_machine
+from slowllama.commands.bench import measure_machine
 from slowllama.formats.meta import meta_params
 from slowllama.model.families import preset_args
 from slowllama.model.shapes import model_param_count
@@ -167,3 +169,44 @@ def test_bad_input_is_one_line(cli, tmp_path, args, fragments):
     (tmp_path / "empty").mkdir()
     proc = cli("plan", *(a.format(empty=tmp_path / "empty") for a in args))
     assert_one_line_error(proc, *fragments)
+
+
+@pytest.mark.parametrize("name,unit", [("sgd", "each weight"), ("adamw", "whole blocks"), ("adamw", "each weight"),
+                                       ("lora", "whole blocks")])
+def test_bytes_per_step_are_the_runs(cli, store_fp32, tmp_path, name, unit):
+    """The replayed residency reads and writes what the run does in its steady state: step 3 (the first reads
+    everything, and the second also reads ahead into the third; AdamW's state exists from the second on). SGD
+    may write the embeddings' changed rows as a smaller patch."""
+    args = (store_fp32, "--device", "cpu", *STEP)
+    lo = next(u for u in row(plan_json(cli, *args), name)["units"] if u["unit"] == unit)["min_memory"]
+    budget = lo + (256 << 10)  # a little room for resident modules
+    planned = row(plan_json(cli, *args, "--memory", budget), name)
+    assert planned["fits"] and planned["unit"] == unit and not planned["resident"]
+    proc = cli("finetune", store_fp32, "--data", ALICE, "--device", "cpu", "--steps", "3", "--eval-every", "0",
+               "--max-memory", budget, *STEP, "--json", *(
+                   ["--lora-rank", "8", "--adapter-path", tmp_path / "adapters"] if name == "lora"
+                   else ["--optimizer", name]))
+    assert proc.returncode == 0, proc.stderr
+    steps = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # the spills go to scratch/, not through the store's counters; file headers make the rest differ a little
+    store_reads = planned["bytes_read"] - planned["spilled_bytes"]
+    store_writes = planned["bytes_written"] - planned["spilled_bytes"]
+    for step in steps[2:]:
+        assert step["bytes_read"] == pytest.approx(store_reads, rel=0.01)
+        if name == "lora":  # the base is frozen: nothing goes to the store
+            assert step["bytes_written"] == store_writes == 0
+        elif name == "sgd":
+            assert step["bytes_written"] <= store_writes * 1.01
+        else:
+            assert step["bytes_written"] == pytest.approx(store_writes, rel=0.01)
+
+
+def test_bench_keeps_its_measurements_for_plan(cli, tmp_path, machine_cache):
+    measure_machine(tmp_path, torch.device("cpu"), torch.float32, 1 << 20, lambda m: None)
+    kept = load_machines(machine_cache)["cpu/fp32"]
+    assert kept["matmul_tflops"] > 0 and kept["disk_write_gbps"] > 0
+    p = plan_json(cli, "7b", "--device", "cpu")
+    assert p["machine"]["matmul_tflops"] == kept["matmul_tflops"]
+    assert all(r["estimate_seconds"] > 0 for r in p["configs"])
+    # another compute dtype was not measured: no estimate, and a line that says how to get one
+    assert plan_json(cli, "7b", "--device", "cpu", "--compute-dtype", "bf16")["machine"] is None

@@ -221,7 +221,10 @@ def plan_row(model: PlannedModel, row: Row, s: PlanSettings, device_type: str, c
     at_min = choose_need("auto", device_type, lo_host, lo_gpu, 2, 2, needs)
     out = {"name": row.name, "optimizer": row.optimizer.name, "lora": row.lora,
            "min_memory": lo_host, "min_gpu_memory": None if is_unified(device_type) else lo_gpu,
-           "unit_at_minimum": unit_text(at_min), "fits": None, "refused": None}
+           "unit_at_minimum": unit_text(at_min), "fits": None, "refused": None,
+           "units": [{"unit": unit_text(needs(*rung)), **dict(zip(("min_memory", "min_gpu_memory"),
+                                                                   minimum_budgets(device_type, needs(*rung))))}
+                     for rung in RUNGS]}
     need, split = at_min, split_budgets(device_type, lo_host, lo_gpu, at_min)
     if budgets is not None:
         chosen = choose_need("auto", device_type, budgets[0], budgets[1], 2, 2, needs)

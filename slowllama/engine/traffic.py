@@ -56,12 +56,12 @@ def key_sizes(args: ModelArgs, store_dtype: torch.dtype, plan: list[Key], optimi
     return sizes
 
 
-def replay(plan: list[Key], sizes: dict[Key, int], writes: set[int], device_room: int, host_room: int,
-           split: bool, cycles: int = 2) -> Traffic:
+def replay(plan: list[Key], sizes: dict[Key, int], writes: dict[int, list[Key]], device_room: int,
+           host_room: int, split: bool, cycles: int = 2) -> Traffic:
     """Replay the pipeline over `cycles` repetitions of the plan and return the last one's bytes.
 
-    writes: positions in the plan whose use ends with the key's new version handed back (an update, written
-    at once). device_room / host_room: resident bytes of each tier (split: the device has memory of its own,
+    writes: position in the plan -> the keys whose new versions are handed back (an update, written at once)
+    after that use. device_room / host_room: resident bytes of each tier (split: the device has memory of its own,
     else only device_room counts). Reads land on the device when it has room, else in host memory; an update's
     new version goes to the device; eviction moves a device key to host memory when that has room, else
     drops it."""
@@ -114,11 +114,13 @@ def replay(plan: list[Key], sizes: dict[Key, int], writes: set[int], device_room
                 fit(pos, current, count)
             if split and count and before != "device":  # used on the device: copied there unless it was
                 counts["h2d"] += size
-            if i in writes:
-                used[tier.pop(key)] -= size
-                tier[key] = "device"
+            for done in writes.get(i, ()):
+                size = sizes[done]
+                if done in tier:  # the old version goes (it may have been evicted while in use)
+                    used[tier.pop(done)] -= size
+                tier[done] = "device"
                 used["device"] += size
-                current.discard(key)
+                current.discard(done)
                 if count:
                     counts["written"] += size
                     counts["d2h"] += size if split else 0
@@ -139,9 +141,18 @@ def step_traffic(args: ModelArgs, store_dtype: torch.dtype, device_type: str, bu
     parts = lambda name: state_parts(name, module_shapes(args, name), part_elements)  # noqa: E731
     plan = train_plan(args, parts, kinds, embeddings_backward=not lora, unit=unit, microbatches=microbatches)
     sizes = key_sizes(args, store_dtype, plan, optimizer, part_elements)
-    # an update hands back a key's new version at its last use in the step
+    # an update hands back each part of state at its use, and the weights after the last of their parts
+    # (updates.py): at the last use of a key and the state that follows it
     last = {key: i for i, key in enumerate(plan)}
-    writes = set() if lora or deferred else set(last.values())
+    writes: dict[int, list[Key]] = {}
+    if not (lora or deferred):
+        for key, i in last.items():
+            if key[0] == "modules":
+                while i + 1 < len(plan) and plan[i + 1][0] != "modules":
+                    i += 1
+            writes.setdefault(i, []).append(key)
+        for keys in writes.values():  # the state's part before the weights it belongs to
+            keys.sort(key=lambda k: k[0] == "modules")
     split = device_type == "cuda"  # mps: one memory (its pipeline's host tier has no budget of its own)
     traffic = replay(plan, sizes, writes, budgets.device, budgets.host if split else 0, split)
     on_host = min(max(0, activations - budgets.activations), budgets.host_activations) if split else 0
