@@ -157,8 +157,9 @@ def test_the_table(cli, store_fp32):
     (("99b",), ("99b", "not a preset", "7b")),
     (("7b", "--memory", "12Q"), ("--memory", "12Q")),
     (("7b", "--device", "cuda", "--memory", "8G", "--gpu-memory", "lots"), ("--gpu-memory", "lots")),
-    (("7b", "--device", "cpu", "--memory", "100M"), ("--memory", "is below the", "the minimum")),
-    (("7b", "--device", "cuda", "--memory", "8G", "--gpu-memory", "1G"), ("--gpu-memory", "is below the")),
+    (("7b", "--device", "cpu", "--memory", "100M"), ("--memory: 100.0 MiB is below 1.6 GiB", "the minimum", "LoRA")),
+    (("7b", "--device", "cuda", "--memory", "8G", "--gpu-memory", "512M"), ("--gpu-memory: 512.0 MiB is below",)),
+    (("7b", "--device", "cpu", "--gpu-memory", "8G"), ("--gpu-memory", "--memory")),
     (("7b", "--unified", "--gpu-memory", "8G"), ("--gpu-memory", "--memory")),
     (("7b", "--device", "mps", "--memory", "8G", "--gpu-memory", "8G"), ("--gpu-memory", "unified")),
     (("7b", "--unified", "--device", "cuda"), ("--unified",)),
@@ -166,6 +167,7 @@ def test_the_table(cli, store_fp32):
     (("7b", "--seq-len", "100000"), ("--seq-len", "max_seq_len")),
 ])
 def test_bad_input_is_one_line(cli, tmp_path, args, fragments):
+    """Each: one line naming the flag or file, exit non-zero, no traceback."""
     (tmp_path / "empty").mkdir()
     proc = cli("plan", *(a.format(empty=tmp_path / "empty") for a in args))
     assert_one_line_error(proc, *fragments)
@@ -210,3 +212,26 @@ def test_bench_keeps_its_measurements_for_plan(cli, tmp_path, machine_cache):
     assert all(r["estimate_seconds"] > 0 for r in p["configs"])
     # another compute dtype was not measured: no estimate, and a line that says how to get one
     assert plan_json(cli, "7b", "--device", "cpu", "--compute-dtype", "bf16")["machine"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine gives --gpu-memory its default")
+def test_cuda_without_a_gpu_here_needs_both_budgets(cli):
+    assert_one_line_error(cli("plan", "7b", "--device", "cuda", "--memory", "8G"), "--gpu-memory", "needed")
+    assert plan_json(cli, "7b", "--device", "cuda", "--memory", "8G", "--gpu-memory", "8G")["gpu_memory"] == 8 << 30
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_cuda_minimums_are_what_a_cuda_run_accepts(cli, store_fp32, name):
+    """On a GPU of its own both budgets are minimums: the host's (pinned staging) and the GPU's (working set)."""
+    r = row(plan_json(cli, store_fp32, "--device", "cuda", *STEP), name)
+    host, gpu = r["min_memory"], r["min_gpu_memory"]
+
+    def finetune(h, g):
+        return cli("finetune", store_fp32, "--data", ALICE, "--device", "cuda", "--steps", "1", "--eval-every", "0",
+                   "--max-memory", h, "--max-gpu-memory", g, "--optimizer", name, "--compile", "off", *STEP)
+
+    assert_one_line_error(finetune(host - 1, gpu), "--max-memory", "(the minimum)")
+    assert_one_line_error(finetune(host, gpu - 1), "--max-gpu-memory", f"the {format_size(gpu)} ", "(the minimum)")
+    accepted = finetune(host, gpu)
+    assert accepted.returncode == 0, accepted.stderr

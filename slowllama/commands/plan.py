@@ -166,9 +166,10 @@ def plan_device(s: PlanSettings) -> tuple[str, torch.dtype]:
         raise SlowllamaError("--unified: a cuda GPU has memory of its own; plan unified memory with --device mps "
                              "(or without --device)")
     if is_unified(name) and s.gpu_memory is not None:
-        where = "the cpu" if name == "cpu" else "unified memory (mps)"
-        raise SlowllamaError(f"--gpu-memory: on {where} one budget covers host and GPU: give the whole of it as "
-                             "--memory")
+        if name == "cpu":
+            raise SlowllamaError("--gpu-memory: the cpu has no memory apart from the host's: its budget is --memory")
+        raise SlowllamaError("--gpu-memory: on unified memory (mps) one budget covers host and GPU: give the whole "
+                             "of it as --memory")
     dtype = dtype_from_name(s.compute_dtype or {"cpu": "fp32", "cuda": "bf16", "mps": "fp16"}[name],
                             "--compute-dtype")
     if name == "mps" and dtype == torch.bfloat16:
@@ -337,17 +338,14 @@ def plan(s: PlanSettings) -> dict:
 
 
 def nothing_fits(planned: list[dict], budgets: tuple[int, int], device_type: str) -> str:
-    """One line: the budget that is short, and the least minimum of any row."""
+    """One line: the budget that is short, and the minimum of the row that needs least."""
     best = min(planned, key=lambda r: r["min_memory"] + (r["min_gpu_memory"] or 0))
-    short = []
-    if budgets[0] < best["min_memory"]:
-        short.append(f"--memory: {format_size(budgets[0])} is below the {format_size(best['min_memory'])} "
-                     f"({best['min_memory']} bytes)")
-    if best["min_gpu_memory"] is not None and budgets[1] < best["min_gpu_memory"]:
-        short.append(f"--gpu-memory: {format_size(budgets[1])} is below the {format_size(best['min_gpu_memory'])} "
-                     f"({best['min_gpu_memory']} bytes)")
-    return (" and ".join(short) + f" that the least of these, {label(best)} streaming "
-            f"{best['unit_at_minimum']}, needs (the minimum)")
+    short = [f"{flag}: {format_size(given)} is below {format_size(lo)} ({lo} bytes)"
+             for flag, given, lo in (("--memory", budgets[0], best["min_memory"]),
+                                     ("--gpu-memory", budgets[1], best["min_gpu_memory"]))
+             if lo is not None and given < lo]
+    return (", and ".join(short) + f", the minimum of the plan that needs least ({label(best)}, streaming "
+            f"{best['unit_at_minimum']})")
 
 
 # ---- printing ----------------------------------------------------------------------------------------
