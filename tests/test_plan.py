@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import ALICE, assert_one_line_error
 
@@ -122,7 +123,9 @@ def test_sources_before_the_download(cli, tmp_path, tiny_fp32):
         assert p["model"]["parameters"] == preset["model"]["parameters"]
         assert p["configs"] == preset["configs"]
         assert plan_json(cli, folder, "--device", "cpu")["model"]["store_dtype"] == dtype
-    # a Meta folder with its shards: their dtype
+    # with the weights there: their dtype (the embeddings', as prepare takes it), only the headers read
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 8, dtype=torch.float32)}, str(hf / "model.safetensors"))
+    assert plan_json(cli, hf, "--device", "cpu")["model"]["store_dtype"] == "fp32"
     assert plan_json(cli, tiny_fp32, "--device", "cpu")["model"]["store_dtype"] == "fp32"
 
 

@@ -26,6 +26,7 @@ from slowllama.engine.residency import Need, choose_need, fits_in_memory, is_uni
 from slowllama.engine.traffic import step_traffic
 from slowllama.errors import SlowllamaError
 from slowllama.formats.dtypes import resolve_store_dtype
+from slowllama.formats.hf import WEIGHT_DTYPES, read_layouts, shard_names
 from slowllama.formats.hf_names import args_from_config
 from slowllama.formats.meta import load_shard, read_meta_params, shard_files
 from slowllama.jsonfile import read_json
@@ -98,11 +99,7 @@ def read_model(s: PlanSettings) -> PlannedModel:
         elif (path / "params.json").is_file():
             model = _meta_model(path)
         elif (path / "config.json").is_file():
-            config = read_json(path / "config.json")
-            args, notes = args_from_config(config, str(path / "config.json"))
-            named = config.get("torch_dtype") or config.get("dtype")  # transformers' name for it, old and new
-            dtype = HF_DTYPES.get(named, torch.bfloat16) if isinstance(named, str) else torch.bfloat16
-            model = PlannedModel(args, dtype, "hf", str(path), notes=tuple(notes))
+            model = _hf_model(path)
         else:
             raise SlowllamaError(f"{path}: not a model (no {MANIFEST} of a store, params.json of a Meta folder or "
                                  "config.json of a Hugging Face folder)")
@@ -123,6 +120,24 @@ def read_model(s: PlanSettings) -> PlannedModel:
             model = dataclasses.replace(model, args=dataclasses.replace(model.args, n_layers=s.layers),
                                         module_bytes=None)
     return model
+
+
+def _hf_model(path: Path) -> PlannedModel:
+    """A Hugging Face folder: config.json's shapes; the embeddings' dtype in the safetensors headers where the
+    weights are there (as prepare takes it), else config.json's torch_dtype, else bf16."""
+    config = read_json(path / "config.json")
+    args, notes = args_from_config(config, str(path / "config.json"))
+    named = config.get("torch_dtype") or config.get("dtype")  # transformers' name for it, old and new
+    dtype = HF_DTYPES.get(named, torch.bfloat16) if isinstance(named, str) else torch.bfloat16
+    try:
+        layouts = read_layouts(path, *shard_names(path))  # headers only
+    except SlowllamaError:  # not downloaded yet (or in part)
+        layouts = []
+    for layout in layouts:
+        for key, name, _ in layout["keys"]:
+            if key == "model.embed_tokens.weight" and name in WEIGHT_DTYPES:
+                dtype = WEIGHT_DTYPES[name]
+    return PlannedModel(args, dtype, "hf", str(path), notes=tuple(notes))
 
 
 def _meta_model(path: Path) -> PlannedModel:
