@@ -103,6 +103,7 @@ ENTRY_POINTS = {
     "plot": "slowllama.commands.plot:run",
     "verify": "slowllama.commands.verify:run",
     "bench": "slowllama.commands.bench:run",
+    "plan": "slowllama.commands.plan:run",
 }
 
 

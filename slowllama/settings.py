@@ -238,6 +238,35 @@ class BenchSettings(DeviceSettings):
     json: bool = opt(False, "print one JSON object per step, then a summary object")
 
 
+@dataclass
+class PlanSettings:
+    model: str = opt(None, "a store, a Meta folder (params.json), a Hugging Face folder (config.json is enough: "
+                     "plan before the download) or a preset: tiny, 7b, 13b, 70b", positional=True)
+    memory: Optional[str] = opt(None, "the --max-memory to check (e.g. 8G; on unified memory the whole budget); "
+                                "default: none, only the minimums")
+    gpu_memory: Optional[str] = opt(None, "the --max-gpu-memory to check (e.g. 16G; a GPU of its own only); default: "
+                                    "none, only the minimums (with --memory on cuda: 90%% of this machine's GPU)")
+    batch_size: int = opt(4, "windows per microbatch (finetune's --batch-size)")
+    seq_len: int = opt(128, "tokens per window")
+    accumulate: int = opt(1, "microbatches per step")
+    optimizer: Optional[str] = opt(None, "plan full fine-tuning with this optimizer too (SGD and AdamW always are)",
+                                   choices=optimizer_names())
+    lora_rank: int = opt(8, "rank of the LoRA row (its adapters train with AdamW)")
+    lora_targets: str = opt("wq,wv", "comma-separated linears LoRA adapts: wq,wk,wv,wo,w1,w2,w3")
+    master_weights: str = opt("none", "fp32: full fine-tuning keeps an fp32 master copy of 16-bit weights",
+                              choices=["none", "fp32"])
+    unified: bool = opt(False, "host and GPU share one memory (Apple silicon): one budget, --memory, covers both")
+    device: str = opt("auto", "the device to plan for (nothing runs on it): auto: this machine's (cuda, then mps, "
+                      "then cpu)", choices=["auto", "cpu", "cuda", "mps"])
+    compute_dtype: Optional[str] = opt(None, "compute dtype (default: fp32 on cpu, bf16 on cuda, fp16 on mps)",
+                                       choices=["fp32", "bf16", "fp16"])
+    dtype: Optional[str] = opt(None, "dtype of the store's weights (default: the store's, the source's, bf16 for "
+                               "a preset)", choices=["bf16", "fp16", "fp32"])
+    layers: Optional[int] = opt(None, "cut the model to this many transformer blocks (as bench --layers does)")
+    json: bool = opt(False, "print the plan as one JSON object")
+    debug: bool = opt(False, "show tracebacks of errors")
+
+
 COMMANDS = {
     "init-tiny": (InitTinySettings, "write a small random Llama in Meta format (no download needed)"),
     "prepare": (PrepareSettings, "stream a Meta or Hugging Face checkpoint into a store (one file per module)"),
@@ -249,6 +278,7 @@ COMMANDS = {
     "plot": (PlotSettings, "plot the train and eval loss of a store's run (needs matplotlib)"),
     "verify": (VerifySettings, "check every file of a store: sizes, checksums, shapes, no links outside it"),
     "bench": (BenchSettings, "time training steps on a random-weight store against the machine's measured limits"),
+    "plan": (PlanSettings, "will it fit? the memory, disk, traffic and time of a step, without running anything"),
 }
 
 

@@ -26,7 +26,8 @@ from typing import Callable
 
 import torch
 
-from slowllama.bench.machine import copy_bandwidth, matmul_peak, measure_disk, peak_rss, reset_peak_rss, synchronize
+from slowllama.bench.machine import (copy_bandwidth, machine_kind, matmul_peak, measure_disk, peak_rss, reset_peak_rss,
+                                     save_machine, synchronize)
 from slowllama.bench.roofline import (Machine, StepFlops, bound, efficiency, matmul_params, median_after_warmup,
                                       step_flops, tier_seconds)
 from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes
@@ -98,6 +99,9 @@ def measure_machine(folder: Path, device: torch.device, dtype: torch.dtype, prob
               "h2d_gbps": h2d / GB if h2d else None, "d2h_gbps": d2h / GB if d2h else None,
               "matmul_tflops": peak / 1e12, "matmul_dtype": dtype_name(dtype), "device": str(device)}
     log(machine_line(record))
+    saved = save_machine(machine_kind(device.type, dtype_name(dtype)), record)  # for `slowllama plan`'s estimates
+    if saved is not None:
+        log(f"kept the machine's limits in {saved} (slowllama plan reads them)")
     return machine, record
 
 
