@@ -371,8 +371,12 @@ def _write_tokenizer_json(store: Store, tmp: Path, args: ModelArgs, log: Callabl
     if why:
         log(f"tokenizer.model is {why}: no tokenizer.json written (transformers needs protobuf to read it)")
         return
-    spm_to_tokenizer_json(tmp / "tokenizer.model", tmp / "tokenizer.json", tok.add_bos, tok.add_eos, tok.bos_id,
-                          tok.eos_id)
+    try:
+        spm_to_tokenizer_json(tmp / "tokenizer.model", tmp / "tokenizer.json", tok.add_bos, tok.add_eos, tok.bos_id,
+                              tok.eos_id)
+    except SlowllamaError as e:  # no `tokenizers`: the export is still whole, with tokenizer.model alone
+        log(f"{e}; exported without it")
+        return
     path = tmp / "tokenizer_config.json"
     if not path.exists():
         _write_json(path, _llama_tokenizer_config(tok, args))

@@ -139,7 +139,11 @@ def convertible(model: SpmModel) -> str:
 
 def spm_to_tokenizer_json(spm_path: Path, out: Path, add_bos: bool, add_eos: bool, bos_id: int, eos_id: int) -> None:
     """Write tokenizer.json for a sentencepiece BPE model; BOS / EOS in its post-processor as add_bos / add_eos."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    try:
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
+    except ImportError:
+        raise SlowllamaError(f"{out}: writing a tokenizer.json needs the 'tokenizers' package "
+                             "(pip install 'slowllama[hf]')") from None
 
     model = read_spm(spm_path)
     why = convertible(model)
