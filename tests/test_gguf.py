@@ -252,3 +252,27 @@ def test_gguf_package_missing_is_one_line(meta_store, tmp_path):
     proc = run_cli("export", meta_store, tmp_path / "m.gguf", "--format", "gguf", env=env)
     assert_one_line_error(proc, "--format gguf", "needs the 'gguf' package", "slowllama[gguf]")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_llama3_pre_tokenizer_is_named_llama_bpe(hf_model, tmp_path):
+    import shutil
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from slowllama.formats.gguf import LLAMA3_SPLIT
+
+    folder, _ = hf_model("llama3")
+    store = tmp_path / "store"
+    shutil.copytree(prepare(folder, tmp_path / "s", **quiet), store)
+    # Llama 3's own pre-tokenizer: its split regex, then byte-level without GPT-2's regex
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(ALICE)], trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(store / "tokenizer.json"))
+    meta, _, _ = read_gguf(export(store, tmp_path / "m.gguf", format="gguf", **quiet))
+    assert meta["tokenizer.ggml.pre"] == "llama-bpe" and meta["general.name"] == "m"

@@ -206,7 +206,7 @@ def export_gguf(store_path: Path, out: Path, dtype: Optional[str] = None, force:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     try:
-        _write_metadata(writer, gguf, store, tok, vocab, qname)
+        _write_metadata(writer, gguf, store, tok, vocab, qname, path.stem if path.stem != "model" else path.parent.name)
         for name, shape in shapes.items():
             writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, type_of(name)),
                                    raw_dtype=type_of(name))
@@ -235,9 +235,9 @@ def export_gguf(store_path: Path, out: Path, dtype: Optional[str] = None, force:
     return path
 
 
-def _write_metadata(writer, gguf, store: Store, tok, vocab: dict, qname: str) -> None:
+def _write_metadata(writer, gguf, store: Store, tok, vocab: dict, qname: str, name: str) -> None:
     args = store.args
-    writer.add_name(store.path.resolve().name)
+    writer.add_name(name)  # the output's name (transformers' loader reads a name with "mistral" as Mistral)
     writer.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                           "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qname])
     if qname == "Q8_0":
