@@ -123,7 +123,7 @@ def _bpe_vocab(tok: HFTokenizer, log) -> dict:
     if LLAMA3_SPLIT.replace("\\", "\\\\") in pre_json or LLAMA3_SPLIT in pre_json:
         pre = "llama-bpe"
     elif '"ByteLevel"' in pre_json and '"use_regex": false' not in pre_json:
-        pre = "gpt2"  # ByteLevel with its own (GPT-2's) split
+        pre = "gpt-2"  # ByteLevel with its own split, GPT-2's regex (llama.cpp spells it "gpt-2")
     else:
         pre = "default"
         log(f"{tok.path.name}: pre-tokenizer not one llama.cpp names (Llama 3's, GPT-2's): "
