@@ -197,11 +197,12 @@ def export_gguf(store_path: Path, out: Path, dtype: Optional[str] = None, force:
         return int(np.prod(shape)) // block * size
 
     total = sum(nbytes(s, type_of(n)) for n, s in shapes.items())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(path.parent, total + (16 << 20), str(path))
+    existing = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    check_free_space(existing, total + (16 << 20), str(path))
     problems = store.verify_all()
     if problems:
         raise SlowllamaError(problems[0])
+    path.parent.mkdir(parents=True, exist_ok=True)  # OUT/ for OUT/model.gguf, once every check passed
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), "llama")
