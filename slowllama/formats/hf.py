@@ -377,6 +377,7 @@ def _write_tokenizer_json(store: Store, tmp: Path, args: ModelArgs, log: Callabl
     except SlowllamaError as e:  # no `tokenizers`: the export is still whole, with tokenizer.model alone
         log(f"{e}; exported without it")
         return
+    log("wrote tokenizer.json from tokenizer.model (transformers' AutoTokenizer reads it without protobuf)")
     path = tmp / "tokenizer_config.json"
     if not path.exists():
         _write_json(path, _llama_tokenizer_config(tok, args))
