@@ -96,12 +96,14 @@ class PrepareSettings:
 class ExportSettings:
     store: str = opt(None, "the store to export", positional=True)
     out: str = opt(None, "the folder to write", positional=True)
-    format: Optional[str] = opt(None, "output format (default: the source's)", choices=["hf", "meta"])
+    format: Optional[str] = opt(None, "output format (default: the source's; gguf: one file for llama.cpp, OUT/model.gguf "
+                                "unless OUT ends in .gguf)", choices=["hf", "meta", "gguf"])
     shards: Optional[int] = opt(None, "number of output shards (default: the source's; hf: files of about equal size)")
     max_shard_size: Optional[str] = opt(None, "hf: largest output shard, e.g. 2G (default: the source's shards, "
                                         "else 5G)")
-    dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype)",
-                               choices=["bf16", "fp16", "fp32"])
+    dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype; gguf: "
+                               "the store's); gguf also takes q8_0, and llama.cpp's names f16, f32",
+                               choices=["bf16", "fp16", "fp32", "q8_0", "f16", "f32"])
     force: bool = opt(False, "replace OUT if it exists")
     debug: bool = opt(False, "show tracebacks of errors")
 
@@ -111,9 +113,11 @@ class FuseSettings:
     store: str = opt(None, "the base store", positional=True)
     out: str = opt(None, "the folder to write the merged model to", positional=True)
     adapter_path: str = opt(None, "the LoRA adapter folder to merge in")
+    format: Optional[str] = opt(None, "output format (default: the source's; gguf: one file, as export writes it)",
+                                choices=["hf", "meta", "gguf"])
     shards: Optional[int] = opt(None, "number of output shards (default: the source's)")
-    dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype)",
-                               choices=["bf16", "fp16", "fp32"])
+    dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype); gguf "
+                               "also takes q8_0", choices=["bf16", "fp16", "fp32", "q8_0", "f16", "f32"])
     force: bool = opt(False, "replace OUT if it exists")
     debug: bool = opt(False, "show tracebacks of errors")
 

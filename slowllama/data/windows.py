@@ -1,7 +1,8 @@
 """Training and evaluation data: tokens, labels, windows and the batches of each step.
 
-A .txt file is one sequence [BOS] + encode(text) + [EOS]. A .jsonl file holds records (records.py),
-each tokenized as its own sequence [BOS] + tokens + [EOS] (sequences.py). Each position has a label
+A .txt file is one sequence, encoded as the tokenizer's config says (BOS / EOS where add_bos_token /
+add_eos_token say, as transformers' tokenizer(text) gives it). A .jsonl file holds records (records.py),
+each tokenized as its own sequence [BOS] + tokens + [EOS] (sequences.py; BOS where the config adds it). Each position has a label
 (the token itself, or IGNORE_INDEX where no loss is wanted: prompts, padding). A window of T+1
 positions starting at i gives inputs tokens[i:i+T] and targets labels[i+1:i+T+1].
 
@@ -38,8 +39,8 @@ class TokenData:
 
 
 def load_text(path: Path, tokenizer: Tokenizer) -> TokenData:
-    """A .txt file as one sequence: [BOS] + encode(text) + [EOS], every token a target."""
-    ids = tokenizer.encode(read_text(path), bos=True, eos=True)
+    """A .txt file as one sequence, BOS / EOS as the tokenizer's config says, every token a target."""
+    ids = tokenizer.encode_text(read_text(path))
     tokens = torch.tensor(ids, dtype=torch.long)
     return TokenData(tokens, tokens.clone(), str(path))
 
