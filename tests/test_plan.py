@@ -46,7 +46,7 @@ def test_the_minimum_is_what_a_run_accepts_and_a_byte_less_is_refused(cli, store
                    "--max-memory", budget, *STEP, *how)
 
     refused = finetune(minimum - 1)  # refused before anything is written: the same store serves both runs
-    assert_one_line_error(refused, "--max-memory", f"the {format_size(minimum)} ", "(the minimum)")
+    assert_one_line_error(refused, "--max-memory", f"the {format_size(minimum)} ", f"(the minimum: {minimum} bytes)")
     accepted = finetune(minimum)
     assert accepted.returncode == 0, accepted.stderr
     assert "done: 1 steps" in accepted.stderr
@@ -66,7 +66,7 @@ def test_unified_memory_is_one_budget_the_gpu_minimum_plus_nothing(cli):
     sgd = row(unified, "sgd")["min_memory"]
     assert row(plan_json(cli, *args, "--unified", "--memory", sgd), "sgd")["fits"] is True
     below = row(plan_json(cli, *args, "--unified", "--memory", sgd - 1), "sgd")
-    assert below["fits"] is False and "(the minimum)" in below["refused"]
+    assert below["fits"] is False and "(the minimum: " in below["refused"]
 
 
 def test_70b_fits_a_16gb_macs_12gib_streaming_each_weight(cli):
@@ -234,7 +234,7 @@ def test_cuda_minimums_are_what_a_cuda_run_accepts(cli, store_fp32, name):
         return cli("finetune", store_fp32, "--data", ALICE, "--device", "cuda", "--steps", "1", "--eval-every", "0",
                    "--max-memory", h, "--max-gpu-memory", g, "--optimizer", name, "--compile", "off", *STEP)
 
-    assert_one_line_error(finetune(host - 1, gpu), "--max-memory", "(the minimum)")
-    assert_one_line_error(finetune(host, gpu - 1), "--max-gpu-memory", f"the {format_size(gpu)} ", "(the minimum)")
+    assert_one_line_error(finetune(host - 1, gpu), "--max-memory", "(the minimum: ")
+    assert_one_line_error(finetune(host, gpu - 1), "--max-gpu-memory", f"the {format_size(gpu)} ", "(the minimum: ")
     accepted = finetune(host, gpu)
     assert accepted.returncode == 0, accepted.stderr
