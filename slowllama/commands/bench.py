@@ -30,14 +30,14 @@ from slowllama.bench.machine import copy_bandwidth, matmul_peak, measure_disk, p
 from slowllama.bench.roofline import (Machine, StepFlops, bound, efficiency, matmul_params, median_after_warmup,
                                       step_flops, tier_seconds)
 from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes
-from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine
+from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine, resolve_device
 from slowllama.data.windows import microbatches
 from slowllama.engine.fleet import Fleet, start_fleet
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import dtype_from_name, dtype_name
 from slowllama.model.lora import LoRAConfig, LoRAState, init_params, parse_targets
 from slowllama.optim.registry import make_optimizer
-from slowllama.settings import BenchSettings, resolve_device
+from slowllama.settings import BenchSettings
 from slowllama.sizes import parse_size
 from slowllama.store.guards import check_free_space
 from slowllama.store.store import Store

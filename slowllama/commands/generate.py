@@ -6,12 +6,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from slowllama.commands.common import adapter_state, make_engine
+from slowllama.commands.common import adapter_state, make_engine, resolve_device
 from slowllama.engine.generation import generate
 from slowllama.errors import SlowllamaError
 from slowllama.formats.convert import prepare
 from slowllama.model.tokenizer import load_tokenizer
-from slowllama.settings import GenerateSettings, resolve_device
+from slowllama.settings import GenerateSettings
 from slowllama.store.manifest import MANIFEST
 from slowllama.store.store import Store
 
