@@ -160,7 +160,9 @@ class EvalSettings(DeviceSettings):
 @dataclass
 class GenerateSettings(DeviceSettings):
     store: str = opt(None, "the store (or a Meta or Hugging Face folder) to generate from", positional=True)
-    prompt: str = opt("", "text to continue")
+    prompt: str = opt("", "text to continue (with --chat: the user's message)")
+    chat: bool = opt(False, "render --prompt as a user message with the model's chat template (from its "
+                     "tokenizer_config.json), ready for the assistant's answer")
     max_new_tokens: int = opt(64, "tokens to generate")
     temperature: float = opt(0.0, "sampling temperature; 0 is greedy")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
@@ -271,7 +273,8 @@ class BenchSettings(DeviceSettings):
                                    "kept afterwards (default: a temporary folder here, removed at the end)")
     drop_cache: bool = opt(False, "evict module files from the page cache after each read and write, so that "
                            "reads come from the disk (else storage figures are page-cache figures)")
-    probe_size: str = opt("1G", "size of the file that measures the disk's bandwidth")
+    probe_size: str = opt("auto", "size of the file that measures the disk's bandwidth (auto: the store's size, "
+                          "at least 64M and at most 1G)")
     prefetch: bool = opt(True, "read the next modules while the current one computes (off: to measure the gain)")
     async_writes: bool = opt(True, "write updated modules in the background (off: to measure the gain)")
     compile: str = compile_opt()

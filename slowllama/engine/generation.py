@@ -27,8 +27,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 @torch.no_grad()
 def generate(model: OffloadedModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             on_text: Optional[Callable[[str], None]] = None) -> str:
-    """Continue `prompt`; returns the new text. on_text receives each new piece of text as it is produced."""
+             on_text: Optional[Callable[[str], None]] = None, on_token: Optional[Callable[[int], None]] = None) -> str:
+    """Continue `prompt`; returns the new text. on_text receives each new piece of text as it is produced,
+    on_token each new token id."""
     args = model.args
     ids = tokenizer.encode(prompt, bos=True)
     if len(ids) >= args.max_seq_len:
@@ -46,6 +47,8 @@ def generate(model: OffloadedModel, tokenizer: Tokenizer, prompt: str, max_new_t
         if next_id in tokenizer.stop_ids:  # EOS, or another end-of-turn id named by generation_config.json
             break
         out_ids.append(next_id)
+        if on_token:
+            on_token(next_id)
         text = tokenizer.decode(out_ids)
         if on_text and len(text) > len(shown):
             on_text(text[len(shown):])
