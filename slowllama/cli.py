@@ -24,8 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         missing = "the following arguments are required: "
         if message.startswith(missing):  # what the -c/--config file could have given
-            message = ", ".join(message[len(missing):].split(", ")) + ": required (on the command line, or in a " \
-                "-c/--config file)"
+            message = f"{message[len(missing):]}: required (on the command line, or in a -c/--config file)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -147,7 +147,7 @@ class EvalSettings(DeviceSettings):
     store: str = opt(None, "the store to evaluate; or a Meta or Hugging Face folder, prepared once into "
                      "FOLDER-store beside it; or a Hugging Face id org/name in the local Hugging Face cache",
                      positional=True)
-    data: str = opt(None, "data to evaluate on: " + DATA_HELP + " (its test.jsonl)", required=True)
+    data: str = opt(None, "data to evaluate on: " + DATA_HELP + " (its test.jsonl)", required=True, group="data")
     seq_len: int = opt(128, "tokens per window")
     batch_size: int = opt(8, "windows per batch")
     pack: bool = pack_opt()
