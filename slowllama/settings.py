@@ -159,7 +159,8 @@ class EvalSettings(DeviceSettings):
 
 @dataclass
 class GenerateSettings(DeviceSettings):
-    store: str = opt(None, "the store (or a Meta or Hugging Face folder) to generate from", positional=True)
+    store: str = opt(None, "the store to generate from; or a Meta or Hugging Face folder, or a Hugging Face id "
+                     "org/name in the local Hugging Face cache (prepared into a temporary store)", positional=True)
     prompt: str = opt("", "text to continue (with --chat: the user's message)")
     chat: bool = opt(False, "render --prompt as a user message with the model's chat template (from its "
                      "tokenizer_config.json), ready for the assistant's answer")

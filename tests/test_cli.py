@@ -100,6 +100,8 @@ def test_models_by_folder_and_by_hub_id(cli, tiny_fp32, tmp_path, monkeypatch, h
     assert proc.returncode == 0, proc.stderr
     assert f"org/tiny-llama3 (in the Hugging Face cache: {repo / 'snapshots' / 'old'}): preparing it once into the " \
            "store tiny-llama3-store" in proc.stderr
+    gen = cli("generate", "org/tiny-llama3", "--prompt", "Alice", "--max-new-tokens", "2", "--device", "cpu")
+    assert gen.returncode == 0 and f"the Hugging Face cache's {repo / 'snapshots' / 'old'}" in gen.stderr
 
 
 def test_a_hub_id_not_in_the_cache(cli, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from slowllama.commands.common import adapter_state, make_engine, resolve_device
+from slowllama.commands.models import hub_snapshot, is_hub_id
 from slowllama.data.chat import chat_template, token_string
 from slowllama.engine.generation import generate
 from slowllama.errors import SlowllamaError
@@ -30,6 +31,9 @@ def run(s: GenerateSettings, log) -> str:
     if not 0 <= s.temperature < float("inf"):
         raise SlowllamaError(f"--temperature: must be a number >= 0 (0: greedy), got {s.temperature}")
     path = Path(s.store)
+    if is_hub_id(s.store):  # a model of the local Hugging Face cache: its snapshot folder
+        path = hub_snapshot(s.store)
+        log(f"{s.store}: the Hugging Face cache's {path}")
     with tempfile.TemporaryDirectory(prefix="slowllama-") as tmp:
         if path.is_dir() and not (path / MANIFEST).exists() and (
                 (path / "params.json").exists() or (path / "config.json").exists()):
