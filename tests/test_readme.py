@@ -205,14 +205,16 @@ def test_every_readme_command_runs_in_order(reader, capsys, tmp_path):
     # statements about these runs
     first = outputs["slowllama finetune tiny2 --data test_data/alice.txt --steps 30"]
     assert "tiny2: preparing it once into the store" in first
-    assert "training data: 40 windows of 128 tokens; 30 steps of 4 windows = 3.0 epochs" in first
+    quoted = "training data: 40 windows of 128 tokens; 30 steps of 4\nwindows = 3.0 epochs"
+    assert quoted in README and quoted.replace("\n", " ") in first
     losses = [float(x) for x in re.findall(r"^step \d+: loss ([\d.]+), lr 0.03, .* peak RSS [\d.]+ [KMG]iB$", first,
                                            flags=re.M)]
     assert len(losses) == 30 and losses[-1] < losses[0] - 0.2, losses  # the defaults visibly learn
     lora = outputs["slowllama finetune ~/stores/llama-2-7b --data my_notes.txt --lora-rank 8 --lora-targets wq,wv "
                    "--adapter-path ~/adapters/notes --steps 1000 --lr 1e-4 --save-every 100"]
     # rank 8 on wq (128 x 128) and wv (64 x 128) of 4 blocks: 8 x (128 + 128 + 128 + 64) x 4
-    assert "LoRA: 14,336 trainable weights (rank 8 on wq,wv;" in lora
+    assert "LoRA: 14,336 trainable weights (rank 8 on wq,wv; 1.41% of the model's 1,016,960)" in lora
+    assert "LoRA: 14,336 trainable weights (rank 8 on wq,wv; 1.41% of the model's 1,016,960)" in README
     folder = outputs["slowllama finetune tiny2 --data samsum --steps 20 --new-run"]
     assert "samsum: training on train.jsonl, validating on valid.jsonl" in folder
     assert "evaluating on test.jsonl" in outputs["slowllama eval tiny2 --data samsum"]
