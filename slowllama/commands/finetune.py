@@ -230,8 +230,9 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
         checkpoint, lora = NoCheckpoint(), share_adapters(fleet, None, device)
     if fleet.main:
         n_windows = count_windows(data, s.seq_len)
+        epochs = s.steps * s.batch_size * s.accumulate / n_windows
         log(f"training data: {n_windows} windows of {s.seq_len} tokens; {s.steps} steps of {s.batch_size * s.accumulate} "
-            f"windows = {s.steps * s.batch_size * s.accumulate / n_windows:.1f} epochs")
+            f"windows = {format(epochs, '.1f' if epochs >= 0.1 else '.2g')} epochs")
     if done >= s.steps:
         log(f"{checkpoint.run_dir if s.lora_rank else store.path}: the run has already finished {done} of "
             f"{s.steps} steps; nothing to do")
