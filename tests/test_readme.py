@@ -215,6 +215,9 @@ def test_every_readme_command_runs_in_order(reader, capsys, tmp_path):
     # rank 8 on wq (128 x 128) and wv (64 x 128) of 4 blocks: 8 x (128 + 128 + 128 + 64) x 4
     assert "LoRA: 14,336 trainable weights (rank 8 on wq,wv; 1.41% of the model's 1,016,960)" in lora
     assert "LoRA: 14,336 trainable weights (rank 8 on wq,wv; 1.41% of the model's 1,016,960)" in README
+    refused = outputs["slowllama finetune tiny-store --data test_data/alice.txt --max-memory 4M --new-run"]
+    assert "streaming each weight of a block: whole blocks would need 19.8 MiB" in refused
+    assert "(whole blocks would need 19.8 MiB)" in README
     folder = outputs["slowllama finetune tiny2 --data samsum --steps 20 --new-run"]
     assert "samsum: training on train.jsonl, validating on valid.jsonl" in folder
     assert "evaluating on test.jsonl" in outputs["slowllama eval tiny2 --data samsum"]

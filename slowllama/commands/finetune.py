@@ -231,8 +231,8 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
     if fleet.main:
         n_windows = count_windows(data, s.seq_len)
         epochs = s.steps * s.batch_size * s.accumulate / n_windows
-        log(f"training data: {n_windows} windows of {s.seq_len} tokens; {s.steps} steps of {s.batch_size * s.accumulate} "
-            f"windows = {format(epochs, '.1f' if epochs >= 0.1 else '.2g')} epochs")
+        log(f"training data: {n_windows} windows of {s.seq_len} tokens; {s.steps} steps of "
+            f"{s.batch_size * s.accumulate} windows = {format(epochs, '.1f' if epochs >= 0.1 else '.2g')} epochs")
     if done >= s.steps:
         log(f"{checkpoint.run_dir if s.lora_rank else store.path}: the run has already finished {done} of "
             f"{s.steps} steps; nothing to do")
@@ -248,7 +248,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
     batch_size, micro = fleet.rank_batch(s.batch_size, s.accumulate)
     engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
                          stochastic_rounding=stochastic, lora=lora, train=True, batch_size=batch_size,
-                         seq_len=s.seq_len, microbatches=micro, fleet=fleet, compile=s.compile)
+                         seq_len=s.seq_len, microbatches=micro, fleet=fleet, compile=s.compile, log=log)
     if engine.compile_note:
         log(engine.compile_note)
     if lora is not None and fleet.main:
@@ -312,7 +312,8 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
                 gpu = f", peak GPU {format_size(last['peak_gpu_bytes'])}" if "peak_gpu_bytes" in last else ""
                 log(f"step {number}: loss {result.loss:.4f}, lr {lr:.3g}, {last['tokens_per_second']:.0f} tok/s, "
                     f"{seconds:.2f} s/step, read {format_size(last['bytes_read'])}, "
-                    f"written {format_size(last['bytes_written'])}, peak RSS {format_size(last['peak_rss_bytes'])}{gpu}")
+                    f"written {format_size(last['bytes_written'])}, "
+                    f"peak RSS {format_size(last['peak_rss_bytes'])}{gpu}")
             if fleet.main and (warning := stall.add(result.loss)):
                 log(warning)
             if fleet.main and ((s.eval_every and number % s.eval_every == 0) or number == s.steps):
