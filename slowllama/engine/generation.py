@@ -27,8 +27,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 @torch.no_grad()
 def generate(model: OffloadedModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             on_text: Optional[Callable[[str], None]] = None) -> str:
-    """Continue `prompt`; returns the new text. on_text receives each new piece of text as it is produced.
+             on_text: Optional[Callable[[str], None]] = None, on_token: Optional[Callable[[int], None]] = None) -> str:
+    """Continue `prompt`; returns the new text. on_text receives each new piece of text as it is produced,
+    on_token each new token id.
 
     The prompt gets BOS as the tokenizer's config says (add_bos), never EOS. The new text is
     decode(prompt + new tokens) minus decode(prompt), so it keeps the space before its first word.
@@ -49,6 +50,8 @@ def generate(model: OffloadedModel, tokenizer: Tokenizer, prompt: str, max_new_t
         next_id = sample(logits[0, -1], temperature, top_p, generator)
         if next_id in tokenizer.stop_ids:  # EOS, or another end-of-turn id named by generation_config.json
             break
+        if on_token:
+            on_token(next_id)
         piece = stream.push(next_id)
         if on_text and piece:
             on_text(piece)
