@@ -37,6 +37,7 @@ NOT_RUN = {
     "pip install torch --index-url https://download.pytorch.org/whl/cpu": "installs: .ci/run does (test below)",
     "pip install -e '.[test]'": "installs: .ci/run does",
     "pip install -e '.[hf,chat]'": "installs: the test extra has hf and chat",
+    "pip install -e '.[gguf]'": "installs: the test extra has gguf",
     "python -m pytest -q": "the suite itself",
 }
 CAPS = {"--steps": 3, "--seq-len": 128, "--batch-size": 4, "--accumulate": 2, "--max-new-tokens": 16}
