@@ -38,6 +38,8 @@ NOT_RUN = {
     "pip install -e '.[test]'": "installs: .ci/run does",
     "pip install -e '.[hf,chat]'": "installs: the test extra has hf and chat",
     "pip install -e '.[gguf]'": "installs: the test extra has gguf",
+    'llama-cli -m ~/llama-2-7b-tuned.gguf -p "The main idea of"': "llama.cpp's program (not installed here); "
+                                                                    "test_gguf.py reads the file back",
     "python -m pytest -q": "the suite itself",
 }
 CAPS = {"--steps": 3, "--seq-len": 128, "--batch-size": 4, "--accumulate": 2, "--max-new-tokens": 16}
