@@ -50,7 +50,9 @@ from slowllama.store import safetensors_io as st
 from slowllama.store.atomic import fsync_dir, signals_deferred, write_json_atomic
 from slowllama.store.guards import check_free_space, disk_full_error
 from slowllama.store.lock import StoreLock
-from slowllama.store.manifest import KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord, SourceRecord
+from slowllama.store.manifest import (COPIED, KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord,
+                                      SourceRecord)
+from slowllama.store.safe_files import check_regular
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, state_parts
 
 JOURNAL = "journal.json"
@@ -103,7 +105,30 @@ class Store:
             store._split_whole_state(log)
         elif not follower:
             StoreLock(path).refuse_if_written()
+        if not follower:
+            try:
+                store.check_side_files()
+            except BaseException:
+                store.close()
+                raise
         return store
+
+    def check_side_files(self) -> None:
+        """Check what every command reads beside the modules: the files copied from the source (tokenizer,
+        config.json ...) against the manifest's sizes and checksums, and the extras module (rope.freqs)."""
+        for name, entry in self.manifest.extra.get(COPIED, {}).items():
+            path = self.path / name
+            if path.is_symlink():
+                raise SlowllamaError(f"{path}: a symbolic link; a store's own files must lie inside it")
+            check_regular(path)
+            data = path.read_bytes()
+            if len(data) != entry["bytes"]:
+                raise SlowllamaError(f"{path}: size {len(data)} bytes, the manifest says {entry['bytes']} "
+                                     "(truncated or altered)")
+            if st.Hasher(data).hexdigest() != entry["xxh3"]:
+                raise SlowllamaError(f"{path}: checksum mismatch (altered or corrupted outside slowllama)")
+        if self.has("extras"):
+            self.read("extras")
 
     def _refuse_symlinks(self) -> None:
         """A writer writes and deletes files in these places: each must be the store's own, not a link."""
