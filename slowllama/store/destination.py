@@ -113,7 +113,8 @@ def check_destination(out, kind: str, force: bool = False, protected: Iterable =
     if not out.exists():
         remove_dead_partials(out)
         return out
-    empty = not any(out.iterdir())
+    # (a lock file alone: a run killed before its first file; temporary names: a write cut off)
+    empty = all(p.name == "lock" or p.name.endswith(".tmp") for p in out.iterdir())
     if reuse:
         if not empty and not is_kind(out, kind) and not (out / "state.json").is_file():
             raise SlowllamaError(f"{out}: not {KIND_NAMES[kind]} and not empty; give a new or empty folder")
@@ -126,9 +127,10 @@ def check_destination(out, kind: str, force: bool = False, protected: Iterable =
     return out
 
 
-def check_output_file(out, protected_folders: Iterable = (), magic: bytes = b"") -> Path:
-    """A file destination (a plot): not a link, folder or special file; not inside the store's own folders;
-    an existing file is replaced only if it starts with `magic` (a previous output of the same kind)."""
+def check_output_file(out, magic: bytes = b"") -> Path:
+    """A file destination (a plot): not a link, folder or special file; inside a store or an adapter folder
+    only in its run folder (STORE/run/, the adapter folder itself); an existing file is replaced only if it
+    starts with `magic` (a previous output of the same kind)."""
     out = Path(out)
     if out.is_symlink():
         raise SlowllamaError(f"{out}: a symbolic link; slowllama never writes through links")
@@ -139,8 +141,13 @@ def check_output_file(out, protected_folders: Iterable = (), magic: bytes = b"")
             if magic and f.read(len(magic)) != magic:
                 raise SlowllamaError(f"{out}: exists and is not a file slowllama wrote (not replaced)")
     out_real = real(out)
-    for folder in protected_folders:
-        if real(folder) in out_real.parents:
-            raise SlowllamaError(f"{out}: lies inside {folder}, which holds a store's own files")
-    refuse_held(out_real.parent, inside=False)
+    for folder in out_real.parents:
+        run_folder = folder / "run" if is_kind(folder, "store") else folder if is_kind(folder, "adapters") else None
+        if run_folder is not None and out_real.parent != run_folder:
+            raise SlowllamaError(f"{out}: lies inside {folder}, a store or adapter folder, outside its run folder "
+                                 f"{run_folder}")
+    for folder in (out_real.parent, *out_real.parent.parents):
+        pid = held_by(folder / "lock")
+        if pid:
+            raise SlowllamaError(f"{out}: lies in {folder}, which a running slowllama (pid {pid}) holds")
     return out

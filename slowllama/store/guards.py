@@ -6,7 +6,6 @@ a run that cannot finish fails before it has changed anything.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

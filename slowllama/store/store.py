@@ -68,6 +68,7 @@ class Store:
         self.manifest = manifest
         self.writable = writable
         self.lock: Optional[StoreLock] = None
+        self.scratch_elsewhere: Optional[Path] = None  # spilled activations of a store opened read-only
         self.verify = True  # check size + checksum of every file read
         self.drop_cache = False  # evict files from the page cache after reading or writing them
         self.bytes_read = 0
@@ -229,9 +230,9 @@ class Store:
 
     @property
     def scratch(self) -> Path:
-        p = self.path / "scratch"
-        p.mkdir(exist_ok=True)
-        return p
+        """Where spilled activations go (created by the first spill): STORE/scratch, or for a store that is
+        only read (LoRA) the folder set in scratch_elsewhere, so that not one byte is written to the store."""
+        return self.scratch_elsewhere or self.path / "scratch"
 
     @property
     def run_dir(self) -> Path:

@@ -8,6 +8,7 @@ the last step's gradient norm (for --clip-norm previous).
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -73,8 +74,12 @@ class AdapterCheckpoint:
         if not adapter_path:
             raise SlowllamaError("--adapter-path: required with --lora-rank (the folder for the adapters)")
         self.folder = AdapterFolder(Path(adapter_path))
-        self.folder.open_for_training(log)
+        self.folder.open_for_training(log, protected=(store.path,))
         self.run_dir = self.folder.path
+        store.scratch_elsewhere = self.folder.path / "scratch"  # the base store is only read
+        if store.scratch_elsewhere.is_symlink():  # spills are written there: never through a link
+            store.scratch_elsewhere.unlink()
+        shutil.rmtree(store.scratch_elsewhere, ignore_errors=True)  # a killed run's spilled activations
         self.save_every, self.steps = save_every, steps
         args = store.args
         state = None if new_run else self.folder.state()
