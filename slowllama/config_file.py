@@ -56,6 +56,8 @@ def read_config(path: Path, cls, command: str) -> dict:
     """The settings in a TOML file, by field name, type-checked; unknown keys are errors."""
     path = Path(path)
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block the read, a device never end
+            raise SlowllamaError(f"{path}: not a regular file")
         raw = path.read_bytes()
     except FileNotFoundError:
         raise SlowllamaError(f"{path}: config file not found") from None

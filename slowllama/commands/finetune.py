@@ -304,7 +304,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
                     f.write(json.dumps(last) + "\n")
             emit(last)
             if outcome.stop and number < s.steps:
-                log(f"stopped after step {number} of {s.steps}: {kept_by(checkpoint, store)}. "
+                log(f"stopped after step {number} of {s.steps}; {kept_by(checkpoint, store)}. "
                     "Run the same command again to resume.")
                 raise StoppedBySignal(exit_code(outcome.stop))
     if fleet.main:

@@ -38,6 +38,8 @@ CONFIG = "adapter_config.json"
 STATE = "state.json"
 
 
+# what a run writes or reads in the folder by these names: none may be a link (it would lead the writes outside)
+OWN_NAMES = (CONFIG, STATE, ADAPTERS, "settings.json", "metrics.jsonl", "loss.png", "lock", "scratch")
 # the only names state.json may give its files (never a path: its names are read and removed)
 STEP_FILE = re.compile(r"(adapters|optim)@\d+\.safetensors|\d{7}_adapters\.safetensors")
 MAX_RANK = 1 << 16
@@ -62,8 +64,19 @@ class AdapterFolder:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise os_error(self.path, e, "cannot create the adapter folder") from None
+        for name in OWN_NAMES:
+            if (self.path / name).is_symlink():
+                raise SlowllamaError(f"{self.path / name}: a symbolic link; an adapter folder's own files must lie "
+                                     "inside it (remove the link)")
         self.lock = StoreLock(self.path)
         self.lock.acquire(log)
+        try:
+            self._recover(log)
+        except BaseException:
+            self.close()
+            raise
+
+    def _recover(self, log) -> None:
         state = self.state()
         keep = set(state["files"].values()) | set(state.get("snapshots", [])) if state else set()
         removed = 0
@@ -127,7 +140,10 @@ class AdapterFolder:
                 or not all(isinstance(t, str) for t in cfg.targets):
             raise SlowllamaError(f"{where}: field 'rank' must be an integer in [1, {MAX_RANK}], targets names, "
                                  f"got rank {cfg.rank!r}")
-        cfg.validate()
+        try:
+            cfg.validate()
+        except SlowllamaError as e:  # its messages name the flags: name the file too
+            raise SlowllamaError(f"{where}: {e}") from None
         base = c.get("model", {})
         if not isinstance(base, dict):
             raise SlowllamaError(f"{where}: field 'model' must be an object")
@@ -206,6 +222,7 @@ class AdapterFolder:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("lora.save.copy")
         os.replace(tmp, self.path / dest)
         fsync_dir(self.path)
 

@@ -117,7 +117,14 @@ class Store:
     def check_side_files(self) -> None:
         """Check what every command reads beside the modules: the files copied from the source (tokenizer,
         config.json ...) against the manifest's sizes and checksums, and the extras module (rope.freqs)."""
-        for name, entry in self.manifest.extra.get(COPIED, {}).items():
+        copied = self.manifest.extra.get(COPIED)
+        recorded = self.source.tokenizer_files
+        names = (recorded if isinstance(recorded, list) else []) + list(self.source.files or [])
+        for name in names if copied is not None else []:  # (stores made before the table: not recorded)
+            if name not in copied and (self.path / str(name)).exists():
+                raise SlowllamaError(f"{self.path / str(name)}: not in the manifest's table of copied files "
+                                     "(added by hand?)")
+        for name, entry in (copied or {}).items():
             path = self.path / name
             if path.is_symlink():
                 raise SlowllamaError(f"{path}: a symbolic link; a store's own files must lie inside it")
