@@ -645,7 +645,7 @@ many(BAD, "finetune_flag", {
     "max_memory_zero": flag_case(finetune_argv, "--max-memory", "0"),
 })
 many(BAD, "finetune_adam_betas", {
-    k: (lambda v: lambda c: (finetune_argv(c, "--optimizer", "adamw", "--adam-betas", v), ["--adam-betas"]))(v)
+    k: (lambda v: lambda c: (finetune_argv(c, "--optimizer", "adamw", f"--adam-betas={v}"), ["--adam-betas"]))(v)
     for k, v in {"nan": "nan,0.999", "one": "1,0.999", "negative": "-0.1,0.9", "inf": "0.9,inf"}.items()})
 many(BAD, "generate_flag", {
     "temperature_inf": flag_case(lambda c: ["generate", c.store, "--prompt", "Alice"], "--temperature", "inf"),
@@ -700,7 +700,7 @@ def flip(path):
 
 def flipped_store_file(name, command):
     def case(c):
-        path = c.store / name if "/" not in name and "@" not in name else module_file(c, name)
+        path = c.store / name if name == "tokenizer.model" else module_file(c, name)
         flip(path)
         argv = {"eval": eval_argv(c), "verify": ["verify", c.store], "finetune": finetune_argv(c),
                 "export": ["export", c.store, c.tmp / "out"], "generate": ["generate", c.store, "--prompt", "A"],
@@ -789,7 +789,7 @@ many(HOSTILE, "a_fifo_where_a_file_belongs", {
     "params_json": fifo_case(lambda c: c.src / "params.json", lambda c: ["prepare", c.src, c.tmp / "new"],
                              "no params.json"),
     "hf_config_json": fifo_case(lambda c: c.hf / "config.json", lambda c: ["prepare", c.hf, c.tmp / "new"], ""),
-    "hf_shard": fifo_case(lambda c: next(c.hf.glob("*.safetensors")), lambda c: ["prepare", c.hf, c.tmp / "new"]),
+    "hf_shard": fifo_case(lambda c: next(c.hf.glob("*.safetensors")), lambda c: ["prepare", c.hf, c.tmp / "new"], ""),
     "store_tokenizer": fifo_case(lambda c: c.store / "tokenizer.model", eval_argv),
     "module_file": fifo_case(lambda c: module_file(c), lambda c: ["verify", c.store]),
     "adapter_config": fifo_case(lambda c: c.ad / "adapter_config.json", lambda c: eval_argv(c, "--adapter-path", c.ad),
