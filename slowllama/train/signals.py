@@ -42,9 +42,9 @@ class StopRequest:
         if self.signum is not None:  # the second: stop now, rolling the steps since the last commit back
             raise StopNow(code)
         self.signum = signum
-        kept = f", keeping {self.kept()}" if self.kept else ", keeping the last committed step"
+        kept = self.kept() if self.kept else "the last committed step is kept"
         self.log(f"{signal.Signals(signum).name}: stopping once the step in progress is committed "
-                 f"(send it again to stop at once{kept})")
+                 f"(send it again to stop at once: {kept}, what came after it is redone on the next run)")
 
     @contextmanager
     def installed(self):
