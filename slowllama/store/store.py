@@ -121,13 +121,18 @@ class Store:
         recorded = self.source.tokenizer_files
         names = (recorded if isinstance(recorded, list) else []) + list(self.source.files or [])
         for name in names if copied is not None else []:  # (stores made before the table: not recorded)
-            if name not in copied and (self.path / str(name)).exists():
-                raise SlowllamaError(f"{self.path / str(name)}: not in the manifest's table of copied files "
-                                     "(added by hand?)")
+            if not isinstance(name, str) or Path(name).name != name:
+                raise SlowllamaError(f"{self.path / MANIFEST}: a tokenizer file (or source file) {name!r} that is not a file "
+                                     "of the store's folder")
+            if name not in copied and (self.path / name).exists():
+                raise SlowllamaError(f"{self.path / name}: a tokenizer file (or source file) not in the manifest's table "
+                                     "of copied files (added by hand?)")
         for name, entry in (copied or {}).items():
             path = self.path / name
             if path.is_symlink():
                 raise SlowllamaError(f"{path}: a symbolic link; a store's own files must lie inside it")
+            if not path.exists():
+                raise SlowllamaError(f"{path}: missing (the manifest's copied_files names it)")
             check_regular(path)
             data = path.read_bytes()
             if len(data) != entry["bytes"]:
