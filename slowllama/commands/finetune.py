@@ -312,6 +312,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
     log(f"done: {s.steps} steps, last loss {last.get('loss', float('nan')):.4f}, peak RSS "
         f"{format_size(host_peak_rss())}")
     if stop.signum:  # a signal in the last step: the run is complete, its outputs written
-        log(f"stopped by {signal_name(stop.signum)} in the last step: the run is complete ({kept_by(checkpoint, store)})")
+        log(f"stopped by {signal_name(stop.signum)} in the last step: the run is complete "
+            f"({kept_by(checkpoint, store)})")
         raise StoppedBySignal(exit_code(stop.signum))
     return last

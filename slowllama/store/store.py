@@ -122,11 +122,11 @@ class Store:
         names = (recorded if isinstance(recorded, list) else []) + list(self.source.files or [])
         for name in names if copied is not None else []:  # (stores made before the table: not recorded)
             if not isinstance(name, str) or Path(name).name != name:
-                raise SlowllamaError(f"{self.path / MANIFEST}: a tokenizer file (or source file) {name!r} that is not a file "
-                                     "of the store's folder")
+                raise SlowllamaError(f"{self.path / MANIFEST}: a tokenizer file (or source file) {name!r} that is "
+                                     "not a file of the store's folder")
             if name not in copied and (self.path / name).exists():
-                raise SlowllamaError(f"{self.path / name}: a tokenizer file (or source file) not in the manifest's table "
-                                     "of copied files (added by hand?)")
+                raise SlowllamaError(f"{self.path / name}: a tokenizer file (or source file) not in the manifest's "
+                                     "table of copied files (added by hand?)")
         for name, entry in (copied or {}).items():
             path = self.path / name
             if path.is_symlink():
