@@ -687,7 +687,8 @@ for _command in ("eval", "fuse", "finetune", "verify"):
         "file_outside": state_case(lambda s: s["files"].update(adapters="../outside/victim.txt"), command=_command),
         "snapshot_outside": state_case(lambda s: s.update(snapshots=["/etc/passwd"]), command=_command),
         "checksum_a_number": state_case(lambda s: s["checksums"].update({"adapters@2.safetensors": 5}),
-                                        command=_command)})
+                                        command=_command),
+        "grad_norm_nan": state_case(lambda s: s["run"].update(grad_norm=float("nan")), command=_command)})
 
 
 # ---- 3. checked reads: every file a command reads is in a manifest, or checked as parsed -------------------
@@ -790,6 +791,11 @@ many(HOSTILE, "a_fifo_where_a_file_belongs", {
                              "no params.json"),
     "hf_config_json": fifo_case(lambda c: c.hf / "config.json", lambda c: ["prepare", c.hf, c.tmp / "new"], ""),
     "hf_shard": fifo_case(lambda c: next(c.hf.glob("*.safetensors")), lambda c: ["prepare", c.hf, c.tmp / "new"], ""),
+    "meta_shard": fifo_case(lambda c: c.src / "consolidated.00.pth", lambda c: ["prepare", c.src, c.tmp / "new"]),
+    "meta_tokenizer": fifo_case(lambda c: c.src / "tokenizer.model", lambda c: ["prepare", c.src, c.tmp / "new"]),
+    "hf_tokenizer_config": fifo_case(lambda c: c.hf / "tokenizer_config.json",
+                                     lambda c: ["prepare", c.hf, c.tmp / "new"]),
+    "lora_adapters_of_the_last_step": fifo_case(lambda c: c.ad / "adapters@2.safetensors", lambda c: lora_argv(c)),
     "store_tokenizer": fifo_case(lambda c: c.store / "tokenizer.model", eval_argv),
     "module_file": fifo_case(lambda c: module_file(c), lambda c: ["verify", c.store]),
     "adapter_config": fifo_case(lambda c: c.ad / "adapter_config.json", lambda c: eval_argv(c, "--adapter-path", c.ad),

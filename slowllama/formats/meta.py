@@ -33,6 +33,7 @@ from slowllama.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from slowllama.store.atomic import staged_folder
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.destination import check_destination
+from slowllama.store.safe_files import check_regular
 from slowllama.store.guards import check_free_space
 from slowllama.store.manifest import Manifest
 from slowllama.store.safetensors_io import element_size
@@ -77,6 +78,7 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint shard, memory-mapped; only plain tensors are accepted (weights_only)."""
+    check_regular(path)  # a FIFO would block the read
     try:
         if zipfile.is_zipfile(path):
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)

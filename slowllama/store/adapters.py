@@ -11,6 +11,7 @@ date, and `slowllama verify` checks it all."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from pathlib import Path
@@ -117,6 +118,10 @@ class AdapterFolder:
         names = list(state["files"].values()) + list(state.get("snapshots", [])) if ok else []
         if not ok or not all(isinstance(n, str) and STEP_FILE.fullmatch(n) for n in names):
             raise SlowllamaError(f"{path}: not a slowllama adapter state (step, files, snapshots)")
+        norm = state.get("run", {}).get("grad_norm")
+        if norm is not None and (not isinstance(norm, (int, float)) or isinstance(norm, bool)
+                                 or not math.isfinite(norm) or norm < 0):
+            raise SlowllamaError(f"{path}: field 'run.grad_norm' must be a finite number >= 0, got {norm!r}")
         for name, entry in state.get("checksums", {}).items():
             if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
                     and not isinstance(entry[0], bool) and entry[0] >= 0 and isinstance(entry[1], str)):
