@@ -29,9 +29,13 @@ class DeviceSettings:
     compute_dtype: Optional[str] = opt(None, "compute dtype (default: fp32 on cpu, bf16 on cuda, fp16 on mps)",
                                        choices=["fp32", "bf16", "fp16"])
     max_memory: str = opt("auto", "host memory for resident modules and cached activations "
-                          "(e.g. 8G; auto: half of physical memory)")
+                          "(e.g. 8G; auto: half of physical memory; on mps, where it covers the GPU too, 3/4 "
+                          "leaving the system at least 4 GiB)")
     max_gpu_memory: str = opt("auto", "GPU memory for resident modules and cached activations "
-                              "(e.g. 20G; auto: 90%% of the GPU's)")
+                              "(e.g. 20G; auto: 90%% of the GPU's; not on mps, whose GPU shares the host's memory)")
+    stream_unit: str = opt("auto", "what streams through the device: whole blocks, or each weight of a block "
+                           "(less memory, more reads); auto: blocks where the budgets allow",
+                           choices=["auto", "block", "weight"])
     debug: bool = opt(False, "show tracebacks of errors")
 
 

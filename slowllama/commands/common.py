@@ -10,7 +10,7 @@ import torch
 
 from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.engine.fleet import Fleet
-from slowllama.engine.residency import split_budgets, staging_bytes, working_bytes
+from slowllama.engine.residency import Need, choose_need, is_unified, memory_need, split_budgets
 from slowllama.errors import SlowllamaError
 from slowllama.model.lora import LoRAState
 from slowllama.optim.base import Optimizer
@@ -23,31 +23,55 @@ from slowllama.store.store import Store
 def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, lora: Optional[LoRAState] = None, *,
                 train: bool = False, batch_size: int = 1, seq_len: int = 1, microbatches: int = 1,
                 activations: int = 0, fleet: Optional[Fleet] = None, **config) -> OffloadedModel:
-    """The offloaded model with the device, dtype and memory budgets of a command's settings
-    (--max-memory; --max-gpu-memory on a GPU), split as engine/residency.py says.
+    """The offloaded model with the device, dtype, streaming unit and memory budgets of a command's settings
+    (--max-memory; --max-gpu-memory on a GPU of its own), split as engine/residency.py says.
 
     `activations`: bytes of activations the pass would like to keep (default: a training step's).
     """
     device, dtype = resolve_device(settings)
-    master = config.get("master_weights", False)
-    # (with LoRA the optimizer's state is resident, yet counted here as if the store held it: stricter
-    # than the engine's own staging, and what every LoRA budget so far was checked against)
-    work = working_bytes(store.args, store.dtype, dtype, train=train, optimizer=optimizer, master=master,
-                         lora=lora is not None, batch_size=batch_size, seq_len=seq_len, microbatches=microbatches,
-                         part_elements=store.state_part_elements)
-    acts = activations or (store.args.n_layers * microbatches * batch_size * seq_len * store.args.dim * dtype.itemsize
-                           if train else 0)
-    host = budget_setting(settings.max_memory, "--max-memory", physical_memory() // 2)
-    gpu = staging = 0
-    if device.type != "cpu":
-        gpu = budget_setting(getattr(settings, "max_gpu_memory", "auto"), "--max-gpu-memory", device_memory(device))
-        staging = staging_bytes(store.args, store.dtype, optimizer, master, config.get("lookahead", 2),
-                                config.get("write_queue", 2), store.state_part_elements)
-    budgets = split_budgets(device.type, host, gpu, work, acts, staging)
+    host, gpu = run_budgets(settings, device)
+
+    def needs(unit: str, lookahead: int, write_queue: int) -> Need:
+        return memory_need(store.args, store.dtype, dtype, device.type, train=train, optimizer=optimizer,
+                           master=config.get("master_weights", False), lora=lora is not None, batch_size=batch_size,
+                           seq_len=seq_len, microbatches=microbatches, lookahead=lookahead, write_queue=write_queue,
+                           part_elements=store.state_part_elements, unit=unit, activations=activations)
+
+    unit = getattr(settings, "stream_unit", "auto")
+    if fleet is not None and fleet.active:
+        if unit == "weight":
+            raise SlowllamaError("--stream-unit weight: several ranks stream whole blocks (use block or auto)")
+        unit = "block"
+    need = choose_need(unit, device.type, host, gpu, config.pop("lookahead", 2), config.pop("write_queue", 2), needs)
+    budgets = split_budgets(device.type, host, gpu, need)
     cfg = EngineConfig(device=device, compute_dtype=dtype, device_budget=budgets.device,
                        activation_budget=budgets.activations, host_budget=budgets.host,
-                       host_activation_budget=budgets.host_activations, **config)
+                       host_activation_budget=budgets.host_activations, unit=need.unit,
+                       lookahead=need.lookahead, write_queue=need.write_queue, read_ahead_bytes=need.read_bytes,
+                       write_bytes=need.write_bytes, **config)
     return OffloadedModel(store, cfg, optimizer=optimizer, lora=lora, fleet=fleet)
+
+
+def run_budgets(settings, device: torch.device) -> tuple[int, int]:
+    """(--max-memory, --max-gpu-memory) in bytes, their defaults resolved; on a unified-memory device (mps) one
+    budget covers host and GPU, and --max-gpu-memory is refused."""
+    gpu_setting = getattr(settings, "max_gpu_memory", "auto")
+    if is_unified(device.type):
+        if device.type == "mps" and gpu_setting not in (None, "auto"):
+            raise SlowllamaError("--max-gpu-memory: mps computes in the host's memory; give the whole budget as "
+                                 "--max-memory")
+        return budget_setting(settings.max_memory, "--max-memory", default_host_budget(device.type)), 0
+    return (budget_setting(settings.max_memory, "--max-memory", default_host_budget(device.type)),
+            budget_setting(gpu_setting, "--max-gpu-memory", device_memory(device)))
+
+
+def default_host_budget(device_type: str, physical: Optional[int] = None) -> int:
+    """--max-memory auto: half of physical memory, or on mps (where it covers the GPU too) three quarters, leaving
+    the system at least 4 GiB (12 GiB of a 16 GB Mac)."""
+    physical = physical_memory() if physical is None else physical
+    if device_type == "mps":
+        return max(physical // 4, min(physical * 3 // 4, physical - (4 << 30)))
+    return physical // 2
 
 
 def budget_setting(value, flag: str, auto: int) -> int:
@@ -58,10 +82,8 @@ def budget_setting(value, flag: str, auto: int) -> int:
 
 
 def device_memory(device: torch.device) -> int:
-    """Default GPU budget: 90% of the device's memory (unified memory on mps: half of the host's)."""
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
-    return physical_memory() // 2
+    """Default GPU budget: 90% of the device's memory."""
+    return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
 
 
 def adapter_state(store: Store, settings, device) -> "LoRAState | None":

@@ -31,6 +31,7 @@ from slowllama.engine.pipeline import Pipeline
 from slowllama.engine.replicas import Replicas
 from slowllama.engine.residency import eval_plan, fits_in_memory, staging_bytes, train_plan
 from slowllama.engine.step import NonFiniteLoss, Step, StepResult, Tally, module_seed
+from slowllama.engine.streamed import NORMS, BlockGradients, stream_linears
 from slowllama.engine.updates import Updater
 from slowllama.errors import SlowllamaError
 from slowllama.faults import fault_point
@@ -40,6 +41,7 @@ from slowllama.model.lora import LoRAState, block_params, inject
 from slowllama.model.shapes import model_param_count, module_names
 from slowllama.optim.base import Optimizer
 from slowllama.optim.sgd import SGD
+from slowllama.store.state_parts import piece_name
 from slowllama.store.store import Store
 
 
@@ -55,10 +57,13 @@ class EngineConfig:
     host_activation_budget: int = 0  # ... and in host memory (a GPU's host), before the scratch folder
     lookahead: int = 2  # modules read ahead of use (0: no prefetch)
     write_queue: int = 2  # updated modules whose writes may be in flight (0: synchronous writes)
+    read_ahead_bytes: int = 1 << 62  # ... and at most this many bytes of them (one at least)
+    write_bytes: int = 1 << 62  # ... and at most this many bytes of them (one at least)
     head_chunk_bytes: int = 256 << 20  # logits of at most this many bytes at once (fp32)
     stochastic_rounding: bool = False  # for 16-bit stores without master weights
     master_weights: bool = False  # keep (and use) an fp32 master copy in the store
     compile: str = "off"  # training's blocks and updates through torch.compile: auto (on cuda), on, off
+    unit: str = "block"  # what streams in a block's place: the block, or each of its weights (residency.py)
 
 
 class OffloadedModel:
@@ -83,9 +88,9 @@ class OffloadedModel:
         self.optimizer = optimizer or SGD()
         master = cfg.master_weights and store.dtype != torch.float32 and lora is None
         staging = staging_bytes(self.args, store.dtype, self.optimizer if lora is None else None, master,
-                                cfg.lookahead, cfg.write_queue, store.state_part_elements)
+                                cfg.lookahead, cfg.write_queue, store.state_part_elements, cfg.unit)
         self.pipe = Pipeline(store, cfg.device, self.device_budget, self.host_budget, cfg.lookahead, cfg.write_queue,
-                             staging)
+                             staging, cfg.read_ahead_bytes, cfg.write_bytes)
         self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device)
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         wanted = wants_compile(cfg.compile, cfg.device)
@@ -144,10 +149,23 @@ class OffloadedModel:
         scratch = self.store.scratch / f"rank{self.fleet.rank}" if self.fleet.active else self.store.scratch
         return Activations(self.activation_budget, scratch, self.device, host)
 
-    def module(self, name: str, train: bool = False, grad: bool = False) -> nn.Module:
-        """Build module `name` around its (resident or freshly read) weights, in the compute dtype."""
-        tensors = self.replicas.weights(name)
+    def streams_by_weight(self, name: str) -> bool:
+        return self.cfg.unit == "weight" and name.startswith("layers.")
+
+    def module(self, name: str, train: bool = False, grad: bool = False,
+               gradients: Optional[BlockGradients] = None) -> nn.Module:
+        """Build module `name` around its (resident or freshly read) weights, in the compute dtype. A block
+        streamed by weight holds only its norms: its linears fetch their weights at use (streamed.py) and hand
+        their gradients to `gradients`."""
         m = build_module(self.args, name, dropout=self.cfg.dropout if train else 0.0)
+        if self.streams_by_weight(name):
+            def fetch(key: str) -> torch.Tensor:
+                return self.replicas.weights(piece_name(name, key))[key].to(self.cfg.compute_dtype)
+
+            stream_linears(m, fetch, gradients if grad and self.lora is None else None)
+            tensors = {key: self.replicas.weights(piece_name(name, key))[key] for key in NORMS}
+        else:
+            tensors = self.replicas.weights(name)
         m.load_state_dict({k: v.to(self.cfg.compute_dtype) for k, v in tensors.items()}, assign=True)
         m.requires_grad_(grad and self.lora is None)
         if self.lora is not None and name.startswith("layers."):
@@ -212,7 +230,7 @@ class OffloadedModel:
 
     def loss_sum(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
         """Summed cross-entropy and number of targets over microbatches (no gradients): eval's core."""
-        self.pipe.set_plan(eval_plan(self.args))
+        self.pipe.set_plan(eval_plan(self.args, self.cfg.unit, len(batches)))
         hs = self.forward_hidden([x for x, _ in batches], None)
         head, weight = self.head()
         total, count = 0.0, 0
@@ -245,7 +263,8 @@ class OffloadedModel:
         tally = Tally(step.number)
         self.pipe.set_plan(train_plan(self.args, self.store.state_parts,
                                       self.updater.state_kinds if self.lora is None else [],
-                                      embeddings_backward=self.lora is None))
+                                      embeddings_backward=self.lora is None, unit=self.cfg.unit,
+                                      microbatches=len(batches)))
         n_targets = int(self.fleet.sum(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)))
         if n_targets == 0:
             raise SlowllamaError(f"step {step.number}: no targets carry loss in this batch")
@@ -281,7 +300,9 @@ class OffloadedModel:
         for i in reversed(range(self.args.n_layers)):
             name = f"layers.{i}"
             fault_point("backward.module")
-            block = self.module(name, train=True, grad=True)
+            gradients = BlockGradients(len(batches), lambda key, g, name=name: self._update_weight(name, key, g, step,
+                                                                                                tally))
+            block = self.module(name, train=True, grad=True, gradients=gradients)
             cos, sin = self.rope(batches[0][0].shape[1])
             for k in range(len(batches)):
                 acts.prefetch((i, k + 1) if k + 1 < len(batches) else (i - 1, 0))  # the next input, meanwhile
@@ -302,9 +323,21 @@ class OffloadedModel:
         return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=tally.grad_norm())
 
     def _finish(self, name: str, module: nn.Module, step: Step, tally: Tally) -> None:
-        """A module's backward is done: update it (full fine-tuning) or leave it (LoRA: frozen base)."""
-        if self.lora is None:
-            self._update_module(name, {k: p.grad for k, p in module.named_parameters()}, step, tally)
+        """A module's backward is done: update it (full fine-tuning) or leave it (LoRA: frozen base). A block
+        streamed by weight has had its linears updated during its backward: its norms are left."""
+        if self.lora is not None:
+            return
+        grads = {k: p.grad for k, p in module.named_parameters()}
+        if self.streams_by_weight(name):
+            for key, g in grads.items():
+                self._update_weight(name, key, g, step, tally)
+            return
+        self._update_module(name, grads, step, tally)
+
+    def _update_weight(self, name: str, key: str, grad: torch.Tensor, step: Step, tally: Tally) -> None:
+        """One weight of a block streamed by weight, its gradient final: updated and handed to the pipeline now
+        (one rank: several stream whole blocks)."""
+        self.updater.weight(name, key, grad, step, tally)
 
     def _update_module(self, name: str, grads: dict[str, torch.Tensor], step: Step, tally: Tally) -> None:
         """Sum the module's gradient over ranks; rank 0 updates it, and the replicas follow."""

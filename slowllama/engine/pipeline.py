@@ -93,7 +93,8 @@ class Entry:
 
 class Pipeline:
     def __init__(self, store: Store, device: torch.device, device_budget: Budget, host_budget: Budget,
-                 lookahead: int = 2, write_queue: int = 2, staging: int = 1 << 62):
+                 lookahead: int = 2, write_queue: int = 2, staging: int = 1 << 62, read_bytes: int = 1 << 62,
+                 write_bytes: int = 1 << 62):
         self.store, self.device = store, device
         self.cuda = device.type == "cuda"
         self.split = device.type != "cpu"  # device memory apart from host memory
@@ -101,6 +102,10 @@ class Pipeline:
         self.host_budget = host_budget if self.split else device_budget
         self.pool = BufferPool(self.host_budget, retain=staging) if self.cuda else None
         self.lookahead = lookahead
+        # reads ahead and writes in flight are capped in bytes too (at least one of each may always be in flight):
+        # the working set counts them so, whatever the sizes of the modules, weights and parts in the plan
+        self.read_bytes, self.write_bytes = read_bytes, write_bytes
+        self.write_sizes: dict[int, int] = {}  # id of a write's future -> bytes it holds
         self.entries: dict[Key, Entry] = {}
         self.loading: dict[Key, Future] = {}
         self.staged: dict[Key, tuple[dict, object]] = {}  # host-resident modules already copied to the device
@@ -196,7 +201,12 @@ class Pipeline:
                 if entry.tier == "host" and key not in self.staged:
                     self.staged[key] = self._copy_to_device(entry.tensors, entry.ready)
             elif key not in self.loading and self.store.has(key[1], key[0]):
+                if self.loading and self._loading_bytes() + self.store.key_bytes(key[1], key[0]) > self.read_bytes:
+                    break
                 self.loading[key] = self.reader.submit(self._load, key)
+
+    def _loading_bytes(self) -> int:
+        return sum(self.store.key_bytes(k[1], k[0]) for k in self.loading)
 
     def _load(self, key: Key):
         """Reader thread: file -> host buffer -> the device (on the copy stream) when there is room."""
@@ -363,21 +373,26 @@ class Pipeline:
             host, buf, event = self._copy_to_host(tensors)
         elif ready is not None:
             ready.synchronize()
-        self._queue(key, self._write_job, key, host, buf, event)
+        self._queue(key, self._write_job, key, host, buf, event, size=tensors_bytes(host))
 
     def _write_rows(self, key: Key, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Queue the write of some rows of a module (small: copied to the host here)."""
         host = {k: (ids.cpu(), values.cpu()) for k, (ids, values) in rows.items()}
         self._queue(key, self.store.write_rows, key[1], host, key[0])
 
-    def _queue(self, key: Key, job, *args) -> None:
-        """Run job(*args) on the writer thread, once fewer than write_queue writes are in flight."""
+    def _queue(self, key: Key, job, *args, size: int = 0) -> None:
+        """Run job(*args) on the writer thread, once fewer than write_queue writes, of at most write_bytes with
+        this one's `size`, are in flight."""
         t0 = time.perf_counter()
-        while self.writes and len(self.writes) >= self.write_queue:
-            self.writes.popleft().result()
+        while self.writes and (len(self.writes) >= self.write_queue
+                               or sum(self.write_sizes.values()) + size > self.write_bytes):
+            done = self.writes.popleft()
+            self.write_sizes.pop(id(done), None)
+            done.result()
         self.write_wait += time.perf_counter() - t0
         future = self.writer.submit(job, *args)
         self.writes.append(future)
+        self.write_sizes[id(future)] = size
         self.writing[key] = future
         if self.write_queue == 0:  # synchronous writes (for comparison): wait for this one too
             self.flush()
@@ -406,6 +421,7 @@ class Pipeline:
                 self.writes.popleft().result()
         finally:
             self.writing.clear()
+            self.write_sizes.clear()
             self.write_wait += time.perf_counter() - t0
 
     def discard(self) -> None:
@@ -422,6 +438,7 @@ class Pipeline:
                 if buf is not None:
                     self.pool.give(buf)
         self.writes.clear()
+        self.write_sizes.clear()
         self.writing.clear()
         self.loading.clear()
         self.staged.clear()

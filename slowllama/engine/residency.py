@@ -16,12 +16,20 @@ from typing import Callable, Optional
 import torch
 
 from slowllama.engine.pipeline import Key
+from slowllama.engine.streamed import BACKWARD_ORDER, FORWARD_ORDER, NORMS
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import ModelArgs
 from slowllama.model.shapes import model_param_count, module_shapes
 from slowllama.optim.base import Optimizer
 from slowllama.sizes import format_size
-from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, state_parts
+from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, piece_name, state_parts
+
+
+UNITS = ("auto", "block", "weight")  # what streams through the device in a block's place: itself, or each weight
+# what the process uses beyond the budgets: the interpreter, torch and its kernels, the tokenizer, the data
+# (measured on the CPU box: 0.45 GiB RSS before the first step; a CUDA context is not part of allocated memory)
+HOST_ALLOWANCE = 1 << 30
+DEVICE_ALLOWANCE = 512 << 20  # cuBLAS/attention workspaces and the caching allocator's rounding
 
 
 def largest_part_elements(args: ModelArgs, part_elements: int = DEFAULT_PART_ELEMENTS) -> int:
@@ -30,46 +38,60 @@ def largest_part_elements(args: ModelArgs, part_elements: int = DEFAULT_PART_ELE
                for p in state_parts(name, module_shapes(args, name), part_elements))
 
 
+def largest_unit_elements(args: ModelArgs, unit: str = "block") -> int:
+    """Weights of the largest thing that streams: a module, or with unit "weight" one weight of a block
+    (the embeddings and the head stream whole either way)."""
+    counts = model_param_count(args)
+    block = counts["block"] if unit != "weight" else max(math.prod(s) for s in module_shapes(args, "layers.0").values())
+    return max(counts["embeddings"], block, counts["head"])
+
+
 def _state_bytes(optimizer: Optional[Optimizer]) -> int:
     return optimizer.state_bytes_per_weight if optimizer is not None and optimizer.stateful else 0
 
 
 def largest_file_bytes(args: ModelArgs, store_dtype: torch.dtype, optimizer: Optional[Optimizer] = None,
-                       master: bool = False, part_elements: int = DEFAULT_PART_ELEMENTS) -> int:
-    """Bytes of the largest file a step reads or writes: a module's weights, or one part (state_parts.py) of
-    its optimizer state or of its fp32 master weights. optimizer: the one whose state the store keeps (None: none)."""
-    counts = model_param_count(args)
-    biggest = max(counts["embeddings"], counts["block"], counts["head"]) * store_dtype.itemsize
+                       master: bool = False, part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block") -> int:
+    """Bytes of the largest read or write of a step: a module's weights (a weight's, by unit "weight"), or one part
+    (state_parts.py) of its optimizer state or of its fp32 master weights. optimizer: the one whose state the store
+    keeps (None: none)."""
+    biggest = largest_unit_elements(args, unit) * store_dtype.itemsize
     per_weight = max(_state_bytes(optimizer), 4 if master else 0)
     return max(biggest, largest_part_elements(args, part_elements) * per_weight)
 
 
 def staging_bytes(args: ModelArgs, store_dtype: torch.dtype, optimizer: Optional[Optimizer], master: bool,
-                  lookahead: int, write_queue: int, part_elements: int = DEFAULT_PART_ELEMENTS) -> int:
+                  lookahead: int, write_queue: int, part_elements: int = DEFAULT_PART_ELEMENTS,
+                  unit: str = "block") -> int:
     """Host memory for the pinned buffers of reads and writes in flight on cuda, and two spares kept for reuse
-    (pinning is slow)."""
-    return (lookahead + write_queue + 2) * largest_file_bytes(args, store_dtype, optimizer, master, part_elements)
+    (pinning is slow): in bytes, since the pipeline's read-ahead and write queue are capped in bytes too."""
+    per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit)
+    return (lookahead + write_queue + 2) * per_file
 
 
 def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, *, train: bool,
                   optimizer: Optional[Optimizer] = None, master: bool = False, lora: bool = False,
                   batch_size: int = 1, seq_len: int = 1, microbatches: int = 1, lookahead: int = 2,
                   write_queue: int = 2, head_chunk: int = 256 << 20,
-                  part_elements: int = DEFAULT_PART_ELEMENTS) -> int:
-    """An upper estimate of the memory one module in flight needs, beyond what stays resident.
+                  part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block") -> int:
+    """An upper estimate of the memory what is in flight needs, beyond what stays resident: the unit in use (a
+    module, or one weight of a block), its gradient and new version, the reads ahead, the update of one part.
     optimizer: the one whose state the store keeps (None: none, as with SGD or LoRA's resident adapters)."""
     es, ec = store_dtype.itemsize, compute_dtype.itemsize
-    counts = model_param_count(args)
-    p = max(counts["embeddings"], counts["block"], counts["head"])
-    per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements)
+    p = largest_unit_elements(args, unit)
+    per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit)
     total = p * es + (p * ec if ec != es else 0) + lookahead * per_file
     if train and not lora:
         total += p * ec + p * es  # gradients, the new weights
+        if unit == "weight" and microbatches > 1:  # a block's weights' gradients wait for its last microbatch
+            total += model_param_count(args)["block"] * ec
         # one part's update: fp32 weights and gradient, its state in fp32 and the state's new copy, master weights
         q = largest_part_elements(args, part_elements)
         tensors = len(optimizer.state_names) if optimizer is not None else 0
         total += q * (8 + 2 * 4 * tensors + (4 if master else 0))
         total += write_queue * per_file
+    if unit == "weight":  # the norms of the block in use stay with it
+        total += 2 * args.dim * (es + ec)
     tokens = batch_size * seq_len
     total += microbatches * tokens * args.dim * ec  # gradients w.r.t. the module's inputs
     # one block run (and backward) on one microbatch: projections, FFN, attention probabilities
@@ -80,8 +102,46 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
 
 
 @dataclass(frozen=True)
+class Need:
+    """What a pass needs of memory whatever the budgets: the working set of what is in flight, the pinned staging
+    of reads and writes (cuda), and the activations it would like to keep; and how it streams: the unit, and the
+    bytes read ahead and written behind that the working set counts."""
+
+    work: int
+    staging: int
+    activations: int
+    unit: str = "block"
+    lookahead: int = 2
+    write_queue: int = 2
+    read_bytes: int = 1 << 62
+    write_bytes: int = 1 << 62
+
+
+def memory_need(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, device_type: str, *,
+                train: bool, optimizer: Optional[Optimizer] = None, master: bool = False, lora: bool = False,
+                batch_size: int = 1, seq_len: int = 1, microbatches: int = 1, lookahead: int = 2,
+                write_queue: int = 2, part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block",
+                activations: int = 0) -> Need:
+    """The need of a pass at one streaming unit ("block" or "weight") with `lookahead` reads ahead and
+    `write_queue` writes in flight, each of at most the largest file. activations: bytes the pass would keep
+    (default: a training step's block inputs). optimizer: the one whose state the store keeps (LoRA's adapters
+    keep theirs resident, counted here as if streamed: a margin)."""
+    work = working_bytes(args, store_dtype, compute_dtype, train=train, optimizer=optimizer, master=master, lora=lora,
+                         batch_size=batch_size, seq_len=seq_len, microbatches=microbatches, lookahead=lookahead,
+                         write_queue=write_queue, part_elements=part_elements, unit=unit)
+    staging = staging_bytes(args, store_dtype, optimizer, master, lookahead, write_queue, part_elements, unit) \
+        if device_type == "cuda" else 0  # pinned buffers buy nothing on cpu and mps: reads land in plain memory
+    if not activations and train:
+        activations = args.n_layers * microbatches * batch_size * seq_len * args.dim * compute_dtype.itemsize
+    per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit)
+    return Need(work, staging, activations, unit, lookahead, write_queue, max(1, lookahead) * per_file,
+                max(1, write_queue) * per_file)
+
+
+@dataclass(frozen=True)
 class Budgets:
-    """Bytes for each use of each memory tier (on the CPU, device means the process's memory)."""
+    """Bytes for each use of each memory tier (on the CPU and in unified memory, device means the process's
+    memory)."""
 
     device: int = 1 << 62  # resident modules on the device
     activations: int = 1 << 62  # the step's cached activations on the device
@@ -89,27 +149,56 @@ class Budgets:
     host_activations: int = 0  # ... and activations there, before the scratch folder
 
 
-def split_budgets(device_type: str, host: int, gpu: int, work: int, activations: int, staging: int) -> Budgets:
-    """The budgets of a run: host (--max-memory) and gpu (--max-gpu-memory, unused on the CPU) bytes, less the
-    working set `work` of the module in flight and, on a GPU, the pinned `staging` buffers; the step's
-    `activations` take up to half of each remainder, resident modules the rest."""
-    if device_type == "cpu":
-        free = host - work
+def is_unified(device_type: str) -> bool:
+    """Whether the device computes in the host's own memory (Apple silicon): one budget covers both."""
+    return device_type in ("cpu", "mps")
+
+
+def split_budgets(device_type: str, host: int, gpu: int, need: Need) -> Budgets:
+    """The budgets of a run: host (--max-memory) and gpu (--max-gpu-memory: a GPU of its own only) bytes, less the
+    working set of what is in flight and, on cuda, the pinned staging buffers; the step's activations take up to
+    half of each remainder, resident modules the rest. A budget below the need is refused, naming the minimum."""
+    if is_unified(device_type):
+        free = host - need.work
         if free < 0:
-            raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(work)} this model "
-                                 f"and step need in flight")
-        act = min(activations, free // 2)
-        return Budgets(device=free - act, activations=act)
-    free = gpu - work
+            raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(need.work)} this "
+                                 f"model and step need in flight (the minimum)")
+        act = min(need.activations, free // 2)
+        return Budgets(device=free - act, activations=act, host=0 if device_type == "mps" else 1 << 62)
+    free = gpu - need.work
     if free < 0:
-        raise SlowllamaError(f"--max-gpu-memory: {format_size(gpu)} is below the {format_size(work)} this model "
-                             f"and step need in flight")
-    act = min(activations, free // 2)
-    if host <= staging:
-        raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(staging)} of host "
-                             "buffers that reads and writes in flight need")
-    host_act = min(activations - act, (host - staging) // 2)
-    return Budgets(device=free - act, activations=act, host=host - staging - host_act, host_activations=host_act)
+        raise SlowllamaError(f"--max-gpu-memory: {format_size(gpu)} is below the {format_size(need.work)} this model "
+                             f"and step need in flight (the minimum)")
+    act = min(need.activations, free // 2)
+    if host <= need.staging:
+        raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(need.staging + 1)} of "
+                             "host buffers that reads and writes in flight need (the minimum)")
+    host_act = min(need.activations - act, (host - need.staging) // 2)
+    return Budgets(device=free - act, activations=act, host=host - need.staging - host_act, host_activations=host_act)
+
+
+def minimum_budgets(device_type: str, need: Need) -> tuple[int, int]:
+    """The smallest (--max-memory, --max-gpu-memory) that split_budgets accepts for `need` (gpu 0: none apart)."""
+    if is_unified(device_type):
+        return need.work, 0
+    return need.staging + 1, need.work
+
+
+def choose_need(unit: str, device_type: str, host: int, gpu: int, lookahead: int, write_queue: int,
+                needs: Callable[[str, int, int], Need]) -> Need:
+    """How a run streams: the first of these whose need fits the budgets (the last if none does, to be refused
+    naming its minimum): whole blocks (fewer, larger reads; compiled blocks), each weight of a block, each weight
+    with one read ahead and one write in flight. `unit` "block" or "weight" keeps to that unit.
+    needs(unit, lookahead, write_queue) -> Need."""
+    rungs = [("block", lookahead, write_queue), ("weight", lookahead, write_queue),
+             ("weight", min(lookahead, 1), min(write_queue, 1))]
+    rungs = [r for r in rungs if unit in ("auto", r[0])]
+    for rung in rungs:
+        need = needs(*rung)
+        lo_host, lo_gpu = minimum_budgets(device_type, need)
+        if host >= lo_host and gpu >= lo_gpu:
+            return need
+    return need
 
 
 def fits_in_memory(module_bytes: int, params: int, optimizer: Optional[Optimizer], master: bool,
@@ -120,28 +209,54 @@ def fits_in_memory(module_bytes: int, params: int, optimizer: Optional[Optimizer
     return total * 1.1 <= room
 
 
-def eval_plan(args: ModelArgs) -> list[Key]:
+def _block_forward(name: str, unit: str, microbatches: int) -> list[Key]:
+    """A block's keys in a forward pass (or its recompute) over the microbatches."""
+    if unit != "weight":
+        return [("modules", name)]
+    norms = [("modules", piece_name(name, k)) for k in NORMS]
+    return norms + [("modules", piece_name(name, k)) for _ in range(microbatches) for k in FORWARD_ORDER]
+
+
+def eval_plan(args: ModelArgs, unit: str = "block", microbatches: int = 1) -> list[Key]:
     """The order of use of a forward pass: embeddings, blocks, head (and the tied output projection)."""
-    blocks = [f"layers.{i}" for i in range(args.n_layers)]
+    blocks = [key for i in range(args.n_layers) for key in _block_forward(f"layers.{i}", unit, microbatches)]
     tied = [("modules", "tok_embeddings")] if args.tie_word_embeddings else []
-    return [("modules", n) for n in ["tok_embeddings"] + blocks + ["head"]] + tied
+    return [("modules", "tok_embeddings")] + blocks + [("modules", "head")] + tied
 
 
 def train_plan(args: ModelArgs, parts: Callable[[str], list[StatePart]], state_kinds: list[str],
-               embeddings_backward: bool) -> list[Key]:
+               embeddings_backward: bool, unit: str = "block", microbatches: int = 1) -> list[Key]:
     """The order of use of a training step: the forward pass, then the backward from the head down, each module
     followed by the parts of its state of each kind in `state_kinds` (the order its update reads them);
-    embeddings_backward: the embeddings are updated last (not with LoRA: the frozen base ends at the blocks)."""
+    embeddings_backward: the embeddings are updated last (not with LoRA: the frozen base ends at the blocks).
+    A block streamed by weight: its recompute and backward per microbatch, each weight's state after its
+    last backward, then its norms' updates."""
     blocks = [f"layers.{i}" for i in range(args.n_layers)]
 
+    def state(name: str, key: Optional[str] = None) -> list[Key]:
+        return [(kind, part.name) for part in parts(name) if key is None or part.key == key for kind in state_kinds]
+
     def with_state(name: str) -> list[Key]:
-        return [("modules", name)] + [(kind, part.name) for part in parts(name) for kind in state_kinds]
+        return [("modules", name)] + state(name)
+
+    def block_backward(name: str) -> list[Key]:
+        if unit != "weight":
+            return with_state(name)
+        keys = [("modules", piece_name(name, k)) for k in NORMS]
+        for k in range(microbatches):
+            keys += [("modules", piece_name(name, w)) for w in FORWARD_ORDER]
+            for w in BACKWARD_ORDER:
+                keys += [("modules", piece_name(name, w))] + (state(name, w) if k == microbatches - 1 else [])
+        for w in NORMS:
+            keys += [("modules", piece_name(name, w))] + state(name, w)
+        return keys
 
     backward = with_state("head")
     if args.tie_word_embeddings:
         backward.append(("modules", "tok_embeddings"))
     for name in reversed(blocks):
-        backward += with_state(name)
+        backward += block_backward(name)
     if embeddings_backward:
         backward += with_state("tok_embeddings")
-    return [("modules", n) for n in ["tok_embeddings"] + blocks] + backward
+    forward = [key for name in blocks for key in _block_forward(name, unit, microbatches)]
+    return [("modules", "tok_embeddings")] + forward + backward

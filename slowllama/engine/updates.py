@@ -23,7 +23,7 @@ from slowllama.errors import SlowllamaError
 from slowllama.optim.base import Optimizer
 from slowllama.optim.rounding import round_to, round_with_bits, rounding_bits
 from slowllama.optim.schedule import clip_coefficient
-from slowllama.store.state_parts import StatePart
+from slowllama.store.state_parts import StatePart, piece_name
 from slowllama.store.store import Store
 
 
@@ -58,10 +58,34 @@ class Updater:
             return None
         tally.touched = True
         weights = self.pipe.get(("modules", name))
-        gen = self._rounding_generator(name, step.number)
+        new = self._apply(name, weights, grads, self.store.state_parts(name), step)
+        self.keep(name, "modules", new)
+        return new
+
+    def weight(self, name: str, key: str, grad: torch.Tensor, step: Step, tally: Tally) -> Optional[torch.Tensor]:
+        """The same for one weight of a module (a block streamed by weight): its parts only, handed to the
+        pipeline as the piece `name/key`."""
+        tally.record(f"{name}.", {key: grad})
+        if not step.update:
+            return None
+        tally.touched = True
+        piece = piece_name(name, key)
+        weights = self.pipe.get(("modules", piece))
+        parts = [p for p in self.store.state_parts(name) if p.key == key]
+        new = self._apply(name, weights, {key: grad}, parts, step)
+        self.keep(piece, "modules", new)
+        return new[key]
+
+    def _apply(self, name: str, weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+               parts: list[StatePart], step: Step) -> dict[str, torch.Tensor]:
+        """The optimizer over `parts` (rows of the weights in `weights`), part by part; returns the new weights."""
         number = scalars = None  # the update's number (optimizers that count steps), the fused update's constants
-        pieces: dict[str, list[torch.Tensor]] = {k: [] for k in weights}
-        for part in self.store.state_parts(name):
+        counts = {k: sum(p.key == k for p in parts) for k in weights}
+        new: dict[str, torch.Tensor] = {}  # a weight of several parts: filled part by part (no second copy)
+        gen, gen_key = None, None
+        for part in parts:
+            if part.key != gen_key:  # each weight's rounding bits are its own, whatever order weights come in
+                gen, gen_key = self._rounding_generator(name, part.key, step.number), part.key
             w, g = weights[part.key][part.rows], grads[part.key][part.rows]
             bits = rounding_bits(w, gen) if gen is not None else None  # drawn in part order, however updated
             state = self._state(part, w) if self.optimizer.stateful else {}
@@ -88,9 +112,12 @@ class Updater:
                     self.keep(part.name, "master", {part.key: w32})
             if state:
                 self.keep(part.name, "optim", state)
-            pieces[part.key].append(new_w)
-        new = {k: p[0] if len(p) == 1 else torch.cat(p) for k, p in pieces.items()}
-        self.keep(name, "modules", new)
+            if counts[part.key] == 1:
+                new[part.key] = new_w
+            else:
+                if part.key not in new:
+                    new[part.key] = torch.empty(weights[part.key].shape, dtype=new_w.dtype, device=new_w.device)
+                new[part.key][part.rows] = new_w
         return new
 
     def _state(self, part: StatePart, w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -122,7 +149,7 @@ class Updater:
         tensors = self.pipe.get(("modules", name))
         rows = tensors[key][ids].float()
         self.optimizer.update({key: rows}, {key: grad}, {}, step.lr)
-        tensors[key][ids] = round_to(rows, self.store.dtype, self._rounding_generator(name, step.number))
+        tensors[key][ids] = round_to(rows, self.store.dtype, self._rounding_generator(name, key, step.number))
         self.keep(name, "modules", tensors, rows={key: ids})
 
     def adapters(self, params: dict[str, nn.Parameter], optim_state: dict[str, torch.Tensor],
@@ -148,9 +175,10 @@ class Updater:
         """Hand a module's new version to the pipeline (rows: {weight: ids} when only those rows changed)."""
         self.pipe.put((kind, name), tensors, persist=not self.deferred, rows=rows)
 
-    def _rounding_generator(self, name: str, number: int) -> Optional[torch.Generator]:
-        """The random bits of a module's stochastic rounding in a step (None: round to nearest)."""
+    def _rounding_generator(self, name: str, key: str, number: int) -> Optional[torch.Generator]:
+        """The random bits of a weight's stochastic rounding in a step (None: round to nearest)."""
         if not (self.stochastic and not self.master and self.store.dtype == torch.bfloat16):
             return None
-        seed = module_seed(self.seed, number, -1, self.names.index(name))
+        weight_index = list(self.store.expected_shapes[name]).index(key)
+        seed = module_seed(self.seed, number, -1 - weight_index, self.names.index(name))
         return torch.Generator(device=self.device).manual_seed(seed)

@@ -39,12 +39,15 @@ class FileEntry:
     """One file of the store: its path inside the store, size and xxh3-128 checksum.
 
     A module's entry also lists the row patches that reads apply on top of its file, in order.
+    A module file written weight by weight (a block streamed by weight) has a checksum per tensor
+    instead of one for the file (`xxh3` empty): each weight is checked as it is read on its own.
     """
 
     file: str
     bytes: int
     xxh3: str
     rows: tuple[FileEntry, ...] = ()
+    tensors: Optional[dict[str, str]] = None  # tensor name -> xxh3-128 of its bytes (also known: see Store)
 
     def files(self) -> list[str]:
         """The entry's files: its module file, then its row patches in the order they apply."""
@@ -53,10 +56,12 @@ class FileEntry:
     @classmethod
     def from_json(cls, entry: dict) -> FileEntry:
         patches = tuple(cls(p["file"], p["bytes"], p["xxh3"]) for p in entry.get("rows", []))
-        return cls(entry["file"], entry["bytes"], entry["xxh3"], patches)
+        return cls(entry["file"], entry["bytes"], entry["xxh3"], patches, entry.get("tensors"))
 
     def to_json(self) -> dict:
         out = {"file": self.file, "bytes": self.bytes, "xxh3": self.xxh3}
+        if self.tensors:
+            out["tensors"] = dict(self.tensors)
         if self.rows:
             out["rows"] = [patch.to_json() for patch in self.rows]
         return out
@@ -217,6 +222,12 @@ def check_manifest(m, where: str) -> None:
                 if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str):
                     raise SlowllamaError(f"{where}: the entry of {kind} {name!r} needs 'bytes' (an integer) "
                                          "and 'xxh3' (a string)")
+                digests = entry.get("tensors")
+                if (digests is not None and not (isinstance(digests, dict) and digests and all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in digests.items()))) \
+                        or (not digest and digests is None):
+                    raise SlowllamaError(f"{where}: the entry of {kind} {name!r} needs a checksum: 'xxh3', or "
+                                         "'tensors' (an object of tensor names to checksums)")
     copied = m.get(COPIED, {})
     if not isinstance(copied, dict):
         raise SlowllamaError(f"{where}: field {COPIED!r} must be an object of file entries")

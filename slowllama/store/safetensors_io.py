@@ -190,15 +190,19 @@ def check_header(header: dict, data_len: int, path) -> None:
 
 
 def read_file(path: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
-              expect: Optional[tuple[int, str]] = None, drop_cache: bool = False) -> dict[str, torch.Tensor]:
+              expect: Optional[tuple] = None, drop_cache: bool = False) -> dict[str, torch.Tensor]:
     """Read a whole file into one uint8 buffer and return typed views of it, in header order.
 
     alloc(nbytes) supplies the buffer (a pinned one for fast copies to a GPU); expect=(size, hash)
-    checks the file's size and checksum and refuses a file that differs. drop_cache evicts the
+    checks the file's size and checksum and refuses a file that differs; expect=(size, "", {tensor:
+    hash}) checks each tensor's bytes instead (a file written weight by weight). drop_cache evicts the
     file from the page cache afterwards (posix_fadvise), for honest SSD measurements.
     """
     if os.path.lexists(path):
         check_regular(path)  # a FIFO would block the read, a device never end
+    digests = expect[2] if expect is not None and len(expect) > 2 and not expect[1] else None
+    if digests is not None:
+        want_size, expect = expect[0], None  # no whole-file hash: the tensors' own, below
     try:
         f = open(path, "rb", buffering=0)
     except FileNotFoundError:
@@ -241,7 +245,109 @@ def read_file(path: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
         if not 0 <= begin <= end <= data_len or end - begin != element_size(dtype) * int(np.prod(shape, dtype=np.int64)):
             raise SlowllamaError(f"{path}: tensor {key!r} lies outside the file (truncated or altered)")
         out[key] = buf[begin:end].view(dtype).view(shape)
+    if digests is not None:
+        if set(digests) != set(out) or want_size != data_len + start:
+            raise SlowllamaError(f"{path}: its tensors or size differ from the manifest's (truncated or altered)")
+        for key, digest in digests.items():
+            if Hasher(tensor_bytes(out[key])).hexdigest() != digest:
+                raise SlowllamaError(f"{path}: checksum mismatch in {key!r} (altered or corrupted outside slowllama)")
     return out
+
+
+def tensor_entry(header: dict, key: str, path: str, data_len: int) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, begin, end) of one tensor of a parsed header, checked to lie inside the data section."""
+    info = header.get(key)
+    try:
+        dtype = TORCH_DTYPES[info["dtype"]]
+        begin, end = (int(x) for x in info["data_offsets"])
+        shape = [int(x) for x in info["shape"]]
+    except (KeyError, TypeError, ValueError):
+        raise SlowllamaError(f"{path}: no tensor {key!r}, or a bad header entry for it") from None
+    if not 0 <= begin <= end <= data_len or end - begin != element_size(dtype) * int(np.prod(shape, dtype=np.int64)):
+        raise SlowllamaError(f"{path}: tensor {key!r} lies outside the file (truncated or altered)")
+    return dtype, shape, begin, end
+
+
+def read_tensor(path: str, key: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
+                digest: Optional[str] = None, drop_cache: bool = False) -> torch.Tensor:
+    """Read one tensor of a file into its own buffer (a weight of a block streamed by weight); digest: the
+    xxh3-128 its bytes must have (None: unchecked here)."""
+    if os.path.lexists(path):
+        check_regular(path)  # a FIFO would block the read
+    try:
+        f = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise SlowllamaError(f"{path}: module file missing") from None
+    except OSError as e:
+        raise SlowllamaError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        header, start = read_header(f, path)
+        dtype, shape, begin, end = tensor_entry(header, key, path, os.fstat(f.fileno()).st_size - start)
+        buf = alloc(end - begin) if alloc else torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buf.numpy() if end > begin else np.empty(0, np.uint8))
+        f.seek(start + begin)
+        for chunk in range(0, end - begin, READ_CHUNK):
+            part = view[chunk:min(chunk + READ_CHUNK, end - begin)]
+            if f.readinto(part) != len(part):
+                raise SlowllamaError(f"{path}: truncated while reading")
+        if drop_cache:
+            drop_from_page_cache(f.fileno())
+    if digest is not None and Hasher(view).hexdigest() != digest:
+        raise SlowllamaError(f"{path}: checksum mismatch in {key!r} (altered or corrupted outside slowllama)")
+    return buf.view(dtype).view(shape)
+
+
+def hash_file(path: str) -> tuple[int, str]:
+    """(size, xxh3-128) of a whole file, read by chunks (to check a file whose tensors are read one by one)."""
+    h, size = Hasher(), 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(READ_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+    except OSError as e:
+        raise SlowllamaError(f"{path}: cannot read ({e.strerror})") from None
+    return size, h.hexdigest()
+
+
+class PieceWriter:
+    """A module file written tensor by tensor, in any order (the weights of a block streamed by weight, each
+    written as soon as it is updated): the header is laid out from the shapes first, each tensor goes to its
+    place with pwrite (no memory map: a full disk is an error, not a fault) and gets a checksum of its own."""
+
+    def __init__(self, path: str, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        self.path, self.specs = path, specs
+        head, self.offsets, data_len = layout(specs)
+        self.data_start, self.size = len(head), len(head) + data_len
+        self.digests: dict[str, str] = {}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            _pwrite_all(fd, memoryview(head), 0)
+            os.ftruncate(fd, self.size)
+        finally:
+            os.close(fd)
+
+    def write(self, key: str, t: torch.Tensor) -> None:
+        dtype, shape = self.specs[key]
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{key}: {t.dtype} {list(t.shape)}, the file holds {dtype} {list(shape)}")
+        mv = tensor_bytes(t)
+        fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            _pwrite_all(fd, mv, self.data_start + self.offsets[key][0])
+        finally:
+            os.close(fd)
+        self.digests[key] = Hasher(mv).hexdigest()
+
+    @property
+    def missing(self) -> list[str]:
+        return [k for k in self.specs if k not in self.digests]
+
+
+def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    while len(mv):
+        n = os.pwrite(fd, mv[:1 << 30], offset)
+        mv, offset = mv[n:], offset + n
 
 
 class SliceWriter:
@@ -254,7 +360,7 @@ class SliceWriter:
         self.offsets = offsets
         # written with pwrite, never through a memory map: a full disk is an OSError (ENOSPC), not a SIGBUS
         self.fd = create_file(path)
-        os.pwrite(self.fd, head, 0)
+        _pwrite_all(self.fd, memoryview(head), 0)
         os.ftruncate(self.fd, len(head) + data_len)
 
     def write(self, key: str, piece: torch.Tensor, dim: Optional[int] = None, start: int = 0) -> None:
@@ -263,7 +369,7 @@ class SliceWriter:
         piece = piece.to(dtype).contiguous()
         begin, end = self.offsets[key]
         if dim is None:
-            self._pwrite(tensor_bytes(piece), self.data_start + begin)
+            _pwrite_all(self.fd, tensor_bytes(piece), self.data_start + begin)
             return
         # the tensor's bytes as (rows before dim, size of dim, bytes of one index of dim): the piece is one
         # run of bytes per outer row, at its index along dim
@@ -272,12 +378,7 @@ class SliceWriter:
         inner = int(np.prod(shape[dim + 1:], dtype=np.int64)) * es
         rows = np.frombuffer(tensor_bytes(piece), np.uint8).reshape(outer, -1)
         for r in range(outer):
-            self._pwrite(memoryview(rows[r]), self.data_start + begin + (r * shape[dim] + start) * inner)
-
-    def _pwrite(self, data: memoryview, offset: int) -> None:
-        while len(data):
-            written = os.pwrite(self.fd, data, offset)
-            data, offset = data[written:], offset + written
+            _pwrite_all(self.fd, memoryview(rows[r]), self.data_start + begin + (r * shape[dim] + start) * inner)
 
     def finish(self) -> tuple[int, str]:
         """fsync, then hash the finished file; returns (size, hash)."""

@@ -59,3 +59,16 @@ def state_parts(module: str, shapes: dict[str, tuple[int, ...]], max_elements: i
 def part_module(name: str) -> str:
     """The module a store name belongs to: 'layers.3#4' -> 'layers.3' (a module's own name is itself)."""
     return name.split("#", 1)[0]
+
+
+PIECE = "/"  # 'layers.3/feed_forward.w1.weight': one weight of a module, read and written on its own
+
+
+def piece_name(module: str, key: str) -> str:
+    return f"{module}{PIECE}{key}"
+
+
+def split_piece(name: str) -> tuple[str, "str | None"]:
+    """('layers.3', 'feed_forward.w1.weight') of a piece's name; (name, None) of anything else."""
+    module, sep, key = name.partition(PIECE)
+    return (module, key) if sep else (name, None)

@@ -29,6 +29,7 @@ import dataclasses
 import errno
 import functools
 import json
+import math
 import os
 import shutil
 import threading
@@ -53,7 +54,7 @@ from slowllama.store.lock import StoreLock
 from slowllama.store.manifest import (COPIED, KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord,
                                       SourceRecord)
 from slowllama.store.safe_files import check_regular
-from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, state_parts
+from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, split_piece, state_parts
 
 JOURNAL = "journal.json"
 # paths a writer creates or writes through: none may be a symbolic link (it would lead the writes outside)
@@ -81,6 +82,8 @@ class Store:
         # page cache with the next; commit() waits for them all before the manifest's rename
         self._syncer: Optional[ThreadPoolExecutor] = None
         self._syncing: list[tuple[str, Future]] = []
+        self._assembling: dict[tuple[str, str], tuple[str, st.PieceWriter]] = {}  # (kind, module) -> its new file
+        self._verified: set[tuple[str, str]] = set()  # whole-file checksums checked for reads of single tensors
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
@@ -253,6 +256,7 @@ class Store:
         return p
 
     def has(self, name: str, kind: str = "modules") -> bool:
+        name = split_piece(name)[0]
         with self._pending_lock:
             if (kind, name) in self._pending:
                 return True
@@ -260,6 +264,7 @@ class Store:
 
     def file_info(self, name: str, kind: str = "modules") -> FileEntry:
         """The entry of a module's (or state part's) file: the one written this step, else the committed one."""
+        name = split_piece(name)[0]
         with self._pending_lock:
             info = self._pending.get((kind, name))
         if info is None:
@@ -288,6 +293,13 @@ class Store:
     def module_bytes(self, name: str, kind: str = "modules") -> int:
         return self.file_info(name, kind).bytes
 
+    def key_bytes(self, name: str, kind: str = "modules") -> int:
+        """Bytes a read of `name` brings in: a module's (or part's) file, or one weight of a module."""
+        module, key = split_piece(name)
+        if key is not None:
+            return math.prod(self.expected_shapes[module][key]) * self.dtype.itemsize
+        return self.file_info(name, kind).bytes
+
     # ---- reading and writing -----------------------------------------------------------------
     def file_path(self, info: FileEntry) -> Path:
         """The path of a manifest entry, refused unless it is a plain file inside the store (no links)."""
@@ -313,6 +325,9 @@ class Store:
 
         Checked against the manifest's size and hash, and against the model's names and shapes.
         """
+        module, key = split_piece(name)
+        if key is not None:
+            return {key: self._read_piece(module, key, kind, alloc)}
         info = self.file_info(name, kind)
         tensors, path = self._read_entry(info, alloc)
         self._check_shapes(name, kind, tensors, path)
@@ -320,8 +335,27 @@ class Store:
             self._apply_rows(tensors, patch)
         return tensors
 
+    def _read_piece(self, module: str, key: str, kind: str, alloc=None) -> torch.Tensor:
+        """One weight of a module file on its own: checked by its own checksum, or (a file with one checksum for
+        the whole) by hashing the whole file once per process."""
+        info = self.file_info(module, kind)
+        path = self.file_path(info)
+        digest = info.tensors.get(key) if info.tensors else None
+        if self.verify and digest is None and (info.file, info.xxh3) not in self._verified:
+            size, whole = st.hash_file(str(path))
+            if size != info.bytes or whole != info.xxh3:
+                raise SlowllamaError(f"{path}: size or checksum differ from the manifest's (truncated or altered)")
+            self._verified.add((info.file, info.xxh3))
+        t = st.read_tensor(str(path), key, alloc, digest if self.verify else None, self.drop_cache)
+        self.bytes_read += t.numel() * t.element_size()
+        tensors = {key: t}
+        self._check_shapes(module, kind, tensors, path, partial=True)
+        for patch in info.rows:
+            self._apply_rows(tensors, patch)
+        return t
+
     def _read_entry(self, info: FileEntry, alloc=None) -> tuple[dict[str, torch.Tensor], Path]:
-        expect = (info.bytes, info.xxh3) if self.verify else None
+        expect = (info.bytes, info.xxh3, info.tensors) if self.verify else None
         path = self.file_path(info)
         tensors = st.read_file(str(path), alloc=alloc, expect=expect, drop_cache=self.drop_cache)
         self.bytes_read += info.bytes
@@ -341,6 +375,9 @@ class Store:
         rows, path = self._read_entry(patch)
         for key in [k[:-len(".ids")] for k in rows if k.endswith(".ids")]:
             ids, values = rows[f"{key}.ids"], rows.get(f"{key}.rows")
+            if len(tensors) == 1 and key not in tensors and key in self.expected_shapes.get(
+                    Path(patch.file).name.split("@")[0], {}):
+                continue  # a patch of another weight than the one read on its own
             target = tensors.get(key)
             if (target is None or values is None or ids.dtype != torch.int64 or ids.dim() != 1
                     or values.dtype != target.dtype or tuple(values.shape) != (len(ids), *target.shape[1:])
@@ -348,8 +385,9 @@ class Store:
                 raise SlowllamaError(f"{path}: the rows of {key!r} do not fit the module (altered outside slowllama)")
             target[ids] = values
 
-    def _check_shapes(self, name: str, kind: str, tensors: dict, path: Path) -> None:
-        """Refuse a file whose tensors are not the module's (a store edited outside slowllama)."""
+    def _check_shapes(self, name: str, kind: str, tensors: dict, path: Path, partial: bool = False) -> None:
+        """Refuse a file whose tensors are not the module's (a store edited outside slowllama); partial: some of
+        its tensors, read on their own."""
         part = self._part_by_name.get(name) if kind in STATE_KINDS else None
         if part is not None:
             expected = {part.key: part.shape}
@@ -367,7 +405,7 @@ class Store:
             want = self.dtype if kind == "modules" else torch.float32 if kind == "master" else t.dtype
             if t.dtype != want:
                 raise SlowllamaError(f"{path}: tensor {key!r} is {t.dtype}, the store holds {want}")
-        if kind != "optim" and set(tensors) != set(expected):
+        if kind != "optim" and not partial and set(tensors) != set(expected):
             missing = sorted(set(expected) - set(tensors))
             raise SlowllamaError(f"{path}: tensor {missing[0]!r} missing")
 
@@ -411,10 +449,62 @@ class Store:
         Thread-safe, so a background writer may call it. The file joins the store at commit().
         """
         gen = self.step + 1 if gen is None else gen
+        module, key = split_piece(name)
+        if key is not None:
+            return self._write_piece(module, key, tensors[key], kind, gen)
         info = self._write_file(f"{kind}/{name}@{gen}.safetensors", tensors)
         with self._pending_lock:
             self._pending[(kind, name)] = info
         return info
+
+    def _write_piece(self, module: str, key: str, tensor: torch.Tensor, kind: str, gen: int) -> Optional[FileEntry]:
+        """Write one weight of a module into the module's new file (created at its first weight); the file joins
+        the step's files once every weight is in (commit() copies the ones a step did not write)."""
+        self._require_writable()
+        rel = f"{kind}/{module}@{gen}.safetensors"
+        with self._pending_lock:
+            started = self._assembling.get((kind, module))
+        try:
+            fault_point("store.write.before")
+            if started is None:
+                (self.path / kind).mkdir(exist_ok=True)
+                specs = {k: (self.dtype, shape) for k, shape in self.expected_shapes[module].items()}
+                writer = st.PieceWriter(str(self.path / rel), specs)
+                with self._pending_lock:
+                    self._assembling[(kind, module)] = (rel, writer)
+                    self._written.add(rel)
+            else:
+                writer = started[1]
+            writer.write(key, tensor.cpu())
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise disk_full_error(e, str(self.path / rel)) from None
+            raise
+        fault_point("store.write.after")
+        if writer.missing:
+            return None
+        return self._finish_piece_file(kind, module)
+
+    def _finish_piece_file(self, kind: str, module: str) -> FileEntry:
+        with self._pending_lock:
+            rel, writer = self._assembling.pop((kind, module))
+            info = FileEntry(rel, writer.size, "", tensors=dict(writer.digests))
+            if self._syncer is None:
+                self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllama-fsync")
+            self._syncing.append((rel, self._syncer.submit(st.fsync_file, str(self.path / rel), self.drop_cache)))
+            self._fsync_dirs.add(self.path / kind)
+            self.bytes_written += writer.size
+            self._pending[(kind, module)] = info
+        return info
+
+    def _complete_piece_files(self) -> None:
+        """Module files begun weight by weight this step: copy in the weights the step did not write."""
+        with self._pending_lock:
+            started = list(self._assembling.items())
+        for (kind, module), (_, writer) in started:
+            for key in writer.missing:
+                writer.write(key, self._read_piece(module, key, kind))
+            self._finish_piece_file(kind, module)
 
     def rows_worth_writing(self, name: str, nbytes: int, kind: str = "modules") -> bool:
         """Whether a row patch of nbytes beats rewriting the module: patches stay under a quarter of its size
@@ -472,6 +562,7 @@ class Store:
         remove: (kind, name) entries that leave the store, their files deleted once committed.
         """
         self._require_writable()
+        self._complete_piece_files()
         self.sync()
         with self._pending_lock:
             pending = dict(self._pending)  # they stay pending (rollback removes them) until the rename
@@ -532,6 +623,7 @@ class Store:
         self.sync(errors=False)
         with self._pending_lock:
             written, self._written, self._pending = self._written, set(), {}
+            self._assembling.clear()
         for rel in written:
             with contextlib.suppress(FileNotFoundError):
                 (self.path / rel).unlink()
