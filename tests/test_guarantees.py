@@ -881,3 +881,12 @@ def test_bad_input(name, c, capsys):
 def test_hostile_file(name, c, capsys, short_renders):
     argv, fragments = HOSTILE[name](c)
     check_case(c, capsys, argv, fragments)
+
+
+def test_the_bounds_leave_ordinary_templates_alone():
+    from slowllama.data.chat import jinja_template
+    render = jinja_template("{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m['role'] }}: "
+                            "{{ m['content'] }}{{ eos_token if loop.last }}\n{% endfor %}{{ range(3)|list }} "
+                            "{{ range(4)|length }}{{ '-' * 3 }}", "<s>", "</s>")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert render(messages, False) == "1/2 user: hi\n2/2 assistant: yo</s>\n[0, 1, 2] 4---"

@@ -144,10 +144,7 @@ def BoundedSandbox(jinja2, base):
             values = range(*args)
             if len(values) > MAX_REPEAT:
                 raise RenderLimit(f"range() of {len(values)} items (at most {MAX_REPEAT})")
-            for i, value in enumerate(values):
-                if i % 1024 == 0:
-                    self.check_time()
-                yield value
+            return TimedRange(values, self.check_time)
 
         def call_binop(self, context, operator, left, right):
             if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
@@ -163,6 +160,28 @@ def BoundedSandbox(jinja2, base):
             return out
 
     return Bounded
+
+
+class TimedRange:
+    """A range (len, indexing, |list, loop.length all work) whose iteration checks the render's clock."""
+
+    def __init__(self, values: range, check: Callable[[], None]):
+        self.values, self.check = values, check
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i):
+        return self.values[i]
+
+    def __iter__(self):
+        for i, value in enumerate(self.values):
+            if i % 1024 == 0:
+                self.check()
+            yield value
+
+    def __reversed__(self):
+        return iter(TimedRange(self.values[::-1], self.check))
 
 
 def chat_template(tokenizer) -> tuple[Render, Callable[[str], list[int]], str]:
