@@ -61,7 +61,7 @@ def world(tmp_path_factory):
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
                                f"fd = os.open({str(held / 'lock')!r}, os.O_RDWR | os.O_CREAT)\n"
                                "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
-                               "print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+                               "print('held', flush=True); time.sleep(3600)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     yield SimpleNamespace(model=store.parent / "model", store=root / "store", ad=root / "ad", hf=root / "hf",
                           held=held)
