@@ -775,6 +775,11 @@ many(HOSTILE, "lora_with_a_link_in_the_adapter_folder", {
                                  "adapters.safetensors", "scratch", "lock")})
 
 
+def mkdir(path):
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def fifo_case(where, argv_of, fragment="not a regular file"):
     def case(c):
         path = where(c)
@@ -801,6 +806,10 @@ many(HOSTILE, "a_fifo_where_a_file_belongs", {
     "adapter_config": fifo_case(lambda c: c.ad / "adapter_config.json", lambda c: eval_argv(c, "--adapter-path", c.ad),
                                 "no adapter_config.json"),
     "adapter_state": fifo_case(lambda c: c.ad / "state.json", lambda c: eval_argv(c, "--adapter-path", c.ad)),
+    "store_run_metrics": fifo_case(lambda c: mkdir(c.store / "run") / "metrics.jsonl", finetune_argv),
+    "store_run_settings": fifo_case(lambda c: mkdir(c.store / "run") / "settings.json", finetune_argv),
+    "adapter_folder_metrics": fifo_case(lambda c: c.ad / "metrics.jsonl", lora_argv),
+    "adapter_folder_loss_png": fifo_case(lambda c: c.ad / "loss.png", lora_argv),
     "config_file": fifo_case(lambda c: c.tmp / "cfg.toml", lambda c: [*eval_argv(c), "-c", c.tmp / "cfg.toml"]),
     "metrics_for_plot": fifo_case(lambda c: c.ad / "metrics.jsonl", lambda c: ["plot", c.ad], "no metrics.jsonl"),
 })

@@ -29,10 +29,11 @@ from slowllama.optim.registry import make_optimizer
 from slowllama.optim.schedule import SCHEDULES, lr_at
 from slowllama.settings import FinetuneSettings, resolve_device
 from slowllama.sizes import format_size, host_peak_rss
+from slowllama.store.atomic import write_json_atomic
+from slowllama.store.destination import check_run_folder
+from slowllama.store.safe_files import open_append
 from slowllama.store.store import Store
 from slowllama.train.checkpoints import AdapterCheckpoint, NoCheckpoint, StoreCheckpoint, share_adapters
-from slowllama.store.atomic import write_json_atomic
-from slowllama.store.safe_files import open_append
 from slowllama.train.signals import StoppedBySignal, StopRequest, exit_code, signal_name
 from slowllama.train.trainer import Trainer
 
@@ -251,6 +252,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
     if fleet.active:
         log(engine.choose_replication())
     if fleet.main:  # atomically, never through a link planted in the run folder
+        check_run_folder(checkpoint.run_dir)
         write_json_atomic(checkpoint.run_dir / "settings.json", {"settings": asdict(s), "start_step": run.start_step,
                                                                  "resumed_at": done, "ranks": fleet.world})
     if done:

@@ -151,3 +151,17 @@ def check_output_file(out, magic: bytes = b"") -> Path:
         if pid:
             raise SlowllamaError(f"{out}: lies in {folder}, which a running slowllama (pid {pid}) holds")
     return out
+
+
+RUN_FILES = ("settings.json", "metrics.jsonl", "loss.png")
+
+
+def check_run_folder(folder: Path) -> None:
+    """Before a run's first step: the files it writes in its run folder are regular files or absent (a link,
+    FIFO or folder there is refused now, not after a step has been committed)."""
+    for name in RUN_FILES:
+        path = Path(folder) / name
+        if path.is_symlink():
+            raise SlowllamaError(f"{path}: a symbolic link; slowllama never writes through links (remove it)")
+        if path.exists() and not path.is_file():
+            raise SlowllamaError(f"{path}: not a regular file (a run writes its {name} here)")
