@@ -33,9 +33,9 @@ from slowllama.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from slowllama.store.atomic import staged_folder
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.destination import check_destination
-from slowllama.store.safe_files import check_regular
 from slowllama.store.guards import check_free_space
 from slowllama.store.manifest import Manifest
+from slowllama.store.safe_files import check_regular
 from slowllama.store.safetensors_io import element_size
 from slowllama.store.store import Store
 
