@@ -27,16 +27,16 @@ def run(store, **kw):
     return finetune(FinetuneSettings(**{**args, **kw}), **quiet)
 
 
-def tight(store, stateful=False, host: str = "") -> dict:
+def tight(store, stateful=False, host: str = "", unit: str = "block") -> dict:
     """A GPU budget just above the working set: nothing stays on the GPU; by default little in host memory
     beyond the pinned buffers of reads and writes in flight (host="1G": modules and activations held in host
     memory, copied over and back each step)."""
     opened = Store.open(store)
     args, parts = opened.args, opened.state_part_elements
     work = working_bytes(args, torch.float32, torch.float32, train=True, optimizer=AdamW() if stateful else None,
-                         batch_size=2, seq_len=32, microbatches=2, part_elements=parts)
-    staging = staging_bytes(args, torch.float32, AdamW() if stateful else None, False, 2, 2, parts)  # as make_engine counts them
-    return dict(max_gpu_memory=str(work + 200_000), max_memory=host or str(staging + 2_000_000))
+                         batch_size=2, seq_len=32, microbatches=2, part_elements=parts, unit=unit)
+    staging = staging_bytes(args, torch.float32, AdamW() if stateful else None, False, 2, 2, parts, unit)  # as make_engine counts them
+    return dict(max_gpu_memory=str(work + 200_000), max_memory=host or str(staging + 2_000_000), stream_unit=unit)
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +47,11 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.mark.parametrize("budgets", ["resident", "tight", "host", "eager"])
+@pytest.mark.parametrize("budgets", ["resident", "tight", "host", "eager", "weight", "weight-tight"])
 def test_sgd_on_cuda_equals_in_memory_on_cpu(tiny_fp32, tmp_path, budgets):
     store = prepare_meta(tiny_fp32, tmp_path / "s", log=lambda m: None)
-    extra = {"resident": {}, "tight": tight(store), "host": tight(store, host="1G"), "eager": {"compile": "off"}}
+    extra = {"resident": {}, "tight": tight(store), "host": tight(store, host="1G"), "eager": {"compile": "off"},
+             "weight": {"stream_unit": "weight"}, "weight-tight": tight(store, unit="weight")}
     run(store, **extra[budgets])
     model = meta_model(tiny_fp32)
     train_in_memory(model, load_text(ALICE, load_tokenizer(store)), 3, 2, 2, 32, 0.05)
@@ -72,6 +73,10 @@ def test_adamw_with_dropout_is_the_same_under_any_budget(tiny_fp32, tmp_path):
         opened.update_manifest({"state_part_elements": 16384})  # moments in flight a part at a time
     run(d, **common, **tight(d, stateful=True))
     assert_state_close(store_state_dict(d), store_state_dict(a), rtol=1e-5, atol=1e-7)
+    for host in ("", "1G"):  # streamed by weight, the block's weights and their moments one at a time
+        e = prepare_meta(tiny_fp32, tmp_path / f"e{host}", log=lambda m: None)
+        run(e, **common, **tight(e, stateful=True, host=host, unit="weight"))
+        assert_state_close(store_state_dict(e), store_state_dict(a), rtol=1e-5, atol=1e-7)
 
 
 def test_bf16_training_lora_eval_and_generation(tiny_bf16, tmp_path):

@@ -30,9 +30,10 @@ from slowllama.bench.machine import copy_bandwidth, matmul_peak, measure_disk, p
 from slowllama.bench.roofline import (Machine, StepFlops, bound, efficiency, matmul_params, median_after_warmup,
                                       step_flops, tier_seconds)
 from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes
-from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine
+from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine, run_budgets
 from slowllama.data.windows import microbatches
 from slowllama.engine.fleet import Fleet, start_fleet
+from slowllama.engine.residency import DEVICE_ALLOWANCE, HOST_ALLOWANCE
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import dtype_from_name, dtype_name
 from slowllama.model.lora import LoRAConfig, LoRAState, init_params, parse_targets
@@ -190,8 +191,11 @@ def format_summary(summary: dict) -> list[str]:
         f"{m['model_tflops']:.3g} TFLOP/s model (MFU {100 * m['mfu']:.1f}% of the measured peak), "
         f"read {m['read_gbps']:.2f} GB/s, written {m['write_gbps']:.2f} GB/s, bound {m['bound_seconds']:.3f} s, "
         f"efficiency {100 * m['efficiency']:.1f}%",
-        f"peak RSS {_gb(summary['peak_rss_bytes'])}"
-        + (f", peak GPU {_gb(summary['peak_gpu_bytes'])}" if summary["peak_gpu_bytes"] is not None else ""),
+        f"streaming {'each weight of a block' if summary['stream_unit'] == 'weight' else 'whole blocks'}; "
+        f"peak RSS {_gb(summary['peak_rss_bytes'])} (--max-memory {_gb(summary['budget_host_bytes'])} + "
+        f"{_gb(summary['allowance_host_bytes'])} for the runtime)"
+        + (f", peak GPU {_gb(summary['peak_gpu_bytes'])} (--max-gpu-memory {_gb(summary['budget_gpu_bytes'])} + "
+           f"{_gb(summary['allowance_gpu_bytes'])})" if summary["peak_gpu_bytes"] is not None else ""),
     ]
     if not summary["drop_cache"]:
         lines.append("note: without --drop-cache the store's reads may come from the page cache: the storage "
@@ -286,10 +290,12 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
             optimizer = make_optimizer("adamw" if s.lora_rank else s.optimizer)
             lora = lora_state(args, s, device) if s.lora_rank else None
             batch_size, micro = fleet.rank_batch(s.batch_size, s.accumulate)
+            host_budget, gpu_budget = run_budgets(s, device)
             engine = make_engine(store, s, optimizer=optimizer, lora=lora, seed=s.seed, train=True,
                                  stochastic_rounding=dtype == torch.bfloat16, batch_size=batch_size,
                                  seq_len=s.seq_len, microbatches=micro, lookahead=2 if s.prefetch else 0,
-                                 write_queue=2 if s.async_writes else 0, fleet=fleet, compile=s.compile)
+                                 write_queue=2 if s.async_writes else 0, fleet=fleet, compile=s.compile,
+                                 log=log)
             if engine.compile_note:
                 log(engine.compile_note)
             if fleet.active:
@@ -314,7 +320,11 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                       "blocks_compiled": engine.compiled_blocks is not None,
                       "tokens_per_step": s.batch_size * s.accumulate * s.seq_len,
                       "model_flops": flops.model, "hardware_flops": flops.hardware, "drop_cache": s.drop_cache,
-                      "counts_host_device": True, "machine": machine_record}
+                      "counts_host_device": True, "machine": machine_record, "stream_unit": engine.cfg.unit,
+                      "read_ahead": engine.cfg.lookahead, "writes_in_flight": engine.cfg.write_queue,
+                      "budget_host_bytes": host_budget, "budget_gpu_bytes": gpu_budget or None,
+                      "allowance_host_bytes": HOST_ALLOWANCE,
+                      "allowance_gpu_bytes": DEVICE_ALLOWANCE if device.type == "cuda" else None}
             summary = summarize(reports, header)
     finally:
         if temp is not None:

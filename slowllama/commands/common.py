@@ -4,25 +4,28 @@ budgets), the adapters of --adapter-path, and checks of --seq-len and of the dis
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.engine.fleet import Fleet
-from slowllama.engine.residency import Need, choose_need, is_unified, memory_need, split_budgets
+from slowllama.engine.residency import Need, choose_need, is_unified, memory_need, minimum_budgets, split_budgets
 from slowllama.errors import SlowllamaError
 from slowllama.model.lora import LoRAState
 from slowllama.optim.base import Optimizer
 from slowllama.settings import resolve_device
-from slowllama.sizes import parse_size, physical_memory
+from slowllama.model.args import ModelArgs
+from slowllama.sizes import format_size, parse_size, physical_memory
+from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
 from slowllama.store.adapters import AdapterFolder
 from slowllama.store.store import Store
 
 
 def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, lora: Optional[LoRAState] = None, *,
                 train: bool = False, batch_size: int = 1, seq_len: int = 1, microbatches: int = 1,
-                activations: int = 0, fleet: Optional[Fleet] = None, **config) -> OffloadedModel:
+                activations: int = 0, fleet: Optional[Fleet] = None, log: Callable[[str], None] = lambda m: None,
+                **config) -> OffloadedModel:
     """The offloaded model with the device, dtype, streaming unit and memory budgets of a command's settings
     (--max-memory; --max-gpu-memory on a GPU of its own), split as engine/residency.py says.
 
@@ -31,18 +34,19 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
     device, dtype = resolve_device(settings)
     host, gpu = run_budgets(settings, device)
 
-    def needs(unit: str, lookahead: int, write_queue: int) -> Need:
-        return memory_need(store.args, store.dtype, dtype, device.type, train=train, optimizer=optimizer,
-                           master=config.get("master_weights", False), lora=lora is not None, batch_size=batch_size,
-                           seq_len=seq_len, microbatches=microbatches, lookahead=lookahead, write_queue=write_queue,
-                           part_elements=store.state_part_elements, unit=unit, activations=activations)
-
+    needs = step_needs(store.args, store.dtype, dtype, device.type, train=train, optimizer=optimizer,
+                       master=config.get("master_weights", False), lora=lora is not None, batch_size=batch_size,
+                       seq_len=seq_len, microbatches=microbatches, part_elements=store.state_part_elements,
+                       activations=activations)
     unit = getattr(settings, "stream_unit", "auto")
     if fleet is not None and fleet.active:
         if unit == "weight":
             raise SlowllamaError("--stream-unit weight: several ranks stream whole blocks (use block or auto)")
         unit = "block"
     need = choose_need(unit, device.type, host, gpu, config.pop("lookahead", 2), config.pop("write_queue", 2), needs)
+    if need.unit == "weight" and unit == "auto":
+        whole = sum(minimum_budgets(device.type, needs("block", 2, 2)))
+        log(f"streaming each weight of a block: whole blocks would need {format_size(whole)} of the budgets")
     budgets = split_budgets(device.type, host, gpu, need)
     cfg = EngineConfig(device=device, compute_dtype=dtype, device_budget=budgets.device,
                        activation_budget=budgets.activations, host_budget=budgets.host,
@@ -50,6 +54,21 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
                        lookahead=need.lookahead, write_queue=need.write_queue, read_ahead_bytes=need.read_bytes,
                        write_bytes=need.write_bytes, **config)
     return OffloadedModel(store, cfg, optimizer=optimizer, lora=lora, fleet=fleet)
+
+
+def step_needs(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, device_type: str, *,
+               train: bool, optimizer: Optional[Optimizer], master: bool, lora: bool, batch_size: int, seq_len: int,
+               microbatches: int, part_elements: int = DEFAULT_PART_ELEMENTS,
+               activations: int = 0) -> Callable[[str, int, int], Need]:
+    """needs(unit, lookahead, write_queue) -> the Need of a pass with these settings (residency.choose_need's
+    argument): one function for the engine of a run and for `slowllama plan`, so that both agree. optimizer: the
+    run's (with LoRA its adapters', counted as if the store kept their state)."""
+    def needs(unit: str, lookahead: int, write_queue: int) -> Need:
+        return memory_need(args, store_dtype, compute_dtype, device_type, train=train, optimizer=optimizer,
+                           master=master, lora=lora, batch_size=batch_size, seq_len=seq_len,
+                           microbatches=microbatches, lookahead=lookahead, write_queue=write_queue,
+                           part_elements=part_elements, unit=unit, activations=activations)
+    return needs
 
 
 def run_budgets(settings, device: torch.device) -> tuple[int, int]:

@@ -241,7 +241,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
     batch_size, micro = fleet.rank_batch(s.batch_size, s.accumulate)
     engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
                          stochastic_rounding=stochastic, lora=lora, train=True, batch_size=batch_size,
-                         seq_len=s.seq_len, microbatches=micro, fleet=fleet, compile=s.compile)
+                         seq_len=s.seq_len, microbatches=micro, fleet=fleet, compile=s.compile, log=log)
     if engine.compile_note:
         log(engine.compile_note)
     if not s.lora_rank and fleet.main:

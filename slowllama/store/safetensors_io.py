@@ -286,13 +286,18 @@ def read_tensor(path: str, key: str, alloc: Optional[Callable[[int], torch.Tenso
         buf = alloc(end - begin) if alloc else torch.empty(end - begin, dtype=torch.uint8)
         view = memoryview(buf.numpy() if end > begin else np.empty(0, np.uint8))
         f.seek(start + begin)
-        for chunk in range(0, end - begin, READ_CHUNK):
+        h, hashed = Hasher(), None
+        for chunk in range(0, end - begin, READ_CHUNK):  # each chunk hashed while the next is read
             part = view[chunk:min(chunk + READ_CHUNK, end - begin)]
             if f.readinto(part) != len(part):
                 raise SlowllamaError(f"{path}: truncated while reading")
-        if drop_cache:
-            drop_from_page_cache(f.fileno())
-    if digest is not None and Hasher(view).hexdigest() != digest:
+            if digest is not None:
+                hashed = HASHER.submit(h.update, part)
+        if hashed is not None:
+            hashed.result()
+        if drop_cache and hasattr(os, "posix_fadvise"):  # this tensor's pages only: the kernel may be reading ahead
+            os.posix_fadvise(f.fileno(), start + begin, end - begin, os.POSIX_FADV_DONTNEED)
+    if digest is not None and h.hexdigest() != digest:
         raise SlowllamaError(f"{path}: checksum mismatch in {key!r} (altered or corrupted outside slowllama)")
     return buf.view(dtype).view(shape)
 
