@@ -16,12 +16,17 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 import xxhash
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from slowllama import cli
 from slowllama.commands.finetune import finetune
+from slowllama.errors import SlowllamaError
 from slowllama.formats.hf import export_hf, prepare_hf
 from slowllama.settings import FinetuneSettings
+from slowllama.store import safetensors_io as st
 
 from conftest import ALICE, assert_one_line_error
 from crashes import base_store, folder_hash
@@ -206,7 +211,7 @@ HEADER_DAMAGE = {
     "duplicate_key": (duplicate_key, None, "not a safetensors file"),
     "metadata_not_strings": (lambda h: h.update(__metadata__={"format": 5}), None, "__metadata__"),
     "header_a_list": (lambda h: b"[1, 2, 3]", None, "not a safetensors file"),
-    "header_with_leading_space": (lambda h: b" " + json.dumps(h).encode(), None, "not a safetensors file"),
+    "header_not_json": (lambda h: b"{'a': 1}", None, "not a safetensors file"),
     "entry_not_an_object": (lambda h: h.update({next(iter(k for k in h if k != "__metadata__")): 7}), None,
                             "bad header entry"),
     "shape_too_small_for_offsets": (lambda h: first_two(h)[0].update(shape=[1]), None, "need"),
@@ -899,3 +904,30 @@ def test_the_bounds_leave_ordinary_templates_alone():
                             "{{ range(4)|length }}{{ '-' * 3 }}", "<s>", "</s>")
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert render(messages, False) == "1/2 user: hi\n2/2 assistant: yo</s>\n[0, 1, 2] 4---"
+
+
+def test_what_the_safetensors_library_writes_is_read_unchanged(tmp_path):
+    # as strict as the library, and no stricter: its own files (zero-size tensors, scalars, metadata,
+    # any order of keys) read back tensor for tensor
+    torch.manual_seed(0)
+    tensors = {"z": torch.randn(3, 5), "a": torch.randn(7).to(torch.bfloat16), "empty": torch.zeros(0, 4),
+               "scalar": torch.tensor(3.5, dtype=torch.float64), "ids": torch.arange(10, dtype=torch.int64),
+               "mask": torch.tensor([True, False]), "half": torch.randn(2, 2).half(), "u8": torch.arange(5).byte()}
+    save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"format": "pt", "note": "x"})
+    got = st.read_file(str(tmp_path / "lib.safetensors"))
+    assert got.keys() == tensors.keys()
+    assert all(got[k].dtype == t.dtype and torch.equal(got[k], t) for k, t in tensors.items())
+
+
+@pytest.mark.parametrize("damage", sorted(HEADER_DAMAGE))
+def test_a_damaged_header_is_refused_by_the_reader(damage, tmp_path):
+    path = tmp_path / "m.safetensors"
+    st.write_file(str(path), {"a.weight": torch.randn(4, 4), "b.weight": torch.randn(8), "c": torch.randn(2, 3)})
+    change, body_change, fragment = HEADER_DAMAGE[damage]
+    rewrite_header(path, change, body_change)
+    with pytest.raises(SlowllamaError, match=fragment):
+        st.read_file(str(path))
+    if damage != "duplicate_key":  # (the library takes one of the two entries: slowllama refuses the file)
+        with pytest.raises(Exception):  # the safetensors library refuses it too
+            with safe_open(str(path), framework="pt") as f:
+                [f.get_tensor(k) for k in f.keys()]

@@ -136,7 +136,7 @@ def read_header(f, path: str, metadata: Optional[dict] = None) -> tuple[dict, in
         header = json.loads(text, object_pairs_hook=_no_duplicates)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         raise SlowllamaError(f"{path}: not a safetensors file (bad header)") from None
-    if not isinstance(header, dict) or not text.startswith(b"{"):
+    if not isinstance(header, dict):
         raise SlowllamaError(f"{path}: not a safetensors file (bad header)")
     found = header.pop("__metadata__", None)
     if found is not None and not (isinstance(found, dict) and all(isinstance(v, str) for v in found.values())):
