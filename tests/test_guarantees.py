@@ -588,6 +588,10 @@ def manifest_case(keys, value, fragment=None, command="eval"):
 for _field in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
     many(HOSTILE, f"eval_manifest_model_{_field}", {k: manifest_case(["model", _field], v)
                                                     for k, v in NOT_NUMBERS.items() if k != "zero"})
+many(HOSTILE, "export_manifest_source_params", {
+    k: (lambda v: lambda c: (set_key(c.store / "manifest.json", ["source", "params", "norm_eps"], v),
+                             (["export", c.store, c.tmp / "out"], ["manifest.json", "source.params", "norm_eps"]))[1])(v)
+    for k, v in NOT_NUMBERS.items()})
 many(HOSTILE, "eval_manifest_model_dim", {"huge": manifest_case(["model", "dim"], 1 << 40)})
 many(HOSTILE, "eval_manifest_step", {"negative": manifest_case(["step"], -1), "float": manifest_case(["step"], 1.5)})
 many(HOSTILE, "finetune_manifest_run", {

@@ -342,6 +342,8 @@ def export_plan(store: Store, shards: Optional[int] = None, out_dtype=None):
     except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
         raise SlowllamaError(f"{store.path / 'manifest.json'}: field 'source' is malformed ({type(e).__name__}: "
                              f"{str(e)[:80]})") from None
+    if params:  # written out as params.json: its numbers checked like any params.json's
+        args_from_params(params, f"{store.path / 'manifest.json'}: source.params")
     params = params or meta_params(store.args)  # refuses what params.json cannot express, before anything is written
     tokenizer_files = ["tokenizer.model"] if source.tokenizer_files is None else source.tokenizer_files
     for name in tokenizer_files if isinstance(tokenizer_files, list) else [tokenizer_files]:
