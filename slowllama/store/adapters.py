@@ -78,6 +78,8 @@ class AdapterFolder:
             raise
 
     def _recover(self, log) -> None:
+        """Remove what no state.json names (a save cut off before its commit, temporary names), and renew
+        adapters.safetensors if a kill came between the commit and its copy."""
         state = self.state()
         keep = set(state["files"].values()) | set(state.get("snapshots", [])) if state else set()
         removed = 0
