@@ -81,7 +81,7 @@ def validate_finetune(s: FinetuneSettings) -> None:
     if s.optimizer == "sgd" and s.weight_decay:
         raise SlowllamaError("--weight-decay: applies to --optimizer adamw (SGD here has no weight decay)")
     if not s.adam_eps > 0:
-        raise SlowllamaError(f"--adam-eps: must be a positive number, got {s.adam_eps}")
+        raise SlowllamaError(f"--adam-eps: must be > 0, got {s.adam_eps}")
     if not s.weight_decay >= 0:
         raise SlowllamaError(f"--weight-decay: must be >= 0, got {s.weight_decay}")
     if s.adapter_path and not s.lora_rank:  # never a silent full fine-tune of the store in place

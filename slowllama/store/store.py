@@ -143,8 +143,9 @@ class Store:
                                      "(truncated or altered)")
             if st.Hasher(data).hexdigest() != entry["xxh3"]:
                 raise SlowllamaError(f"{path}: checksum mismatch (altered or corrupted outside slowllama)")
-        if self.has("extras"):
-            self.read("extras")
+        if self.has("extras"):  # size, checksum and header; not one of the run's reads (bytes_read)
+            info = self.file_info("extras")
+            st.read_file(str(self.file_path(info)), expect=(info.bytes, info.xxh3, info.tensors) if self.verify else None)
 
     def _refuse_symlinks(self) -> None:
         """A writer writes and deletes files in these places: each must be the store's own, not a link."""
