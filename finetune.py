@@ -1,12 +1,13 @@
 """Fine-tune a model with slowllama, the way the original slowllama's finetune.py did.
 
     python finetune.py                          # the built-in tiny model on test_data/alice.txt
-    python finetune.py MODEL [finetune flags]   # MODEL: a slowllama store, a Meta or a Hugging Face folder
+    python finetune.py MODEL [finetune flags]   # MODEL: a store, a Meta or Hugging Face folder, or a hub id
 
 With no arguments it writes a small random Llama to ./tiny, prepares ./tiny-store from it (afresh
 each time), prints the greedy completion of the prompt, fine-tunes with AdamW and prints the
-completion again. With MODEL, a Meta or Hugging Face folder is prepared into ./<name>-store first (once); the flags
-are those of `slowllama finetune` (default data: test_data/alice.txt).
+completion again. With MODEL, a Meta or Hugging Face folder is prepared once into <folder>-store beside it, a
+Hugging Face id in the local cache into ./<name>-store, as `slowllama finetune` does; the flags are those of
+`slowllama finetune` (default data: test_data/alice.txt).
 """
 
 import sys
@@ -44,15 +45,11 @@ def tiny_demo() -> None:
     completion(store, "after fine-tuning")
 
 
-def model_run(model: Path, flags: list[str]) -> None:
-    store = model
-    if not (model / "manifest.json").exists():
-        store = Path(f"{model.resolve().name}-store")
-        if not (store / "manifest.json").exists():
-            run("prepare", model, store)
+def model_run(model: str, flags: list[str]) -> None:
+    """`slowllama finetune MODEL`: a store, or a folder or hub id it prepares once into a store."""
     if "--data" not in flags:
         flags = ["--data", str(ALICE), "--prompt", PROMPT, *flags]
-    run("finetune", store, *flags)
+    run("finetune", model, *flags)
 
 
 if __name__ == "__main__":
@@ -61,4 +58,4 @@ if __name__ == "__main__":
     elif sys.argv[1] in ("-h", "--help"):
         print(__doc__)
     else:
-        model_run(Path(sys.argv[1]), sys.argv[2:])
+        model_run(sys.argv[1], sys.argv[2:])

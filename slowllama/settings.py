@@ -9,53 +9,82 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
+# --optimizer's names and what --help says of each, here so that building the parser (--help) needs no
+# torch; tests/test_cli.py holds this table to optim/registry.py's optimizers
+OPTIMIZER_SUMMARIES = {
+    "sgd": "torch.optim.SGD without momentum",
+    "adamw": "torch.optim.AdamW",
+    "lion": "Lion, the sign of an interpolated momentum (half of AdamW's state; it wants a 3-10x lower --lr)",
+}
+# the learning rate a run takes without --lr: full fine-tuning's by optimizer, from the study on the tiny
+# model (benchmarks/RESULTS.md, "Defaults for a first run"); LoRA's as before
+DEFAULT_LR = {"sgd": 3e-2, "adamw": 3e-4, "lion": 1e-4}
+DEFAULT_LORA_LR = 1e-4
 
-from slowllama.errors import SlowllamaError
-from slowllama.model.args import dtype_from_name
-from slowllama.optim.registry import optimizer_names, optimizers_help
+
+def optimizer_names() -> list[str]:
+    """The names --optimizer takes: full fine-tuning's default (sgd) first, then the others alphabetically."""
+    return sorted(OPTIMIZER_SUMMARIES, key=lambda name: (name != "sgd", name))
+
+
+def optimizers_help() -> str:
+    return "; ".join(f"{name}: {OPTIMIZER_SUMMARIES[name]}" for name in optimizer_names())
+
+
+# --help shows a command's flags in these groups, in this order (a field names its group; none: the
+# general options)
+GROUPS = {
+    "data": "data",
+    "schedule": "schedule (steps, batches, learning rate over the run)",
+    "optimizer": "optimizer",
+    "lora": "LoRA",
+    "memory": "device and memory",
+    "output": "output (logs, evals, prompts, saves)",
+}
 
 
 def opt(default: Any, help: str, *, choices=None, positional: bool = False, metavar: Optional[str] = None,
-        short: Optional[str] = None):
+        short: Optional[str] = None, group: Optional[str] = None, required: bool = False):
+    """A setting. required: the command needs it, on the command line or in the -c/--config file."""
     return field(default=default, metadata=dict(help=help, choices=choices, positional=positional,
-                                                metavar=metavar, short=short))
+                                                metavar=metavar, short=short, group=group, required=required))
 
 
 @dataclass
 class DeviceSettings:
     device: str = opt("auto", "where to compute: auto picks cuda, then mps, then cpu",
-                      choices=["auto", "cpu", "cuda", "mps"])
+                      choices=["auto", "cpu", "cuda", "mps"], group="memory")
     compute_dtype: Optional[str] = opt(None, "compute dtype (default: fp32 on cpu, bf16 on cuda, fp16 on mps)",
-                                       choices=["fp32", "bf16", "fp16"])
+                                       choices=["fp32", "bf16", "fp16"], group="memory")
     max_memory: str = opt("auto", "host memory for resident modules and cached activations "
                           "(e.g. 8G; auto: half of physical memory; on mps, where it covers the GPU too, 3/4 "
-                          "leaving the system at least 4 GiB)")
+                          "leaving the system at least 4 GiB)", group="memory")
     max_gpu_memory: str = opt("auto", "GPU memory for resident modules and cached activations "
-                              "(e.g. 20G; auto: 90%% of the GPU's; not on mps, whose GPU shares the host's memory)")
+                              "(e.g. 20G; auto: 90%% of the GPU's; not on mps, whose GPU shares the host's memory)",
+                              group="memory")
     stream_unit: str = opt("auto", "what streams through the device: whole blocks, or each weight of a block "
                            "(less memory, more reads); auto: blocks where the budgets allow",
-                           choices=["auto", "block", "weight"])
-    debug: bool = opt(False, "show tracebacks of errors")
+                           choices=["auto", "block", "weight"], group="memory")
+    debug: bool = opt(False, "show tracebacks of errors", group="output")
 
 
-DATA_HELP = ("a .txt file (one sequence) or a .jsonl file of records: {\"text\"}, {\"prompt\", \"completion\"} "
-             "or {\"messages\": [{\"role\", \"content\"}, ...]}")
+DATA_HELP = ("a .txt file (one sequence), a .jsonl file of records: {\"text\"}, {\"prompt\", \"completion\"} "
+             "or {\"messages\": [{\"role\", \"content\"}, ...]}, or a folder as mlx-lm has it")
 
 
 def pack_opt():
     return opt(True, "pack records into one stream cut into windows that cross record boundaries; --no-pack: "
-               "one window per record, padded (or truncated) to --seq-len + 1")
+               "one window per record, padded (or truncated) to --seq-len + 1", group="data")
 
 
 def mask_prompt_opt():
     return opt(True, "loss only on completion / assistant tokens of prompt/completion and chat records "
-               "(text records have no prompt)")
+               "(text records have no prompt)", group="data")
 
 
 def skip_bad_lines_opt():
     return opt(False, "leave out .jsonl lines that are not valid records (counted in the log) instead of "
-               "stopping at the first")
+               "stopping at the first", group="data")
 
 
 def compile_opt():
@@ -63,7 +92,7 @@ def compile_opt():
                "their elementwise work (on an H100 a 7B step at 4K tokens goes from 0.75 to 0.46 s; the first step "
                "pays a few seconds of compiling): auto: on cuda, falling back to eager if compiling fails; on: also "
                "on cpu (needs a C++ compiler); off. Blocks with dropout or LoRA run eager",
-               choices=["auto", "on", "off"])
+               choices=["auto", "on", "off"], group="memory")
 
 
 @dataclass
@@ -96,12 +125,14 @@ class PrepareSettings:
 class ExportSettings:
     store: str = opt(None, "the store to export", positional=True)
     out: str = opt(None, "the folder to write", positional=True)
-    format: Optional[str] = opt(None, "output format (default: the source's)", choices=["hf", "meta"])
+    format: Optional[str] = opt(None, "output format (default: the source's; gguf: one file for llama.cpp, OUT/model.gguf "
+                                "unless OUT ends in .gguf)", choices=["hf", "meta", "gguf"])
     shards: Optional[int] = opt(None, "number of output shards (default: the source's; hf: files of about equal size)")
     max_shard_size: Optional[str] = opt(None, "hf: largest output shard, e.g. 2G (default: the source's shards, "
                                         "else 5G)")
-    dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype)",
-                               choices=["bf16", "fp16", "fp32"])
+    dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype; gguf: "
+                               "the store's); gguf also takes q8_0, and llama.cpp's names f16, f32",
+                               choices=["bf16", "fp16", "fp32", "q8_0", "f16", "f32"])
     force: bool = opt(False, "replace OUT if it exists")
     debug: bool = opt(False, "show tracebacks of errors")
 
@@ -110,18 +141,22 @@ class ExportSettings:
 class FuseSettings:
     store: str = opt(None, "the base store", positional=True)
     out: str = opt(None, "the folder to write the merged model to", positional=True)
-    adapter_path: str = opt(None, "the LoRA adapter folder to merge in")
+    adapter_path: str = opt(None, "the LoRA adapter folder to merge in", required=True)
+    format: Optional[str] = opt(None, "output format (default: the source's; gguf: one file, as export writes it)",
+                                choices=["hf", "meta", "gguf"])
     shards: Optional[int] = opt(None, "number of output shards (default: the source's)")
-    dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype)",
-                               choices=["bf16", "fp16", "fp32"])
+    dtype: Optional[str] = opt(None, "dtype of the written weights (default: each tensor's source dtype); gguf "
+                               "also takes q8_0", choices=["bf16", "fp16", "fp32", "q8_0", "f16", "f32"])
     force: bool = opt(False, "replace OUT if it exists")
     debug: bool = opt(False, "show tracebacks of errors")
 
 
 @dataclass
 class EvalSettings(DeviceSettings):
-    store: str = opt(None, "the store to evaluate", positional=True)
-    data: str = opt(None, "data to evaluate on: " + DATA_HELP)
+    store: str = opt(None, "the store to evaluate; or a Meta or Hugging Face folder, prepared once into "
+                     "FOLDER-store beside it; or a Hugging Face id org/name in the local Hugging Face cache",
+                     positional=True)
+    data: str = opt(None, "data to evaluate on: " + DATA_HELP + " (its test.jsonl)", required=True, group="data")
     seq_len: int = opt(128, "tokens per window")
     batch_size: int = opt(8, "windows per batch")
     pack: bool = pack_opt()
@@ -133,8 +168,11 @@ class EvalSettings(DeviceSettings):
 
 @dataclass
 class GenerateSettings(DeviceSettings):
-    store: str = opt(None, "the store (or a Meta or Hugging Face folder) to generate from", positional=True)
-    prompt: str = opt("", "text to continue")
+    store: str = opt(None, "the store to generate from; or a Meta or Hugging Face folder, or a Hugging Face id "
+                     "org/name in the local Hugging Face cache (prepared into a temporary store)", positional=True)
+    prompt: str = opt("", "text to continue (with --chat: the user's message)")
+    chat: bool = opt(False, "render --prompt as a user message with the model's chat template (from its "
+                     "tokenizer_config.json), ready for the assistant's answer")
     max_new_tokens: int = opt(64, "tokens to generate")
     temperature: float = opt(0.0, "sampling temperature; 0 is greedy")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
@@ -144,58 +182,73 @@ class GenerateSettings(DeviceSettings):
 
 @dataclass
 class FinetuneSettings(DeviceSettings):
-    store: str = opt(None, "the store to fine-tune (updated in place)", positional=True)
-    data: str = opt(None, "training data: " + DATA_HELP)
+    store: str = opt(None, "the store to fine-tune (updated in place); or a Meta or Hugging Face folder, prepared "
+                     "once into FOLDER-store beside it; or a Hugging Face id org/name in the local Hugging Face cache",
+                     positional=True)
+    data: str = opt(None, "training data: " + DATA_HELP + " (train.jsonl; valid.jsonl for validation)",
+                    group="data", required=True)
+    val_data: Optional[str] = opt(None, "validation data (.txt or .jsonl, read like --data) for eval_loss and "
+                                  "eval_ppl", group="data")
+    val_split: float = opt(0.0, "hold out this fraction of --data's records (of its windows for a single "
+                           "sequence) for validation, drawn with --seed; 0: none", group="data")
     pack: bool = pack_opt()
     mask_prompt: bool = mask_prompt_opt()
     skip_bad_lines: bool = skip_bad_lines_opt()
-    steps: int = opt(100, "total number of steps of the run; a finished run does nothing")
-    batch_size: int = opt(4, "windows per microbatch")
-    accumulate: int = opt(1, "microbatches per step (one load and one write of each module per step)")
-    seq_len: int = opt(128, "tokens per window")
-    lr: float = opt(1e-4, "learning rate")
-    optimizer: str = opt("auto", f"{optimizers_help()}; auto: sgd for full fine-tuning, adamw for LoRA",
-                         choices=["auto", *optimizer_names()])
-    adam_betas: str = opt("0.9,0.999", "AdamW's (and Lion's) beta1,beta2")
-    adam_eps: float = opt(1e-8, "AdamW's eps")
-    weight_decay: float = opt(0.0, "the optimizer's decoupled weight decay (SGD has none)")
-    optim_dtype: str = opt("fp32", "dtype of the optimizer's state in the store (AdamW's moments, Lion's momentum)",
-                           choices=["fp32", "bf16"])
-    lr_schedule: str = opt("constant", "learning rate after warmup: constant, cosine or linear decay to 0",
-                           choices=["constant", "cosine", "linear"])
-    warmup_steps: int = opt(0, "linear warmup steps")
-    grad_clip: float = opt(0.0, "clip the global gradient norm to this (0: off)")
-    clip_norm: str = opt("previous", "which norm --grad-clip uses: previous (the last step's, free) or exact "
-                         "(a gradient pass first: twice the compute and reads)", choices=["previous", "exact"])
-    master_weights: str = opt("none", "fp32: keep an fp32 master copy of 16-bit weights in the store",
-                              choices=["none", "fp32"])
-    rounding: str = opt("auto", "rounding of updated bf16 weights: stochastic (auto, when no master copy) "
-                        "or nearest (fp16 stores: nearest)", choices=["auto", "stochastic", "nearest"])
-    dropout: float = opt(0.0, "dropout probability (embeddings, attention, residual and FFN outputs)")
-    seed: int = opt(0, "seed of data order, dropout and --val-split")
+    steps: int = opt(100, "total number of steps of the run; a finished run does nothing", group="schedule")
+    batch_size: int = opt(4, "windows per microbatch", group="schedule")
+    accumulate: int = opt(1, "microbatches per step (one load and one write of each module per step)",
+                          group="schedule")
+    seq_len: int = opt(128, "tokens per window", group="schedule")
     order: str = opt("random", "random: window starts drawn uniformly; sequential: eval's windows in order",
-                     choices=["random", "sequential"])
-    eval_every: int = opt(50, "evaluate (eval loss, prompt completion) every N steps and at the end; 0: only at "
-                          "the end")
-    val_data: Optional[str] = opt(None, "validation data (.txt or .jsonl, read like --data) for eval_loss and "
-                                  "eval_ppl")
-    val_split: float = opt(0.0, "hold out this fraction of --data's records (of its windows for a single "
-                           "sequence) for validation, drawn with --seed; 0: none")
-    prompt: Optional[str] = opt(None, "prompt whose greedy completion is shown at each eval")
-    completion_tokens: int = opt(32, "tokens of the prompt completion")
-    lora_rank: int = opt(0, "train LoRA adapters of this rank on a read-only store instead of every weight (0: off)")
-    lora_alpha: Optional[float] = opt(None, "LoRA scale numerator: the update is (alpha / rank) B A (default: 2 x rank)")
-    lora_dropout: float = opt(0.0, "dropout on the input of the LoRA path")
-    lora_targets: str = opt("wq,wv", "comma-separated linears to adapt: wq,wk,wv,wo,w1,w2,w3")
-    adapter_path: Optional[str] = opt(None, "folder for the LoRA adapters (adapters.safetensors, adapter_config.json)")
-    save_every: int = opt(100, "when the model fits in memory (it then stays resident), write the store every N "
-                          "steps (a crash loses at most N); LoRA: keep a numbered snapshot of the adapters every N steps")
-    log_every: int = opt(1, "print one line of metrics every N steps (0: none)")
-    new_run: bool = opt(False, "start a new run from the store's current weights instead of resuming")
+                     choices=["random", "sequential"], group="schedule")
+    seed: int = opt(0, "seed of data order, dropout and --val-split", group="schedule")
+    lr_schedule: str = opt("constant", "learning rate after warmup: constant, cosine or linear decay to 0",
+                           choices=["constant", "cosine", "linear"], group="schedule")
+    warmup_steps: int = opt(0, "linear warmup steps", group="schedule")
+    new_run: bool = opt(False, "start a new run from the store's current weights instead of resuming",
+                        group="schedule")
+    optimizer: str = opt("auto", f"{optimizers_help()}; auto: sgd for full fine-tuning, adamw for LoRA",
+                         choices=["auto", *optimizer_names()], group="optimizer")
+    lr: Optional[float] = opt(None, "learning rate (default: by optimizer for full fine-tuning, "
+                              + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+                              + f", the rates at which the tiny model visibly learns in 100 steps; {DEFAULT_LORA_LR:g} "
+                              "with LoRA. Pretrained models often want less)", group="optimizer")
+    adam_betas: str = opt("0.9,0.999", "AdamW's (and Lion's) beta1,beta2", group="optimizer")
+    adam_eps: float = opt(1e-8, "AdamW's eps", group="optimizer")
+    weight_decay: float = opt(0.0, "the optimizer's decoupled weight decay (SGD has none)", group="optimizer")
+    optim_dtype: str = opt("fp32", "dtype of the optimizer's state in the store (AdamW's moments, Lion's momentum)",
+                           choices=["fp32", "bf16"], group="optimizer")
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this (0: off)", group="optimizer")
+    clip_norm: str = opt("previous", "which norm --grad-clip uses: previous (the last step's, free) or exact "
+                         "(a gradient pass first: twice the compute and reads)", choices=["previous", "exact"],
+                         group="optimizer")
+    master_weights: str = opt("none", "fp32: keep an fp32 master copy of 16-bit weights in the store",
+                              choices=["none", "fp32"], group="optimizer")
+    rounding: str = opt("auto", "rounding of updated bf16 weights: stochastic (auto, when no master copy) "
+                        "or nearest (fp16 stores: nearest)", choices=["auto", "stochastic", "nearest"],
+                        group="optimizer")
+    dropout: float = opt(0.0, "dropout probability (embeddings, attention, residual and FFN outputs)",
+                         group="optimizer")
+    lora_rank: int = opt(0, "train LoRA adapters of this rank on a read-only store instead of every weight (0: off)",
+                         group="lora")
+    lora_alpha: Optional[float] = opt(None, "LoRA scale numerator: the update is (alpha / rank) B A (default: 2 x rank)",
+                                      group="lora")
+    lora_dropout: float = opt(0.0, "dropout on the input of the LoRA path", group="lora")
+    lora_targets: str = opt("wq,wv", "comma-separated linears to adapt: wq,wk,wv,wo,w1,w2,w3", group="lora")
+    adapter_path: Optional[str] = opt(None, "folder for the LoRA adapters (adapters.safetensors, adapter_config.json)",
+                                      group="lora")
     compile: str = compile_opt()
     dist_backend: str = opt("auto", "under torchrun: how the ranks talk (auto: nccl between GPUs, gloo on CPUs)",
-                            choices=["auto", "nccl", "gloo"])
-    json: bool = opt(False, "print one JSON object per step")
+                            choices=["auto", "nccl", "gloo"], group="memory")
+    eval_every: int = opt(50, "evaluate (eval loss, prompt completion) every N steps and at the end; 0: only at "
+                          "the end", group="output")
+    prompt: Optional[str] = opt(None, "prompt whose greedy completion is shown at each eval", group="output")
+    completion_tokens: int = opt(32, "tokens of the prompt completion", group="output")
+    save_every: int = opt(100, "when the model fits in memory (it then stays resident), write the store every N "
+                          "steps (a crash loses at most N); LoRA: keep a numbered snapshot of the adapters every N steps",
+                          group="output")
+    log_every: int = opt(1, "print one line of metrics every N steps (0: none)", group="output")
+    json: bool = opt(False, "print one JSON object per step", group="output")
 
 
 @dataclass
@@ -230,12 +283,42 @@ class BenchSettings(DeviceSettings):
                                    "kept afterwards (default: a temporary folder here, removed at the end)")
     drop_cache: bool = opt(False, "evict module files from the page cache after each read and write, so that "
                            "reads come from the disk (else storage figures are page-cache figures)")
-    probe_size: str = opt("1G", "size of the file that measures the disk's bandwidth")
+    probe_size: str = opt("auto", "size of the file that measures the disk's bandwidth (auto: the store's size, "
+                          "at least 64M and at most 1G)")
     prefetch: bool = opt(True, "read the next modules while the current one computes (off: to measure the gain)")
     async_writes: bool = opt(True, "write updated modules in the background (off: to measure the gain)")
     compile: str = compile_opt()
     seed: int = opt(0, "seed of the random weights and tokens")
     json: bool = opt(False, "print one JSON object per step, then a summary object")
+
+
+@dataclass
+class PlanSettings:
+    model: str = opt(None, "a store, a Meta folder (params.json), a Hugging Face folder (config.json is enough: "
+                     "plan before the download) or a preset: tiny, 7b, 13b, 70b", positional=True)
+    memory: Optional[str] = opt(None, "the --max-memory to check (e.g. 8G; on unified memory the whole budget); "
+                                "default: none, only the minimums")
+    gpu_memory: Optional[str] = opt(None, "the --max-gpu-memory to check (e.g. 16G; a GPU of its own only); default: "
+                                    "none, only the minimums (with --memory on cuda: 90%% of this machine's GPU)")
+    batch_size: int = opt(4, "windows per microbatch (finetune's --batch-size)")
+    seq_len: int = opt(128, "tokens per window")
+    accumulate: int = opt(1, "microbatches per step")
+    optimizer: Optional[str] = opt(None, "plan full fine-tuning with this optimizer too (SGD and AdamW always are)",
+                                   choices=optimizer_names())
+    lora_rank: int = opt(8, "rank of the LoRA row (its adapters train with AdamW)")
+    lora_targets: str = opt("wq,wv", "comma-separated linears LoRA adapts: wq,wk,wv,wo,w1,w2,w3")
+    master_weights: str = opt("none", "fp32: full fine-tuning keeps an fp32 master copy of 16-bit weights",
+                              choices=["none", "fp32"])
+    unified: bool = opt(False, "host and GPU share one memory (Apple silicon): one budget, --memory, covers both")
+    device: str = opt("auto", "the device to plan for (nothing runs on it): auto: this machine's (cuda, then mps, "
+                      "then cpu)", choices=["auto", "cpu", "cuda", "mps"])
+    compute_dtype: Optional[str] = opt(None, "compute dtype (default: fp32 on cpu, bf16 on cuda, fp16 on mps)",
+                                       choices=["fp32", "bf16", "fp16"])
+    dtype: Optional[str] = opt(None, "dtype of the store's weights (default: the store's, the source's, bf16 for "
+                               "a preset)", choices=["bf16", "fp16", "fp32"])
+    layers: Optional[int] = opt(None, "cut the model to this many transformer blocks (as bench --layers does)")
+    json: bool = opt(False, "print the plan as one JSON object")
+    debug: bool = opt(False, "show tracebacks of errors")
 
 
 COMMANDS = {
@@ -249,24 +332,8 @@ COMMANDS = {
     "plot": (PlotSettings, "plot the train and eval loss of a store's run (needs matplotlib)"),
     "verify": (VerifySettings, "check every file of a store: sizes, checksums, shapes, no links outside it"),
     "bench": (BenchSettings, "time training steps on a random-weight store against the machine's measured limits"),
+    "plan": (PlanSettings, "will it fit? the memory, disk, traffic and time of a step, without running anything"),
 }
-
-
-def resolve_device(settings) -> tuple[torch.device, torch.dtype]:
-    """The device and compute dtype a command runs with (auto: cuda, then mps, then cpu)."""
-    name = settings.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else (
-            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SlowllamaError("--device cuda: no CUDA device is available")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SlowllamaError("--device mps: MPS is not available")
-    default = {"cpu": "fp32", "cuda": "bf16", "mps": "fp16"}[name]
-    dtype = dtype_from_name(settings.compute_dtype or default, "--compute-dtype")
-    if name == "mps" and dtype == torch.bfloat16:
-        raise SlowllamaError("--compute-dtype bf16: not supported on mps (use fp16 or fp32)")
-    return torch.device(name), dtype
 
 
 def to_dict(settings) -> dict:

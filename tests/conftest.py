@@ -23,6 +23,13 @@ ALICE = REPO / "test_data" / "alice.txt"
 FAULTS_RUNNER = "slowllama.testing.faults"  # `python -m` it in place of slowllama: $SLOWLLAMA_FAULTS armed
 
 
+@pytest.fixture(autouse=True, scope="session")
+def own_cache_folder(tmp_path_factory):
+    """bench keeps the machine's measured limits in $XDG_CACHE_HOME for `slowllama plan`: the tests' own folder
+    (subprocesses inherit it), never the user's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_bf16(tmp_path_factory) -> Path:
     """The default tiny model: 2 shards, bf16, GQA (4 heads, 2 kv heads), ffn_dim_multiplier 1.3."""

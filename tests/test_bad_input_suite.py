@@ -250,7 +250,8 @@ def export_truncated_module(c):
 # ---- eval ------------------------------------------------------------------------------------------------
 @case
 def eval_data_is_a_folder(c):
-    return ["eval", c.store, "--data", c.outside, "--seq-len", 16], ["outside", "is a folder"]
+    # a folder is a data folder now (mlx-lm's layout); this one has no test.jsonl
+    return ["eval", c.store, "--data", c.outside, "--seq-len", 16], ["outside", "a data folder without test.jsonl"]
 
 
 @case

@@ -66,8 +66,9 @@ def test_help_documents_every_flag_with_its_default():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name, parser in sub.choices.items():
         for action in parser._actions:
-            if action.option_strings and action.dest != "help":
-                assert "(default: " in action.help or "default:" in action.help, (name, action.option_strings)
+            if action.option_strings and action.dest not in ("help", "version"):
+                assert ("(default: " in action.help or "default:" in action.help
+                        or action.help.endswith("(required)")), (name, action.option_strings)
     text = sub.choices["finetune"].format_help()
     for flag in ("--pack, --no-pack", "--mask-prompt, --no-mask-prompt", "--val-split", "-c FILE, --config FILE",
                  "--skip-bad-lines"):

@@ -91,3 +91,133 @@ def test_tokenizers_package_missing_is_one_line(hf_model, tmp_path):
     proc = run_cli("prepare", folder, tmp_path / "store", env=env)
     assert_one_line_error(proc, "tokenizer.json", "needs the 'tokenizers' package", "slowllama[hf]")
     assert not (tmp_path / "store").exists()
+
+
+# --- BOS / EOS as the tokenizer's config says; tokenizer.json written for sentencepiece models ---
+
+def auto_tokenizer_ids(folder, texts):
+    """input_ids of transformers' AutoTokenizer on each text, in a subprocess where protobuf cannot be imported."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json, sys; sys.modules['google'] = None; sys.modules['google.protobuf'] = None\n"
+              "from transformers import AutoTokenizer\n"
+              f"tok = AutoTokenizer.from_pretrained({str(folder)!r})\n"
+              "texts = json.loads(sys.stdin.read())\n"
+              "print(json.dumps([tok(t).input_ids for t in texts]))\n")
+    proc = subprocess.run([sys.executable, "-c", script], input=json.dumps(texts), capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+TEXTS = [TEXT, "  two  spaces,\n\n a\ttab and 12345 ", "ünïcode 日本語 😀", ""]
+
+
+def test_bos_and_eos_as_tokenizer_config_says(hf_tokenizers, json_folder, tmp_path):
+    from slowllama.data.windows import load_text
+
+    spm_folder = tmp_path / "spm"
+    shutil.copytree(hf_tokenizers["spm"], spm_folder)
+    tok = load_tokenizer(spm_folder)  # no tokenizer_config.json: the sentencepiece model has BOS; no EOS
+    assert (tok.add_bos, tok.add_eos) == (True, False)
+    assert tok.encode_text(TEXT) == [tok.bos_id] + tok.encode(TEXT)
+    edit_json(spm_folder / "tokenizer_config.json", add_bos_token=False, add_eos_token=True)
+    tok = load_tokenizer(spm_folder)
+    assert tok.encode_text(TEXT) == tok.encode(TEXT) + [tok.eos_id]
+    data = tmp_path / "a.txt"
+    data.write_text(TEXT)
+    assert load_text(data, tok).tokens.tolist() == tok.encode(TEXT) + [tok.eos_id]  # eval's and training's tokens
+
+    # tokenizer.json: what its post-processor adds (Llama 3: BOS) ...
+    tok = load_tokenizer(json_folder)
+    assert (tok.add_bos, tok.add_eos) == (True, False)
+    assert [tok.encode_text(t) for t in TEXTS] == auto_tokenizer_ids(json_folder, TEXTS)
+    # ... a SmolLM2-like one adds nothing (BOS is <|begin_of_text|> but text does not get it)
+    raw = json.loads((json_folder / "tokenizer.json").read_text())
+    raw["post_processor"] = None
+    (json_folder / "tokenizer.json").write_text(json.dumps(raw))
+    tok = load_tokenizer(json_folder)
+    assert (tok.add_bos, tok.add_eos) == (False, False)
+    assert [tok.encode_text(t) for t in TEXTS] == auto_tokenizer_ids(json_folder, TEXTS)
+    # ... and tokenizer_config.json's flags, where it has them, decide (as transformers 4's Llama tokenizers do;
+    # transformers 5 drops them when there is a tokenizer.json)
+    edit_json(json_folder / "tokenizer_config.json", add_bos_token=True, add_eos_token=True)
+    tok = load_tokenizer(json_folder)
+    assert tok.encode_text(TEXT) == [tok.bos_id] + tok.encode(TEXT) + [tok.eos_id]
+
+
+def test_a_model_without_bos_gets_none_in_training_data_and_generate(json_folder, tmp_path):
+    from slowllama.data.sequences import load_examples
+
+    raw = json.loads((json_folder / "tokenizer.json").read_text())
+    raw["post_processor"] = None
+    (json_folder / "tokenizer.json").write_text(json.dumps(raw))
+    tok = load_tokenizer(json_folder)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Alice was", "completion": " tired."}) + "\n")
+    (example,) = load_examples(data, tok)
+    assert tok.bos_id not in example.tokens.tolist()
+    assert example.tokens.tolist() == tok.encode("Alice was tired.") + [tok.eos_id]
+    assert tok.stream(tok.encode("Alice", bos=tok.add_bos)).prompt_ids == tok.encode("Alice")
+
+
+def test_add_bos_token_must_be_a_boolean(json_folder):
+    edit_json(json_folder / "tokenizer_config.json", add_bos_token="yes")
+    with pytest.raises(SlowllamaError, match=r"tokenizer_config.json: field 'add_bos_token' must be true or false"):
+        load_tokenizer(json_folder)
+
+
+def test_hf_export_writes_a_tokenizer_json_that_auto_tokenizer_loads(tiny_fp32, hf_model, tmp_path):
+    from slowllama.formats.convert import export, prepare
+    from slowllama.formats.meta import prepare_meta
+
+    # a Meta store (tokenizer.model only), and a Hugging Face folder with tokenizer.model and no tokenizer_config
+    folder, _ = hf_model("mistral")
+    for name, store in [("meta", prepare_meta(tiny_fp32, tmp_path / "meta-store", log=lambda m: None)),
+                        ("mistral", prepare(folder, tmp_path / "mistral-store", log=lambda m: None))]:
+        out = export(store, tmp_path / f"{name}-hf", format="hf", log=lambda m: None)
+        assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+        tok = load_tokenizer(store)
+        texts = TEXTS + [(tmp_path.parent / "x").as_posix(), open(__file__).read()[:3000]]
+        assert auto_tokenizer_ids(out, texts) == [tok.encode_text(t) for t in texts], name
+
+
+@pytest.mark.parametrize("normalization,remove_extra_whitespaces", [("identity", False), ("nmt_nfkc", True)])
+def test_tokenizer_json_from_sentencepiece_encodes_and_decodes_alike(normalization, remove_extra_whitespaces,
+                                                                     tmp_path):
+    # settings of the tiny model's tokenizer differ from Llama 2's (identity, spaces kept): both kinds
+    import sentencepiece as spm
+    from tokenizers import Tokenizer as Reference
+
+    from slowllama.formats.spm_json import spm_to_tokenizer_json
+
+    from conftest import ALICE
+
+    spm.SentencePieceTrainer.Train(
+        input=str(ALICE), model_prefix=str(tmp_path / "tokenizer"), vocab_size=400, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        minloglevel=2, split_digits=True, normalization_rule_name=normalization,
+        remove_extra_whitespaces=remove_extra_whitespaces, allow_whitespace_only_pieces=True)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    spm_to_tokenizer_json(tmp_path / "tokenizer.model", tmp_path / "tokenizer.json", True, False, 1, 2)
+    ref = Reference.from_file(str(tmp_path / "tokenizer.json"))
+    texts = TEXTS + ["ｆｕｌｌ ｗｉｄｔｈ", "   ", "x  \n  y"] + ALICE.read_text().splitlines()
+    for text in texts:
+        ids = sp.encode(text)
+        assert ref.encode(text).ids == [1] + ids, repr(text)
+        assert ref.decode(ids) == sp.decode(ids), repr(text)
+
+
+def test_unigram_sentencepiece_is_refused_by_name(tmp_path):
+    import sentencepiece as spm
+
+    from slowllama.formats.spm_json import spm_to_tokenizer_json
+
+    from conftest import ALICE
+
+    spm.SentencePieceTrainer.Train(input=str(ALICE), model_prefix=str(tmp_path / "tokenizer"), vocab_size=300,
+                                   model_type="unigram", minloglevel=2, num_threads=1)
+    with pytest.raises(SlowllamaError, match=r"tokenizer.model: not a BPE sentencepiece model; no tokenizer.json"):
+        spm_to_tokenizer_json(tmp_path / "tokenizer.model", tmp_path / "tokenizer.json", True, False, 1, 2)

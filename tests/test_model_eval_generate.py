@@ -55,8 +55,10 @@ def test_eval_equals_in_memory_computation(tiny_fp32, store_fp32):
     seq_len, batch = 64, 3
     tok = load_tokenizer(store_fp32)
     data = load_text(ALICE, tok)
-    # the definition: [BOS] + encode(text) + [EOS], consecutive windows of T+1 from token 0
-    ids = [tok.bos_id] + tok.encode(ALICE.read_text()) + [tok.eos_id]
+    # the definition: the text as the tokenizer's config encodes it (a sentencepiece model without
+    # tokenizer_config.json: BOS, no EOS), consecutive windows of T+1 from token 0
+    ids = [tok.bos_id] + tok.encode(ALICE.read_text())
+    assert data.tokens.tolist() == ids
     n = len(ids) // (seq_len + 1)
     windows = torch.tensor(ids[: n * (seq_len + 1)]).view(n, seq_len + 1)
     model = meta_model(tiny_fp32).eval()

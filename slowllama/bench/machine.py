@@ -7,16 +7,19 @@ and fsynced writes on the store's own filesystem, pinned copies, large matmuls i
 from __future__ import annotations
 
 import ctypes
+import json
 import mmap
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from slowllama.sizes import host_peak_rss
+from slowllama.store.atomic import write_json_atomic
 
 CHUNK = 64 << 20  # bytes per read/write call: large enough for full sequential speed
 
@@ -231,3 +234,38 @@ def measure_disk(folder, nbytes: int, log: Callable[[str], None] = lambda m: Non
     dropped = None if resident is None else resident < 0.01
     return {"disk_write": write, "disk_read": read, "page_cache_read": cached,
             "resident_after_drop": resident, "cache_dropped": dropped}
+
+
+# ---- the machine's measured limits, kept for `slowllama plan` ---------------------------------------------
+
+def machine_cache_path() -> Path:
+    """Where bench keeps the machine's measurements: $XDG_CACHE_HOME/slowllama/machine.json (~/.cache/...)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "slowllama" / "machine.json"
+
+
+def machine_kind(device_type: str, dtype_name: str) -> str:
+    """The cache's key of a record: the device kind and the dtype its matmul peak was measured in."""
+    return f"{device_type}/{dtype_name}"
+
+
+def load_machines(path: Optional[Path] = None) -> dict:
+    """The cached records by machine_kind ({} when there is no cache or it cannot be read: measure again)."""
+    path = path or machine_cache_path()
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
+def save_machine(kind: str, record: dict, path: Optional[Path] = None) -> Optional[Path]:
+    """Keep one kind's record beside the others (a write of the whole file, atomic); returns the path, or
+    None when the cache folder cannot be written (the benchmark does not fail for that)."""
+    path = path or machine_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {**load_machines(path), kind: {**record, "measured_at": time.time()}})
+    except OSError:
+        return None
+    return path

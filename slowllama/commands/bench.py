@@ -26,19 +26,20 @@ from typing import Callable
 
 import torch
 
-from slowllama.bench.machine import copy_bandwidth, matmul_peak, measure_disk, peak_rss, reset_peak_rss, synchronize
+from slowllama.bench.machine import (copy_bandwidth, machine_kind, matmul_peak, measure_disk, peak_rss, reset_peak_rss,
+                                     save_machine, synchronize)
 from slowllama.bench.roofline import (Machine, StepFlops, bound, efficiency, matmul_params, median_after_warmup,
                                       step_flops, tier_seconds)
 from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes
-from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine, run_budgets
+from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine, resolve_device, run_budgets
 from slowllama.data.windows import microbatches
 from slowllama.engine.fleet import Fleet, start_fleet
-from slowllama.engine.residency import DEVICE_ALLOWANCE, HOST_ALLOWANCE
+from slowllama.engine.residency import DEVICE_ALLOWANCE, host_allowance
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import dtype_from_name, dtype_name
 from slowllama.model.lora import LoRAConfig, LoRAState, init_params, parse_targets
 from slowllama.optim.registry import make_optimizer
-from slowllama.settings import BenchSettings, resolve_device
+from slowllama.settings import BenchSettings
 from slowllama.sizes import parse_size
 from slowllama.store.guards import check_free_space
 from slowllama.store.store import Store
@@ -59,7 +60,7 @@ def validate(s: BenchSettings) -> None:
         raise SlowllamaError(f"--lora-rank: must be >= 0, got {s.lora_rank}")
     if not (math.isfinite(s.lr) and s.lr > 0):
         raise SlowllamaError(f"--lr: must be a positive number, got {s.lr}")
-    if parse_size(s.probe_size, "--probe-size") < 1:
+    if s.probe_size != "auto" and parse_size(s.probe_size, "--probe-size") < 1:
         raise SlowllamaError(f"--probe-size: must be positive, got {s.probe_size!r}")
 
 
@@ -75,6 +76,13 @@ def lora_state(args, s: BenchSettings, device) -> LoRAState:
     """Fresh adapters (AdamW-trained) on the benchmark's random base."""
     cfg = LoRAConfig(s.lora_rank, 2.0 * s.lora_rank, 0.0, parse_targets(s.lora_targets)).validate()
     return LoRAState(cfg, {k: torch.nn.Parameter(v) for k, v in init_params(args, cfg, s.seed, device).items()})
+
+
+def probe_bytes(probe_size: str, args, dtype: torch.dtype) -> int:
+    """--probe-size; auto: as large as the store (what a step reads), within 64 MiB and 1 GiB."""
+    if probe_size == "auto":
+        return min(1 << 30, max(64 << 20, store_bytes(args, dtype)))
+    return parse_size(probe_size, "--probe-size")
 
 
 def needed_disk(args, dtype: torch.dtype, build: bool, probe: int) -> int:
@@ -98,6 +106,9 @@ def measure_machine(folder: Path, device: torch.device, dtype: torch.dtype, prob
               "h2d_gbps": h2d / GB if h2d else None, "d2h_gbps": d2h / GB if d2h else None,
               "matmul_tflops": peak / 1e12, "matmul_dtype": dtype_name(dtype), "device": str(device)}
     log(machine_line(record))
+    saved = save_machine(machine_kind(device.type, dtype_name(dtype)), record)  # for `slowllama plan`'s estimates
+    if saved is not None:
+        log(f"kept the machine's limits in {saved} (slowllama plan reads them)")
     return machine, record
 
 
@@ -261,7 +272,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
     check_seq_len(s.seq_len, args)
     device, compute_dtype = resolve_device(s)
     dtype = dtype_from_name(s.dtype, "--dtype")
-    probe = parse_size(s.probe_size, "--probe-size")
+    probe = probe_bytes(s.probe_size, args, dtype)
     temp = None
     if s.store_dir:
         path = Path(s.store_dir)
@@ -323,7 +334,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                       "counts_host_device": True, "machine": machine_record, "stream_unit": engine.cfg.unit,
                       "read_ahead": engine.cfg.lookahead, "writes_in_flight": engine.cfg.write_queue,
                       "budget_host_bytes": host_budget, "budget_gpu_bytes": gpu_budget or None,
-                      "allowance_host_bytes": HOST_ALLOWANCE,
+                      "allowance_host_bytes": host_allowance(device.type),
                       "allowance_gpu_bytes": DEVICE_ALLOWANCE if device.type == "cuda" else None}
             summary = summarize(reports, header)
     finally:

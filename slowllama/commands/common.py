@@ -12,14 +12,30 @@ from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.engine.fleet import Fleet
 from slowllama.engine.residency import Need, choose_need, is_unified, memory_need, minimum_budgets, split_budgets
 from slowllama.errors import SlowllamaError
+from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.model.lora import LoRAState
 from slowllama.optim.base import Optimizer
-from slowllama.settings import resolve_device
-from slowllama.model.args import ModelArgs
 from slowllama.sizes import format_size, parse_size, physical_memory
-from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
 from slowllama.store.adapters import AdapterFolder
+from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
 from slowllama.store.store import Store
+
+
+def resolve_device(settings) -> tuple[torch.device, torch.dtype]:
+    """The device and compute dtype a command runs with (auto: cuda, then mps, then cpu)."""
+    name = settings.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else (
+            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SlowllamaError("--device cuda: no CUDA device is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SlowllamaError("--device mps: MPS is not available")
+    default = {"cpu": "fp32", "cuda": "bf16", "mps": "fp16"}[name]
+    dtype = dtype_from_name(settings.compute_dtype or default, "--compute-dtype")
+    if name == "mps" and dtype == torch.bfloat16:
+        raise SlowllamaError("--compute-dtype bf16: not supported on mps (use fp16 or fp32)")
+    return torch.device(name), dtype
 
 
 def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, lora: Optional[LoRAState] = None, *,

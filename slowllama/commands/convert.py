@@ -22,8 +22,8 @@ from slowllama.store.store import Store
 
 
 def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] = None, dtype: Optional[str] = None,
-         force: bool = False, log=print) -> Path:
-    """Write the base model with the adapters merged in (W + scale · B A), in the source's format.
+         force: bool = False, log=print, format: Optional[str] = None) -> Path:
+    """Write the base model with the adapters merged in (W + scale · B A), in the source's format (or `format`).
 
     The merged modules go to a temporary store beside OUT (unchanged modules are hard-linked), which
     is exported like any store and then removed.
@@ -51,7 +51,7 @@ def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] 
             if (store.path / f).exists():  # config.json, tokenizer files...: what export copies from a store
                 builder.copy_file(store.path / f, f)
         fused = builder.finish(store.manifest)  # model, dtype, source and the rest, with the fused files
-        return export(fused, out, shards=shards, dtype=dtype, force=force, log=log)
+        return export(fused, out, format=format, shards=shards, dtype=dtype, force=force, log=log)
     finally:
         builder.abort()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -72,5 +72,5 @@ def run_fuse(s: FuseSettings, log: Callable[[str], None]) -> None:
     if not s.adapter_path:
         raise SlowllamaError("--adapter-path: required (the LoRA adapter folder to merge in)")
     out = fuse(Path(s.store), Path(s.out), Path(s.adapter_path), shards=s.shards, dtype=s.dtype, force=s.force,
-               log=log)
+               log=log, format=s.format)
     log(f"wrote {s.store} with the adapters of {s.adapter_path} merged in to {out}")

@@ -8,12 +8,13 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from slowllama.commands.common import adapter_state, check_seq_len, make_engine
-from slowllama.data.windows import TokenData, count_windows, eval_batches, load_data
+from slowllama.commands.common import adapter_state, check_seq_len, make_engine, resolve_device
+from slowllama.commands.models import prepared_store
+from slowllama.data.windows import TokenData, count_windows, eval_batches, eval_file, load_data
 from slowllama.engine.chain import OffloadedModel
 from slowllama.errors import SlowllamaError
 from slowllama.model.tokenizer import load_tokenizer
-from slowllama.settings import EvalSettings, resolve_device
+from slowllama.settings import EvalSettings
 from slowllama.store.store import Store
 
 
@@ -46,10 +47,10 @@ def run_eval(s: EvalSettings, log: Callable[[str], None]) -> dict:
         raise SlowllamaError("--data: required (a .txt or .jsonl file)")
     if s.batch_size < 1:
         raise SlowllamaError(f"--batch-size: must be at least 1, got {s.batch_size}")
-    store = Store.open(s.store)
+    store = Store.open(prepared_store(s.store, log))  # a checkpoint folder or hub id: its store
     check_seq_len(s.seq_len, store.args)
     tokenizer = load_tokenizer(store.path)
-    data = load_data(s.data, tokenizer, s.seq_len, s.pack, s.mask_prompt, s.skip_bad_lines, log)
+    data = load_data(eval_file(s.data, log), tokenizer, s.seq_len, s.pack, s.mask_prompt, s.skip_bad_lines, log)
     engine = make_engine(store, s, lora=adapter_state(store, s, resolve_device(s)[0]), batch_size=s.batch_size,
                          seq_len=s.seq_len, activations=eval_activation_bytes(store.args, data, s.seq_len))
     return evaluate(engine, data, s.seq_len, s.batch_size)

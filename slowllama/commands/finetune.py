@@ -13,21 +13,23 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine
+from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine, resolve_device
 from slowllama.commands.evaluate import evaluate
+from slowllama.commands.models import prepared_store, store_path
 from slowllama.commands.plot import plot_run
-from slowllama.data.windows import load_train_val, microbatches, step_windows
+from slowllama.data.windows import count_windows, load_train_val, microbatches, step_windows
 from slowllama.engine.fleet import Fleet, data_digest, start_fleet
 from slowllama.engine.generation import generate
 from slowllama.engine.step import NonFiniteLoss
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import dtype_from_name
 from slowllama.model.lora import LoRAConfig, parse_targets
+from slowllama.model.shapes import model_param_count
 from slowllama.model.tokenizer import load_tokenizer
 from slowllama.optim.base import Optimizer
 from slowllama.optim.registry import make_optimizer
 from slowllama.optim.schedule import SCHEDULES, lr_at
-from slowllama.settings import FinetuneSettings, resolve_device
+from slowllama.settings import DEFAULT_LORA_LR, DEFAULT_LR, FinetuneSettings
 from slowllama.sizes import format_size, host_peak_rss
 from slowllama.store.atomic import write_json_atomic
 from slowllama.store.destination import check_run_folder
@@ -58,7 +60,7 @@ def validate_finetune(s: FinetuneSettings) -> None:
     for name in ("steps", "batch_size", "accumulate", "seq_len"):
         if getattr(s, name) < 1:
             raise SlowllamaError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(s, name)}")
-    if not (math.isfinite(s.lr) and s.lr > 0):
+    if s.lr is not None and not (math.isfinite(s.lr) and s.lr > 0):
         raise SlowllamaError(f"--lr: must be a positive number, got {s.lr}")
     if not 0.0 <= s.dropout < 1.0:
         raise SlowllamaError(f"--dropout: must be in [0, 1), got {s.dropout}")
@@ -105,6 +107,8 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[di
     validate_finetune(s)
     if s.optimizer == "auto":  # recorded as what it resolves to
         s = replace(s, optimizer="adamw" if s.lora_rank else "sgd")
+    if s.lr is None:  # likewise
+        s = replace(s, lr=DEFAULT_LORA_LR if s.lora_rank else DEFAULT_LR[s.optimizer])
     fleet = start_fleet(s.device, s.dist_backend, log)
     try:
         if fleet.main:
@@ -123,7 +127,8 @@ def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:
     if fleet.active:
         check_fleet(fleet, s)
     try:
-        store = Store.open(s.store, writable=not lora, log=log)  # recovers an interrupted step first
+        # (a checkpoint folder or hub id: its store, prepared first if need be)
+        store = Store.open(prepared_store(s.store, log), writable=not lora, log=log)  # recovers an interrupted step
     finally:
         fleet.barrier()  # the followers open the store once it is consistent (or learn that it failed)
     checkpoint = None
@@ -146,7 +151,7 @@ def _finetune_follower(fleet: Fleet, s: FinetuneSettings, emit) -> dict:
     try:
         check_fleet(fleet, s)
         fleet.barrier()
-        store = Store.open(s.store, follower=True)
+        store = Store.open(store_path(s.store)[0], follower=True)
         return _finetune(store, None, s, quiet, lambda m: None, fleet)
     except (NonFiniteLoss, SameOnEveryRank):
         raise SystemExit(2) from None
@@ -170,6 +175,27 @@ def kept_by(checkpoint, store: Store) -> str:
     run = store.run
     of_run = f" (step {store.step - run.start_step} of the run)" if run is not None else ""
     return f"the store is at step {store.step}{of_run}, committed"
+
+
+class StallWatch:
+    """One warning when the loss has not moved after a fair number of steps (a learning rate far too low)."""
+
+    STEPS, EDGE, MOVE = 25, 5, 0.01  # after 25 steps of this process: the means of the first and last 5 within 1%
+
+    def __init__(self, lr: float):
+        self.lr, self.losses, self.said = lr, [], False
+
+    def add(self, loss: float) -> str:
+        self.losses.append(loss)
+        if self.said or len(self.losses) != self.STEPS or not all(map(math.isfinite, self.losses)):
+            return ""
+        first = sum(self.losses[:self.EDGE]) / self.EDGE
+        last = sum(self.losses[-self.EDGE:]) / self.EDGE
+        if abs(last - first) > self.MOVE * abs(first):
+            return ""
+        self.said = True
+        return (f"warning: the loss has not moved in {self.STEPS} steps ({first:.4f} -> {last:.4f}): --lr {self.lr:g} "
+                "may be too low for this model; try a few times higher")
 
 
 class SameOnEveryRank(SlowllamaError):
@@ -224,6 +250,11 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
             share_adapters(fleet, lora, device)
     else:
         checkpoint, lora = NoCheckpoint(), share_adapters(fleet, None, device)
+    if fleet.main:
+        n_windows = count_windows(data, s.seq_len)
+        epochs = s.steps * s.batch_size * s.accumulate / n_windows
+        log(f"training data: {n_windows} windows of {s.seq_len} tokens; {s.steps} steps of "
+            f"{s.batch_size * s.accumulate} windows = {format(epochs, '.1f' if epochs >= 0.1 else '.2g')} epochs")
     if done >= s.steps:
         log(f"{checkpoint.run_dir if s.lora_rank else store.path}: the run has already finished {done} of "
             f"{s.steps} steps; nothing to do")
@@ -244,6 +275,11 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
                          seq_len=s.seq_len, microbatches=micro, fleet=fleet, compile=s.compile, log=log)
     if engine.compile_note:
         log(engine.compile_note)
+    if lora is not None and fleet.main:
+        trainable = sum(p.numel() for p in lora.params.values())
+        total = model_param_count(store.args)["total"]
+        log(f"LoRA: {trainable:,} trainable weights (rank {s.lora_rank} on {s.lora_targets}; "
+            f"{100 * trainable / total:.2f}% of the model's {total:,})")
     if not s.lora_rank and fleet.main:
         check_disk_for_steps(store, engine, s.batch_size * s.accumulate, s.seq_len)
     stop = StopRequest(log, kept=lambda: kept_by(checkpoint, store))
@@ -270,6 +306,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
         return out
 
     last = {}
+    stall = StallWatch(s.lr)
     with stop.installed(), tqdm(total=s.steps, initial=done, desc="finetune", unit="step",
                                 disable=None if fleet.main else True) as bar:
         for index in range(done, s.steps):
@@ -296,9 +333,13 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
             bar.set_postfix_str(f"loss {result.loss:.4f}, {last['tokens_per_second']:.0f} tok/s, {seconds:.2f} s/step")
             bar.update(1)
             if s.log_every and number % s.log_every == 0:
+                gpu = f", peak GPU {format_size(last['peak_gpu_bytes'])}" if "peak_gpu_bytes" in last else ""
                 log(f"step {number}: loss {result.loss:.4f}, lr {lr:.3g}, {last['tokens_per_second']:.0f} tok/s, "
                     f"{seconds:.2f} s/step, read {format_size(last['bytes_read'])}, "
-                    f"written {format_size(last['bytes_written'])}")
+                    f"written {format_size(last['bytes_written'])}, "
+                    f"peak RSS {format_size(last['peak_rss_bytes'])}{gpu}")
+            if fleet.main and (warning := stall.add(result.loss)):
+                log(warning)
             if fleet.main and ((s.eval_every and number % s.eval_every == 0) or number == s.steps):
                 last.update(eval_and_show(number))  # rank 0 alone: the others wait at the next step
             if fleet.main:

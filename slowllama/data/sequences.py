@@ -1,5 +1,8 @@
 """Records as token sequences: [BOS] + tokens + [EOS], and which positions carry loss.
 
+BOS where the tokenizer's config adds it to text (add_bos); EOS always ends a record, so that the
+model learns where a completion stops.
+
 What carries loss: every token of a text record (and of a .txt file); the completion of a
 prompt/completion record; the assistant turns of a chat (chat.py finds them), each with what the
 template writes after it (end of turn) and the final EOS. --no-mask-prompt: every token.
@@ -40,7 +43,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def tokenize_record(record: Record, tokenizer: Tokenizer, template, mask_prompt: bool = True) -> Example:
-    """A record as [BOS] + tokens + [EOS], with the completion / assistant positions marked trainable.
+    """A record as [BOS] + tokens + [EOS] (BOS if tokenizer.add_bos), with the completion / assistant
+    positions marked trainable.
 
     The whole text is tokenized once (the tokens the model sees). A character offset c maps to the
     number of leading tokens that the tokenization of text[:c] shares with it, so the tokens of a
@@ -67,12 +71,14 @@ def tokenize_record(record: Record, tokenizer: Tokenizer, template, mask_prompt:
     for a, b in spans:
         for i in range(token_index(a), token_index(b)):
             trainable[i] = True
-    # a template may write BOS / EOS itself; else add them. BOS is never a target; an added EOS is
-    # trained when the loss reaches the end of the text (the model learns to stop there)
-    if not ids or ids[0] != tokenizer.bos_id:
+    # a template may write BOS / EOS itself; else add them (BOS only where the tokenizer adds it to
+    # text). BOS is never a target; an added EOS is trained when the loss reaches the end of the text
+    # (the model learns to stop there)
+    if tokenizer.add_bos and (not ids or ids[0] != tokenizer.bos_id):
         ids, trainable = [tokenizer.bos_id] + ids, [False] + trainable
-    trainable[0] = False
-    if ids[-1] != tokenizer.eos_id or len(ids) == 1:
+    if ids and ids[0] == tokenizer.bos_id:
+        trainable[0] = False
+    if not ids or ids[-1] != tokenizer.eos_id or len(ids) == 1:
         ids, trainable = ids + [tokenizer.eos_id], trainable + [any(b >= len(text) for _, b in spans)]
     tokens = torch.tensor(ids, dtype=torch.long)
     return Example(tokens, tokens.clone(), torch.tensor(trainable, dtype=torch.bool))
@@ -89,7 +95,7 @@ def load_examples(path: Path, tokenizer: Tokenizer, mask_prompt: bool = True, sk
         raise SlowllamaError(f"{path}: a .json file; slowllama reads JSON lines (.jsonl, one record per line) "
                              "or plain text")
     if path.suffix.lower() != ".jsonl":  # plain text: one sequence, every token a target
-        tokens = torch.tensor(tokenizer.encode(read_text(path), bos=True, eos=True), dtype=torch.long)
+        tokens = torch.tensor(tokenizer.encode_text(read_text(path)), dtype=torch.long)
         return [Example(tokens, tokens.clone(), torch.ones(len(tokens), dtype=torch.bool))]
     records = read_records(path, read_text(path), skip_bad_lines, notes)
     # only chat records need a template (and jinja2, for a model's own template)

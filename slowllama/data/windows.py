@@ -1,7 +1,8 @@
 """Training and evaluation data: tokens, labels, windows and the batches of each step.
 
-A .txt file is one sequence [BOS] + encode(text) + [EOS]. A .jsonl file holds records (records.py),
-each tokenized as its own sequence [BOS] + tokens + [EOS] (sequences.py). Each position has a label
+A .txt file is one sequence, encoded as the tokenizer's config says (BOS / EOS where add_bos_token /
+add_eos_token say, as transformers' tokenizer(text) gives it). A .jsonl file holds records (records.py),
+each tokenized as its own sequence [BOS] + tokens + [EOS] (sequences.py; BOS where the config adds it). Each position has a label
 (the token itself, or IGNORE_INDEX where no loss is wanted: prompts, padding). A window of T+1
 positions starting at i gives inputs tokens[i:i+T] and targets labels[i+1:i+T+1].
 
@@ -38,8 +39,8 @@ class TokenData:
 
 
 def load_text(path: Path, tokenizer: Tokenizer) -> TokenData:
-    """A .txt file as one sequence: [BOS] + encode(text) + [EOS], every token a target."""
-    ids = tokenizer.encode(read_text(path), bos=True, eos=True)
+    """A .txt file as one sequence, BOS / EOS as the tokenizer's config says, every token a target."""
+    ids = tokenizer.encode_text(read_text(path))
     tokens = torch.tensor(ids, dtype=torch.long)
     return TokenData(tokens, tokens.clone(), str(path))
 
@@ -127,28 +128,55 @@ def split_windows(data: TokenData, seq_len: int, fraction: float, seed: int) -> 
     return part(train, "training split"), part(val, "validation split")
 
 
+def folder_file(folder: Path, name: str, why: str) -> Path:
+    """NAME in a data folder (mlx-lm's layout: train.jsonl, valid.jsonl, test.jsonl), or an error naming both."""
+    path = folder / name
+    if not path.is_file():
+        raise SlowllamaError(f"{folder}: a data folder without {name} ({why}; a data folder holds train.jsonl, "
+                             "valid.jsonl and test.jsonl, as mlx-lm has them)")
+    return path
+
+
+def eval_file(data, log: Callable[[str], None]) -> Path:
+    """eval's data: the file, or a data folder's test.jsonl."""
+    if not Path(data).is_dir():
+        return Path(data)
+    path = folder_file(Path(data), "test.jsonl", "eval reads it")
+    log(f"{data}: evaluating on test.jsonl")
+    return path
+
+
 def load_train_val(s, tokenizer: Tokenizer, log: Callable[[str], None]) -> tuple[TokenData, Optional[TokenData]]:
     """finetune's training and validation data from its settings (data, val_data or val_split, pack, ...).
 
     val_split holds out records (of a file with at least two), else windows of the one sequence.
     """
     notes = []
-    examples = load_examples(s.data, tokenizer, s.mask_prompt, s.skip_bad_lines, notes)
+    data_path, val_path = s.data, s.val_data
+    if Path(s.data).is_dir():  # mlx-lm's layout: train.jsonl, and valid.jsonl for validation
+        folder = Path(s.data)
+        data_path = folder_file(folder, "train.jsonl", "finetune trains on it")
+        valid = folder / "valid.jsonl"
+        if valid.is_file() and not s.val_data and not s.val_split:
+            val_path = valid
+        notes.append(f"{folder}: training on train.jsonl" + (", validating on valid.jsonl" if val_path == valid
+                                                              else ", no validation from the folder"))
+    examples = load_examples(data_path, tokenizer, s.mask_prompt, s.skip_bad_lines, notes)
     val = None
-    if s.val_data:
-        val = load_data(s.val_data, tokenizer, s.seq_len, s.pack, s.mask_prompt, s.skip_bad_lines, notes.append)
+    if val_path:
+        val = load_data(val_path, tokenizer, s.seq_len, s.pack, s.mask_prompt, s.skip_bad_lines, notes.append)
     if s.val_split and len(examples) >= 2:
-        train_idx, val_idx = split_indices(len(examples), s.val_split, s.seed, f"records in {s.data}")
-        notes.append(f"{s.data}: {len(val_idx)} of {len(examples)} records held out for validation "
+        train_idx, val_idx = split_indices(len(examples), s.val_split, s.seed, f"records in {data_path}")
+        notes.append(f"{data_path}: {len(val_idx)} of {len(examples)} records held out for validation "
                      f"(--val-split {s.val_split}, seed {s.seed})")
         val = layout([examples[i] for i in val_idx], s.seq_len, s.pack, tokenizer,
-                     f"{s.data} (validation split)", notes)
+                     f"{data_path} (validation split)", notes)
         examples = [examples[i] for i in train_idx]
-    data = layout(examples, s.seq_len, s.pack, tokenizer, str(s.data), notes)
+    data = layout(examples, s.seq_len, s.pack, tokenizer, str(data_path), notes)
     if s.val_split and val is None:  # one sequence (a .txt file): split its windows
         data, val = split_windows(data, s.seq_len, s.val_split, s.seed)
         n_val = count_windows(val, s.seq_len)
-        notes.append(f"{s.data}: {n_val} of {n_val + count_windows(data, s.seq_len)} windows held out for "
+        notes.append(f"{data_path}: {n_val} of {n_val + count_windows(data, s.seq_len)} windows held out for "
                      f"validation (--val-split {s.val_split}, seed {s.seed})")
     for line in notes:
         log(line)

@@ -9,7 +9,9 @@ Backward: head (norm + output + loss, run here for the first time, with autograd
 block 0 -> embeddings. Each module is loaded once, re-run on its saved inputs with its seeds, and
 backpropagated for all K microbatches (its gradient accumulates over them), then updated by the
 optimizer (updates.py) and handed back to the pipeline; the gradient with respect to its input
-passes down. What stays resident and what is read ahead: residency.py and pipeline.py; several
+passes down. Where a whole block is more than the budgets hold, each block streams by weight instead
+(streamed.py): its linears fetch their weights at use and its weights are updated one by one during
+its backward. What stays resident and what is read ahead: residency.py and pipeline.py; several
 ranks: replicas.py. The step's transaction around this (begin, commit, roll back): train/trainer.py.
 """
 
@@ -94,7 +96,7 @@ class OffloadedModel:
         self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device)
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         wanted = wants_compile(cfg.compile, cfg.device)
-        self.compile_note = compile_reason(wanted, cfg.dropout, lora is not None)
+        self.compile_note = compile_reason(wanted, cfg.dropout, lora is not None, cfg.unit == "weight")
         on_failure = None if cfg.compile == "on" else (lambda m: print(m, file=sys.stderr, flush=True))
         self.compiled_blocks = CompiledBlocks(self.args, on_failure) if wanted and not self.compile_note else None
         compiled_updates = CompiledUpdates(self.optimizer, on_failure) if wanted else None

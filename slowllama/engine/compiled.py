@@ -74,10 +74,12 @@ def wants_compile(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
-def compile_reason(wanted: bool, dropout: float, lora: bool) -> str:
+def compile_reason(wanted: bool, dropout: float, lora: bool, by_weight: bool = False) -> str:
     """Why blocks run eager although compiling was wanted ('' when they are compiled or it was not wanted)."""
     if not wanted:
         return ""
+    if by_weight:  # their linears fetch weights from the pipeline mid-block: nothing a graph can hold
+        return "--compile: blocks streamed by weight run eager (the step is bound by the disk)"
     if dropout > 0:
         return "--compile: blocks run eager with --dropout > 0 (compiled dropout masks differ from eager ones)"
     if lora:

@@ -27,33 +27,41 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 @torch.no_grad()
 def generate(model: OffloadedModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             on_text: Optional[Callable[[str], None]] = None) -> str:
-    """Continue `prompt`; returns the new text. on_text receives each new piece of text as it is produced."""
+             on_text: Optional[Callable[[str], None]] = None, on_token: Optional[Callable[[int], None]] = None) -> str:
+    """Continue `prompt`; returns the new text. on_text receives each new piece of text as it is produced,
+    on_token each new token id.
+
+    The prompt gets BOS as the tokenizer's config says (add_bos), never EOS. The new text is
+    decode(prompt + new tokens) minus decode(prompt), so it keeps the space before its first word.
+    """
     args = model.args
-    ids = tokenizer.encode(prompt, bos=True)
+    ids = tokenizer.encode(prompt, bos=tokenizer.add_bos) or [tokenizer.bos_id]  # an empty prompt: from BOS
     if len(ids) >= args.max_seq_len:
         raise SlowllamaError(f"--prompt: {len(ids)} tokens, the model's context is {args.max_seq_len}")
     total = min(len(ids) + max_new_tokens, args.max_seq_len)
     dtype = model.cfg.compute_dtype
     caches = [KVCache(1, total, args.kv_heads, args.head_dim, dtype, model.device) for _ in range(args.n_layers)]
     generator = torch.Generator().manual_seed(seed)
-    out_ids: list[int] = []
-    shown, pos, chunk = "", 0, ids
+    stream = tokenizer.stream(ids)
+    pos, chunk = 0, ids
     while max_new_tokens > 0:
         logits = _forward(model, torch.tensor([chunk], device=model.device), pos, caches)
         pos += len(chunk)
         next_id = sample(logits[0, -1], temperature, top_p, generator)
         if next_id in tokenizer.stop_ids:  # EOS, or another end-of-turn id named by generation_config.json
             break
-        out_ids.append(next_id)
-        text = tokenizer.decode(out_ids)
-        if on_text and len(text) > len(shown):
-            on_text(text[len(shown):])
-        shown = text
-        if len(out_ids) >= max_new_tokens or pos >= total:
+        if on_token:
+            on_token(next_id)
+        piece = stream.push(next_id)
+        if on_text and piece:
+            on_text(piece)
+        if len(stream.new_ids) >= max_new_tokens or pos >= total:
             break
         chunk = [next_id]
-    return tokenizer.decode(out_ids)
+    piece = stream.flush()
+    if on_text and piece:
+        on_text(piece)
+    return stream.shown
 
 
 def _forward(model: OffloadedModel, tokens: torch.Tensor, start: int, caches: list[KVCache]) -> torch.Tensor:

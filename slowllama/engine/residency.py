@@ -26,10 +26,16 @@ from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, piece_
 
 
 UNITS = ("auto", "block", "weight")  # what streams through the device in a block's place: itself, or each weight
-# what the process uses beyond the budgets: the interpreter, torch and its kernels, the tokenizer, the data
-# (measured on the CPU box: 0.45 GiB RSS before the first step; a CUDA context is not part of allocated memory)
+# what the process uses beyond the budgets, the runtime itself: the interpreter, torch and its kernels, the
+# tokenizer, the data. Measured: 0.45 GiB RSS before the first step on the CPU box; with CUDA (its context,
+# cuBLAS and the other kernels' libraries) 1.7 GiB beyond a fully used --max-memory on the H200 machine
 HOST_ALLOWANCE = 1 << 30
+CUDA_HOST_ALLOWANCE = 2 << 30
 DEVICE_ALLOWANCE = 512 << 20  # cuBLAS/attention workspaces and the caching allocator's rounding
+
+
+def host_allowance(device_type: str) -> int:
+    return CUDA_HOST_ALLOWANCE if device_type == "cuda" else HOST_ALLOWANCE
 
 
 def largest_part_elements(args: ModelArgs, part_elements: int = DEFAULT_PART_ELEMENTS) -> int:
@@ -162,17 +168,17 @@ def split_budgets(device_type: str, host: int, gpu: int, need: Need) -> Budgets:
         free = host - need.work
         if free < 0:
             raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(need.work)} this "
-                                 f"model and step need in flight (the minimum)")
+                                 f"model and step need in flight (the minimum: {need.work} bytes)")
         act = min(need.activations, free // 2)
         return Budgets(device=free - act, activations=act, host=0 if device_type == "mps" else 1 << 62)
     free = gpu - need.work
     if free < 0:
         raise SlowllamaError(f"--max-gpu-memory: {format_size(gpu)} is below the {format_size(need.work)} this model "
-                             f"and step need in flight (the minimum)")
+                             f"and step need in flight (the minimum: {need.work} bytes)")
     act = min(need.activations, free // 2)
     if host <= need.staging:
         raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(need.staging + 1)} of "
-                             "host buffers that reads and writes in flight need (the minimum)")
+                             f"host buffers that reads and writes in flight need (the minimum: {need.staging + 1} bytes)")
     host_act = min(need.activations - act, (host - need.staging) // 2)
     return Budgets(device=free - act, activations=act, host=host - need.staging - host_act, host_activations=host_act)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from slowllama.errors import SlowllamaError
+from slowllama.formats.gguf import export_gguf
 from slowllama.formats.hf import EXPECTED, export_hf, is_hf_folder, prepare_hf
 from slowllama.formats.meta import META_FILES, SHARD_RE, export_meta, prepare_meta
 from slowllama.model.tokenizer import TOKENIZER_FILES
@@ -44,13 +45,19 @@ def prepare(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = Fa
 def export(store_path: Path, out: Path, format: Optional[str] = None, shards: Optional[int] = None,
            max_shard_size: Optional[str] = None, dtype: Optional[str] = None, force: bool = False,
            log: Callable[[str], None] = print) -> Path:
-    """Write a store as a Meta or Hugging Face folder (default: the format it was prepared from)."""
+    """Write a store as a Meta or Hugging Face folder (default: the format it was prepared from), or as
+    one GGUF file (OUT if it ends in .gguf, else OUT/model.gguf)."""
     fmt = format or Store.open(store_path).source.format
+    if fmt == "gguf":
+        for flag, value in (("--shards", shards), ("--max-shard-size", max_shard_size)):
+            if value is not None:
+                raise SlowllamaError(f"{flag}: does not apply to --format gguf (one file)")
+        return export_gguf(store_path, out, dtype=dtype, force=force, log=log)
     if fmt == "hf":
         return export_hf(store_path, out, shards=shards, max_shard_size=max_shard_size, dtype=dtype, force=force,
                          log=log)
     if fmt != "meta":
-        raise SlowllamaError(f"--format: unknown format {fmt!r} (choose from hf, meta)")
+        raise SlowllamaError(f"--format: unknown format {fmt!r} (choose from hf, meta, gguf)")
     if max_shard_size is not None:
         raise SlowllamaError("--max-shard-size: applies to --format hf (Meta's shards are cuts of every tensor; "
                              "use --shards)")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from slowllama.errors import SlowllamaError
 from slowllama.formats import hf_names as hf
 from slowllama.formats.dtypes import resolve_store_dtype, source_dtypes
+from slowllama.formats.spm_json import convertible, read_spm, spm_to_tokenizer_json
 from slowllama.jsonfile import read_json
 from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.model.shapes import expected_shapes, module_names, module_shapes, split_key
@@ -351,10 +352,39 @@ def export_hf(store_path: Path, out: Path, shards: Optional[int] = None, max_sha
         for name in ["generation_config.json"] + list(source.tokenizer_files or tokenizer_files(store.path)):
             if (store.path / name).is_file():
                 shutil.copyfile(store.path / name, tmp / name)
-        if source.format != "hf" and (tmp / "tokenizer.model").is_file() \
-                and not (tmp / "tokenizer_config.json").exists():
-            _write_json(tmp / "tokenizer_config.json", _llama_tokenizer_config(store, args))
+        if (tmp / "tokenizer.model").is_file() and not (tmp / "tokenizer.json").exists():
+            _write_tokenizer_json(store, tmp, args, log)
     return out
+
+
+# transformers classes that rebuild a sentencepiece tokenizer with their own pipeline from tokenizer.json's
+# vocabulary, rather than load the file as it is
+_REBUILDING = {"LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast"}
+
+
+def _write_tokenizer_json(store: Store, tmp: Path, args: ModelArgs, log: Callable[[str], None]) -> None:
+    """tokenizer.json for a folder that has only a sentencepiece tokenizer.model: AutoTokenizer then loads
+    it without protobuf and encodes as slowllama does (BOS / EOS in its post-processor as the config says)."""
+    tok = load_tokenizer(store.path)
+    why = convertible(read_spm(tmp / "tokenizer.model"))
+    if why:
+        log(f"tokenizer.model is {why}: no tokenizer.json written (transformers needs protobuf to read it)")
+        return
+    try:
+        spm_to_tokenizer_json(tmp / "tokenizer.model", tmp / "tokenizer.json", tok.add_bos, tok.add_eos, tok.bos_id,
+                              tok.eos_id)
+    except SlowllamaError as e:  # no `tokenizers`: the export is still whole, with tokenizer.model alone
+        log(f"{e}; exported without it")
+        return
+    log("wrote tokenizer.json from tokenizer.model (transformers' AutoTokenizer reads it without protobuf)")
+    path = tmp / "tokenizer_config.json"
+    if not path.exists():
+        _write_json(path, _llama_tokenizer_config(tok, args))
+        return
+    config = read_json(path)
+    if isinstance(config, dict) and config.get("tokenizer_class") in _REBUILDING:
+        # the class would rebuild the tokenizer from the vocabulary, without the model's normalizer settings
+        _write_json(path, {**config, "tokenizer_class": "PreTrainedTokenizerFast"})
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -396,10 +426,9 @@ def _write_config(store: Store, tmp: Path, args: ModelArgs, source: SourceRecord
     _write_json(tmp / "config.json", hf.config_from_args(args, str(main).replace("torch.", ""), tok.bos_id, tok.eos_id))
 
 
-def _llama_tokenizer_config(store: Store, args: ModelArgs) -> dict:
-    """A tokenizer_config.json for a sentencepiece tokenizer.model (transformers' LlamaTokenizer)."""
-    tok = load_tokenizer(store.path)
-    unk = tok.sp.IdToPiece(tok.sp.unk_id()) if hasattr(tok, "sp") and tok.sp.unk_id() >= 0 else None
-    return {"add_bos_token": True, "add_eos_token": False, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
-            "unk_token": unk, "clean_up_tokenization_spaces": False, "legacy": True,
-            "model_max_length": args.max_seq_len, "tokenizer_class": "LlamaTokenizer"}
+def _llama_tokenizer_config(tok, args: ModelArgs) -> dict:
+    """tokenizer_config.json beside a tokenizer.json built from tokenizer.model; transformers loads the file as it is."""
+    unk = tok.sp.IdToPiece(tok.sp.unk_id()) if tok.sp.unk_id() >= 0 else None
+    return {"add_bos_token": tok.add_bos, "add_eos_token": tok.add_eos, "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token, "unk_token": unk, "clean_up_tokenization_spaces": False,
+            "model_max_length": args.max_seq_len, "tokenizer_class": "PreTrainedTokenizerFast"}

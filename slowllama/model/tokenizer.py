@@ -1,10 +1,15 @@
 """Tokenizers with BOS/EOS ids: sentencepiece's tokenizer.model (Llama 2, Code Llama, Mistral) and
 Hugging Face's tokenizer.json (Llama 3; through the optional `tokenizers` package).
 
-Both expose encode(text, bos, eos), decode(ids), bos_id, eos_id, vocab_size, stop_ids (every id that
-ends a generation) and chat_template (tokenizer_config.json's template string, or None).
+Both expose encode(text, bos, eos), encode_text(text) (BOS / EOS as the tokenizer's config says),
+decode(ids), stream(prompt_ids) (the text of new tokens as they come, spacing kept), bos_id, eos_id,
+add_bos, add_eos, vocab_size, stop_ids (every id that ends a generation) and chat_template
+(tokenizer_config.json's template string, or None).
 BOS/EOS come from the folder's tokenizer_config.json, special_tokens_map.json, generation_config.json
 and config.json, in that order, where they name them; otherwise from the tokenizer model itself.
+Whether plain text gets them (add_bos / add_eos): tokenizer_config.json's add_bos_token /
+add_eos_token where it has them; else a sentencepiece model adds BOS (if it has one) and no EOS, as
+transformers' LlamaTokenizer does, and a tokenizer.json adds what its own post-processor adds.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class SpecialTokens:
     bos_ids: list[int] = field(default_factory=list)  # ids given as numbers (generation_config / config.json)
     eos_ids: list[int] = field(default_factory=list)
     chat_template: Optional[str] = None
+    add_bos: Optional[bool] = None  # tokenizer_config.json's add_bos_token / add_eos_token, where given
+    add_eos: Optional[bool] = None
     sources: dict = field(default_factory=dict)  # which file each value came from, for messages
 
 
@@ -74,6 +81,12 @@ def read_special_tokens(folder: Path) -> SpecialTokens:
                 out.sources[which] = folder / name
         if name == "tokenizer_config.json":
             out.chat_template = _chat_template(data.get("chat_template"), folder / name)
+            for which in ("bos", "eos"):
+                flag = data.get(f"add_{which}_token")
+                if flag is not None and not isinstance(flag, bool):
+                    raise SlowllamaError(f"{folder / name}: field 'add_{which}_token' must be true or false, "
+                                         f"got {flag!r}")
+                setattr(out, f"add_{which}", flag)
     for name in ("generation_config.json", "config.json"):
         data = _read(folder / name) or {}
         for which in ("bos", "eos"):
@@ -96,11 +109,53 @@ def _chat_template(value, path: Path) -> Optional[str]:
     raise SlowllamaError(f"{path}: field 'chat_template' must be a string (or a list with a 'default' template)")
 
 
+class TextStream:
+    """The text of generated tokens as they come: decode(prompt + new) minus decode(prompt).
+
+    Decoding the new tokens on their own would lose what depends on the tokens before them
+    (sentencepiece drops the leading-space marker of a text's first piece). A trailing U+FFFD is
+    held back: it is an incomplete UTF-8 character (byte-fallback tokens) that the next token completes.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        self.tokenizer, self.prompt_ids = tokenizer, [int(i) for i in prompt_ids]
+        self.head = tokenizer.decode(self.prompt_ids)
+        self.new_ids: list[int] = []
+        self.shown = ""
+
+    def text(self) -> str:
+        """The text of all new tokens so far (decode(prompt + new) minus decode(prompt))."""
+        full = self.tokenizer.decode(self.prompt_ids + self.new_ids)
+        if full.startswith(self.head):
+            return full[len(self.head):]
+        n = 0  # a decoder that rewrote the prompt's end (cleanup of spaces): cut at the common prefix
+        while n < min(len(full), len(self.head)) and full[n] == self.head[n]:
+            n += 1
+        return full[n:]
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the text that can be shown now (possibly empty)."""
+        self.new_ids.append(int(token_id))
+        return self._advance(self.text().rstrip("\ufffd"))
+
+    def flush(self) -> str:
+        """The rest of the text, at the end of generation (an incomplete character shown as U+FFFD)."""
+        return self._advance(self.text())
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.shown):  # an earlier piece changed: show nothing it would contradict
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+
 class _Base:
     path: Path
     vocab_size: int
     bos_id: int
     eos_id: int
+    add_bos: bool
+    add_eos: bool
     stop_ids: set
     chat_template: Optional[str]
     bos_token: Optional[str]
@@ -111,6 +166,24 @@ class _Base:
 
     def _id_token(self, i: int) -> Optional[str]:
         raise NotImplementedError
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def _adds(self) -> tuple[bool, bool]:
+        """Whether the tokenizer itself adds BOS / EOS to plain text, when tokenizer_config.json does not say."""
+        raise NotImplementedError
+
+    def encode_text(self, text: str) -> list[int]:
+        """The tokens of a plain text as transformers would give them: BOS / EOS added as add_bos / add_eos say."""
+        return self.encode(text, bos=self.add_bos, eos=self.add_eos)
+
+    def stream(self, prompt_ids: list[int]) -> TextStream:
+        """A TextStream: the text of tokens generated after prompt_ids, piece by piece."""
+        return TextStream(self, prompt_ids)
 
     def _resolve_specials(self, special: SpecialTokens, default_bos: Optional[int], default_eos: Optional[int]):
         """bos_id / eos_id: a named token first, then ids from generation_config / config.json, then the model's."""
@@ -138,6 +211,9 @@ class _Base:
         self.stop_ids = {self.eos_id} | {i for i in special.eos_ids if 0 <= i < self.vocab_size}
         self.chat_template = special.chat_template
         self.bos_token, self.eos_token = self._id_token(self.bos_id), self._id_token(self.eos_id)
+        adds_bos, adds_eos = self._adds()
+        self.add_bos = adds_bos if special.add_bos is None else special.add_bos
+        self.add_eos = adds_eos if special.add_eos is None else special.add_eos
 
 
 class Tokenizer(_Base):
@@ -170,6 +246,9 @@ class Tokenizer(_Base):
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.DecodeIds([int(i) for i in ids])
+
+    def _adds(self) -> tuple[bool, bool]:
+        return self.sp.bos_id() >= 0, False  # LlamaTokenizer's defaults (add_bos_token True, add_eos_token False)
 
 
 class HFTokenizer(_Base):
@@ -206,6 +285,13 @@ class HFTokenizer(_Base):
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def _adds(self) -> tuple[bool, bool]:
+        # what the file's post-processor puts around a text (Llama 3's adds <|begin_of_text|>, SmolLM2's nothing)
+        plain = self.tok.encode("a", add_special_tokens=False).ids
+        full = self.tok.encode("a", add_special_tokens=True).ids
+        return (len(full) > len(plain) and full[0] == self.bos_id,
+                len(full) > len(plain) and full[-1] == self.eos_id)
 
 
 def load_tokenizer(folder: Path):

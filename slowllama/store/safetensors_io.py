@@ -189,6 +189,18 @@ def check_header(header: dict, data_len: int, path) -> None:
         raise SlowllamaError(f"{path}: {data_len - pos} bytes after the last tensor (altered)")
 
 
+def _open_module_file(path: str):
+    """An unbuffered reader of a file the store names, or one line saying why not."""
+    if os.path.lexists(path):
+        check_regular(path)  # a FIFO would block the read, a device never end
+    try:
+        return open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise SlowllamaError(f"{path}: module file missing") from None
+    except OSError as e:
+        raise SlowllamaError(f"{path}: cannot read ({e.strerror})") from None
+
+
 def read_file(path: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
               expect: Optional[tuple] = None, drop_cache: bool = False) -> dict[str, torch.Tensor]:
     """Read a whole file into one uint8 buffer and return typed views of it, in header order.
@@ -198,18 +210,10 @@ def read_file(path: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
     hash}) checks each tensor's bytes instead (a file written weight by weight). drop_cache evicts the
     file from the page cache afterwards (posix_fadvise), for honest SSD measurements.
     """
-    if os.path.lexists(path):
-        check_regular(path)  # a FIFO would block the read, a device never end
     digests = expect[2] if expect is not None and len(expect) > 2 and not expect[1] else None
     if digests is not None:
         want_size, expect = expect[0], None  # no whole-file hash: the tensors' own, below
-    try:
-        f = open(path, "rb", buffering=0)
-    except FileNotFoundError:
-        raise SlowllamaError(f"{path}: module file missing") from None
-    except OSError as e:
-        raise SlowllamaError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
+    with _open_module_file(path) as f:
         size = os.fstat(f.fileno()).st_size
         if expect is not None and size != expect[0]:
             raise SlowllamaError(f"{path}: size {size} bytes, the manifest says {expect[0]} (truncated or altered)")
@@ -235,15 +239,8 @@ def read_file(path: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
         if drop_cache:
             drop_from_page_cache(f.fileno())
     out = {}
-    for key, info in header.items():
-        try:
-            dtype = TORCH_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            shape = [int(s) for s in info["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise SlowllamaError(f"{path}: bad header entry for {key!r}") from None
-        if not 0 <= begin <= end <= data_len or end - begin != element_size(dtype) * int(np.prod(shape, dtype=np.int64)):
-            raise SlowllamaError(f"{path}: tensor {key!r} lies outside the file (truncated or altered)")
+    for key in header:
+        dtype, shape, begin, end = tensor_entry(header, key, path, data_len)
         out[key] = buf[begin:end].view(dtype).view(shape)
     if digests is not None:
         if set(digests) != set(out) or want_size != data_len + start:
@@ -256,13 +253,15 @@ def read_file(path: str, alloc: Optional[Callable[[int], torch.Tensor]] = None,
 
 def tensor_entry(header: dict, key: str, path: str, data_len: int) -> tuple[torch.dtype, list[int], int, int]:
     """(dtype, shape, begin, end) of one tensor of a parsed header, checked to lie inside the data section."""
-    info = header.get(key)
+    if key not in header:
+        raise SlowllamaError(f"{path}: no tensor {key!r} (altered outside slowllama)")
+    info = header[key]
     try:
         dtype = TORCH_DTYPES[info["dtype"]]
         begin, end = (int(x) for x in info["data_offsets"])
         shape = [int(x) for x in info["shape"]]
     except (KeyError, TypeError, ValueError):
-        raise SlowllamaError(f"{path}: no tensor {key!r}, or a bad header entry for it") from None
+        raise SlowllamaError(f"{path}: bad header entry for {key!r}") from None
     if not 0 <= begin <= end <= data_len or end - begin != element_size(dtype) * int(np.prod(shape, dtype=np.int64)):
         raise SlowllamaError(f"{path}: tensor {key!r} lies outside the file (truncated or altered)")
     return dtype, shape, begin, end
@@ -272,15 +271,7 @@ def read_tensor(path: str, key: str, alloc: Optional[Callable[[int], torch.Tenso
                 digest: Optional[str] = None, drop_cache: bool = False) -> torch.Tensor:
     """Read one tensor of a file into its own buffer (a weight of a block streamed by weight); digest: the
     xxh3-128 its bytes must have (None: unchecked here)."""
-    if os.path.lexists(path):
-        check_regular(path)  # a FIFO would block the read
-    try:
-        f = open(path, "rb", buffering=0)
-    except FileNotFoundError:
-        raise SlowllamaError(f"{path}: module file missing") from None
-    except OSError as e:
-        raise SlowllamaError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
+    with _open_module_file(path) as f:
         header, start = read_header(f, path)
         dtype, shape, begin, end = tensor_entry(header, key, path, os.fstat(f.fileno()).st_size - start)
         buf = alloc(end - begin) if alloc else torch.empty(end - begin, dtype=torch.uint8)
