@@ -13,7 +13,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from slowllama import __version__
-from slowllama.config_file import read_config, setting_type
+from slowllama.config_file import check_numbers, read_config, setting_type
 from slowllama.errors import SlowllamaError
 from slowllama.settings import COMMANDS, GROUPS
 
@@ -108,7 +108,9 @@ def settings_from(cls, namespace: argparse.Namespace, command: str = ""):
         if (f.metadata.get("positional") or f.metadata.get("required")) and values.get(f.name) is None:
             name = f.name.upper() if f.metadata.get("positional") else f"--{f.name.replace('_', '-')}"
             raise SlowllamaError(f"{name}: required (on the command line, or as {f.name} in a -c/--config file)")
-    return cls(**values)
+    settings = cls(**values)
+    check_numbers(settings)
+    return settings
 
 
 def log(message: str) -> None:
@@ -166,10 +168,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"slowllama {ns.command}: interrupted", file=sys.stderr)
         return 130
-    except OSError as e:  # a full disk outside the paths that say so themselves
-        if debug or e.errno != errno.ENOSPC:
+    except OSError as e:  # permissions, a read-only disk, a full one, a file where a folder belongs ...: the path
+        if debug:
             raise
-        print(f"slowllama {ns.command}: error: {e.filename or ''}: disk full ({e.strerror})", file=sys.stderr)
+        what = "disk full" if e.errno == errno.ENOSPC else "cannot read or write"
+        where = e.filename or "(unnamed file)"
+        print(f"slowllama {ns.command}: error: {where}: {what} ({e.strerror or e})", file=sys.stderr)
+        return 2
+    except MemoryError:
+        if debug:
+            raise
+        print(f"slowllama {ns.command}: error: out of memory (an input larger than this machine's memory?)",
+              file=sys.stderr)
         return 2
 
 

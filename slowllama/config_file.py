@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 
@@ -36,15 +37,27 @@ def check_value(where: str, key: str, value, typ: type, choices):
         value, ok = float(value), True
     if not ok:
         raise SlowllamaError(f"{where}: {key} must be {TOML_TYPE[typ]}, got {type(value).__name__} {value!r}")
+    if typ is float and not math.isfinite(value):
+        raise SlowllamaError(f"{where}: {key} must be a finite number, got {value!r}")
     if choices and value not in choices:
         raise SlowllamaError(f"{where}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
     return value
+
+
+def check_numbers(settings) -> None:
+    """Every number of a command's settings finite (a NaN or inf flag turns into NaN losses or endless loops)."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SlowllamaError(f"--{f.name.replace('_', '-')}: must be a finite number, got {value}")
 
 
 def read_config(path: Path, cls, command: str) -> dict:
     """The settings in a TOML file, by field name, type-checked; unknown keys are errors."""
     path = Path(path)
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block the read, a device never end
+            raise SlowllamaError(f"{path}: not a regular file")
         raw = path.read_bytes()
     except FileNotFoundError:
         raise SlowllamaError(f"{path}: config file not found") from None

@@ -2,7 +2,9 @@
 
 The points: forward.module / backward.module (before each module of a pass), store.write.before /
 store.write.after (each module file), store.begin_step (journal written), store.commit.before_rename /
-store.commit.after_rename (the manifest's replacement).
+store.commit.after_rename (the manifest's replacement); LoRA's saves: lora.save.files (the step's files
+written), lora.save.copy (a copy written, before its rename), lora.state.before_rename /
+lora.state.after_rename (state.json's replacement), lora.save.committed (before adapters.safetensors).
 
 Only a test arms them, through slowllama.testing.faults (which sets `hook`); until then `fault_point`
 is one check of a None.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,6 +15,8 @@ def read_json(path: Path, what: Optional[str] = None) -> Any:
     """Read a JSON file, turning every way it can be bad into one line naming the file."""
     what = what or str(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read, a device never end
+            raise SlowllamaError(f"{what}: not a regular file")
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SlowllamaError(f"{what}: file not found") from None

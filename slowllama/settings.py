@@ -260,7 +260,7 @@ class PlotSettings:
 
 @dataclass
 class VerifySettings:
-    store: str = opt(None, "the store to check", positional=True)
+    store: str = opt(None, "the store (or LoRA adapter folder) to check", positional=True)
     json: bool = opt(False, "print the summary as one JSON object")
     debug: bool = opt(False, "show tracebacks of errors")
 

@@ -110,8 +110,13 @@ def test_store_exists(src, tmp_path):
     (tmp_path / "store" / "keep.txt").write_text("mine")
     assert_one_line_error(run_cli("prepare", src, tmp_path / "store"), "already exists", "--force")
     assert (tmp_path / "store" / "keep.txt").read_text() == "mine"
-    run_cli("prepare", src, tmp_path / "store", "--force", check=0)
-    assert (tmp_path / "store" / "manifest.json").exists() and not (tmp_path / "store" / "keep.txt").exists()
+    # --force replaces only a previous output of the same kind: a store, not a folder of other things
+    assert_one_line_error(run_cli("prepare", src, tmp_path / "store", "--force"), "replaces only a slowllama store")
+    assert (tmp_path / "store" / "keep.txt").read_text() == "mine"
+    run_cli("prepare", src, tmp_path / "new", check=0)
+    (tmp_path / "new" / "keep.txt").write_text("old store's")
+    run_cli("prepare", src, tmp_path / "new", "--force", check=0)
+    assert (tmp_path / "new" / "manifest.json").exists() and not (tmp_path / "new" / "keep.txt").exists()
 
 
 def test_not_enough_disk(src, tmp_path, monkeypatch):

@@ -177,7 +177,8 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_step_in_progress(tmp_pat
     stopped = torchrun(store, RUNS["adamw-streaming"], env={"SLOWLLAMA_FAULTS": "backward.module:5:sigterm",
                                                             "SLOWLLAMA_FAULTS_RANK": "1"}, module=FAULTS_RUNNER)
     assert stopped.returncode != 0
-    assert "stopped after step 2 of 3; the store is committed" in stopped.stderr, stopped.stderr
+    assert "stopped after step 2 of 3; the store is at step 2 (step 2 of the run), committed" in stopped.stderr, \
+        stopped.stderr
     assert Store.open(store).step == 2
     assert_clean(store)
     resumed = torchrun(store, RUNS["adamw-streaming"])

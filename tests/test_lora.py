@@ -140,10 +140,16 @@ def test_adapter_that_does_not_match_the_store(store_fp32, tmp_path, tiny_fp32):
     run_lora(other, tmp_path / "ad", steps=1, lr=1e-2)
     assert_one_line_error(run_cli("eval", store_fp32, "--adapter-path", tmp_path / "ad", "--data", ALICE),
                           "adapter_config.json", "dim 64")
-    # a tampered adapter file: the first mismatching tensor is named
+    # a tampered adapter file: state.json's checksum names it
     run_lora(store_fp32, tmp_path / "ad2", steps=1, lr=1e-2)
     tensors = st.read_file(str(tmp_path / "ad2" / "adapters.safetensors"))
     tensors["layers.0.attention.wq.lora_a"] = torch.zeros(2, 128)
+    st.write_file(str(tmp_path / "ad2" / "adapters@1.safetensors"), tensors)
+    assert_one_line_error(run_cli("fuse", store_fp32, tmp_path / "f", "--adapter-path", tmp_path / "ad2"),
+                          "adapters@1.safetensors", "the manifest says")
+    assert not (tmp_path / "f").exists()
+    # adapters.safetensors and adapter_config.json alone (copied elsewhere): the first mismatching tensor is named
+    (tmp_path / "ad2" / "state.json").unlink()
     st.write_file(str(tmp_path / "ad2" / "adapters.safetensors"), tensors)
     assert_one_line_error(run_cli("fuse", store_fp32, tmp_path / "f", "--adapter-path", tmp_path / "ad2"),
                           "layers.0.attention.wq.lora_a", "shape")

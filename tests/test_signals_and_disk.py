@@ -30,7 +30,8 @@ def test_a_signal_stops_after_the_step_in_progress(how, code, tmp_path, tmp_path
     assert proc.returncode == code, proc.stderr
     name = "SIGINT" if how == "sigint" else "SIGTERM"
     assert f"{name}: stopping once the step in progress is committed" in proc.stderr
-    assert f"stopped after step 2 of 3; the store is committed. {RESUME_HINT}" in proc.stderr
+    assert f"stopped after step 2 of 3; the store is at step 2 (step 2 of the run), committed. {RESUME_HINT}" \
+        in proc.stderr
     assert "Traceback" not in proc.stderr
     assert Store.open(store).step == 2  # step 2 was finished and committed, step 3 not begun
     assert_clean(store)
@@ -68,7 +69,7 @@ def test_a_signal_from_outside(tmp_path, tmp_path_factory):
         assert child.returncode == 143, err
     finally:
         child.kill()
-    assert f"stopped after step 1 of 3; the store is committed. {RESUME_HINT}" in err
+    assert f"stopped after step 1 of 3; the store is at step 1 (step 1 of the run), committed. {RESUME_HINT}" in err
     assert Store.open(store).step == 1
     assert_clean(store)
 
@@ -83,7 +84,8 @@ def test_a_second_signal_stops_at_once(how, code, second, step, tmp_path, tmp_pa
     store = fresh_store(tmp_path_factory, tmp_path / "store")
     proc = finetune_cli(store, "sgd", f"backward.module:6:{how},{second}:{how}")
     assert proc.returncode == code, proc.stderr
-    assert f"interrupted: the store is at step {step}, committed; run the same command again to resume" \
+    assert f"interrupted: the store is at step {step} (step {step} of the run), committed; run the same command " \
+           "again to resume" \
         in proc.stderr
     assert "Traceback" not in proc.stderr
     assert Store.open(store).step == step

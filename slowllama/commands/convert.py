@@ -16,6 +16,7 @@ from slowllama.model.shapes import module_names
 from slowllama.settings import ExportSettings, FuseSettings, PrepareSettings
 from slowllama.store.adapters import AdapterFolder
 from slowllama.store.builder import StoreBuilder
+from slowllama.store.destination import check_destination
 from slowllama.store.guards import check_free_space
 from slowllama.store.store import Store
 
@@ -28,9 +29,7 @@ def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] 
     is exported like any store and then removed.
     """
     store = Store.open(store_path)
-    out = Path(out)
-    if out.exists() and not force:
-        raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
+    out = check_destination(Path(out), "checkpoint", force, (store.path, adapter_path))
     folder = AdapterFolder(Path(adapter_path))
     if not folder.exists():
         raise SlowllamaError(f"{folder.path}: no adapter_config.json (not a slowllama adapter folder)")

@@ -3,9 +3,9 @@ rank or several."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import signal
 import time
 from dataclasses import asdict, replace
 from typing import Callable
@@ -31,9 +31,12 @@ from slowllama.optim.registry import make_optimizer
 from slowllama.optim.schedule import SCHEDULES, lr_at
 from slowllama.settings import DEFAULT_LORA_LR, DEFAULT_LR, FinetuneSettings
 from slowllama.sizes import format_size, host_peak_rss
+from slowllama.store.atomic import write_json_atomic
+from slowllama.store.destination import check_run_folder
+from slowllama.store.safe_files import open_append
 from slowllama.store.store import Store
 from slowllama.train.checkpoints import AdapterCheckpoint, NoCheckpoint, StoreCheckpoint, share_adapters
-from slowllama.train.signals import StoppedBySignal, StopRequest
+from slowllama.train.signals import StoppedBySignal, StopRequest, exit_code, signal_name
 from slowllama.train.trainer import Trainer
 
 # settings that define a run: changing them on resume changes the result, so it is reported
@@ -79,6 +82,13 @@ def validate_finetune(s: FinetuneSettings) -> None:
         raise SlowllamaError(f"--grad-clip: must be >= 0, got {s.grad_clip}")
     if s.optimizer == "sgd" and s.weight_decay:
         raise SlowllamaError("--weight-decay: applies to --optimizer adamw (SGD here has no weight decay)")
+    if not s.adam_eps > 0:
+        raise SlowllamaError(f"--adam-eps: must be > 0, got {s.adam_eps}")
+    if not s.weight_decay >= 0:
+        raise SlowllamaError(f"--weight-decay: must be >= 0, got {s.weight_decay}")
+    if s.adapter_path and not s.lora_rank:  # never a silent full fine-tune of the store in place
+        raise SlowllamaError(f"--adapter-path: trains LoRA adapters only with --lora-rank R (e.g. --lora-rank 8); "
+                             f"without it finetune would update {s.store} itself")
     if s.lr_schedule not in SCHEDULES:
         raise SlowllamaError(f"--lr-schedule: unknown schedule {s.lr_schedule!r}")
 
@@ -126,9 +136,8 @@ def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:
         checkpoint = (AdapterCheckpoint(store, s.adapter_path, lora_config(s), s.seed, s.new_run, s.save_every,
                                         s.steps, resolve_device(s)[0], log) if lora else StoreCheckpoint(store))
         return _finetune(store, checkpoint, s, log, emit, fleet)
-    except KeyboardInterrupt as e:  # a second Ctrl-C: the step in progress was rolled back
-        where = "the adapters are at their last saved step" if lora else f"the store is at step {store.step}, committed"
-        log(f"interrupted: {where}; run the same command again to resume")
+    except KeyboardInterrupt as e:  # a second Ctrl-C: the steps since the last commit were rolled back
+        log(f"interrupted: {kept_by(checkpoint, store)}; run the same command again to resume")
         raise StoppedBySignal(getattr(e, "code", 130)) from None
     finally:
         if isinstance(checkpoint, AdapterCheckpoint):
@@ -153,6 +162,19 @@ def _finetune_follower(fleet: Fleet, s: FinetuneSettings, emit) -> dict:
     except (RuntimeError, OSError) as e:  # most often: another rank stopped, and its collectives with it
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise SlowllamaError(f"rank {fleet.rank}: stopped ({type(e).__name__}: {first})") from e
+
+
+def kept_by(checkpoint, store: Store) -> str:
+    """What a run stopped at once keeps: its last committed step, said exactly."""
+    if isinstance(checkpoint, AdapterCheckpoint):
+        with contextlib.suppress(SlowllamaError, OSError):
+            state = checkpoint.folder.state()
+            if state:
+                return f"the adapters are at step {state['step']} of the run, saved"
+        return "the adapter folder holds no saved step"
+    run = store.run
+    of_run = f" (step {store.step - run.start_step} of the run)" if run is not None else ""
+    return f"the store is at step {store.step}{of_run}, committed"
 
 
 class StallWatch:
@@ -236,6 +258,8 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
     if done >= s.steps:
         log(f"{checkpoint.run_dir if s.lora_rank else store.path}: the run has already finished {done} of "
             f"{s.steps} steps; nothing to do")
+        if fleet.main and not (checkpoint.run_dir / "loss.png").exists():  # a run stopped in its last step
+            plot_run(checkpoint.run_dir, log)
         return {"steps_done": done, "nothing_to_do": True}
     optimizer = optimizer_of(s)
     master = s.master_weights == "fp32" or store.has_master_weights
@@ -258,15 +282,15 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
             f"{100 * trainable / total:.2f}% of the model's {total:,})")
     if not s.lora_rank and fleet.main:
         check_disk_for_steps(store, engine, s.batch_size * s.accumulate, s.seq_len)
-    stop = StopRequest(log)
+    stop = StopRequest(log, kept=lambda: kept_by(checkpoint, store))
     trainer = Trainer(engine, checkpoint, run, done=done, steps=s.steps, save_every=s.save_every,
                       grad_clip=s.grad_clip, clip_norm=s.clip_norm, stop=lambda: stop.signum or 0, log=log)
     if fleet.active:
         log(engine.choose_replication())
-    if fleet.main:
-        (checkpoint.run_dir / "settings.json").write_text(json.dumps(
-            {"settings": asdict(s), "start_step": run.start_step, "resumed_at": done,
-             "ranks": fleet.world}, indent=1) + "\n")
+    if fleet.main:  # atomically, never through a link planted in the run folder
+        check_run_folder(checkpoint.run_dir)
+        write_json_atomic(checkpoint.run_dir / "settings.json", {"settings": asdict(s), "start_step": run.start_step,
+                                                                 "resumed_at": done, "ranks": fleet.world})
     if done:
         log(f"resuming the run at step {done} of {s.steps}")
 
@@ -319,17 +343,19 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
             if fleet.main and ((s.eval_every and number % s.eval_every == 0) or number == s.steps):
                 last.update(eval_and_show(number))  # rank 0 alone: the others wait at the next step
             if fleet.main:
-                with open(checkpoint.run_dir / "metrics.jsonl", "a") as f:
+                with open_append(checkpoint.run_dir / "metrics.jsonl") as f:
                     f.write(json.dumps(last) + "\n")
             emit(last)
-            if outcome.stop:
-                code = 130 if outcome.stop == signal.SIGINT else 143
-                log(f"stopped after step {number} of {s.steps}; "
-                    f"{'the adapters are saved' if s.lora_rank else 'the store is committed'}. "
+            if outcome.stop and number < s.steps:
+                log(f"stopped after step {number} of {s.steps}; {kept_by(checkpoint, store)}. "
                     "Run the same command again to resume.")
-                raise StoppedBySignal(code)
+                raise StoppedBySignal(exit_code(outcome.stop))
     if fleet.main:
         plot_run(checkpoint.run_dir, log)
     log(f"done: {s.steps} steps, last loss {last.get('loss', float('nan')):.4f}, peak RSS "
         f"{format_size(host_peak_rss())}")
+    if stop.signum:  # a signal in the last step: the run is complete, its outputs written
+        log(f"stopped by {signal_name(stop.signum)} in the last step: the run is complete "
+            f"({kept_by(checkpoint, store)})")
+        raise StoppedBySignal(exit_code(stop.signum))
     return last

@@ -9,20 +9,30 @@ from typing import Callable, Optional
 
 from slowllama.errors import SlowllamaError
 from slowllama.settings import PlotSettings
+from slowllama.store.destination import check_output_file
+from slowllama.store.safe_files import check_regular, open_new
 
+PNG = b"\x89PNG\r\n\x1a\n"  # the start of every PNG: an existing --out is replaced only if it is one
 MISSING = "matplotlib is not installed (pip install 'slowllama[plot]')"
 
 
 def read_metrics(path: Path) -> list[dict]:
     """The last run's lines of a metrics.jsonl: a step not above the one before starts a new run."""
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    check_regular(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SlowllamaError(f"{path}: not UTF-8 text") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             step = int(row["step"])
-        except (ValueError, KeyError, TypeError):
+            if not all(isinstance(row.get(k, 0.0), (int, float)) for k in ("loss", "eval_loss")):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, OverflowError):
             raise SlowllamaError(f"{path}:{number}: not a metrics line (JSON with a 'step')") from None
         if rows and step <= rows[-1]["step"]:
             rows = []
@@ -51,10 +61,12 @@ def plot_losses(rows: list[dict], out: Path, title: str = "") -> Path:
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp.png")
     try:
-        fig.savefig(tmp)
+        with open_new(tmp) as f:  # never through a link planted at the temporary name
+            fig.savefig(f, format="png")
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink()
     return out
 
 
@@ -86,7 +98,7 @@ def run(s: PlotSettings, log: Callable[[str], None]) -> None:
     rows = read_metrics(metrics)
     if not rows:
         raise SlowllamaError(f"{metrics}: no steps recorded yet")
-    out = Path(s.out) if s.out else metrics.parent / "loss.png"
+    out = check_output_file(Path(s.out) if s.out else metrics.parent / "loss.png", magic=PNG)
     try:
         log(f"wrote {plot_losses(rows, out, title=metrics.parent.resolve().parent.name)}")
     except ImportError:

@@ -12,6 +12,7 @@ from slowllama.errors import SlowllamaError
 from slowllama.formats.meta import export_plan
 from slowllama.settings import VerifySettings
 from slowllama.sizes import format_size
+from slowllama.store.adapters import CONFIG, AdapterFolder
 from slowllama.store.manifest import KINDS, MANIFEST
 from slowllama.store.store import OWN_PATHS, Store
 
@@ -86,8 +87,18 @@ def layout_problems(store: Store) -> tuple[list[str], list[str]]:
     return problems, leftovers
 
 
+def verify_adapters(path: Path, log: Callable[[str], None] = print) -> dict:
+    """Check an adapter folder without changing it (store/adapters.py: AdapterFolder.verify)."""
+    summary = AdapterFolder(path).verify()
+    log(f"{path}: adapters at step {summary['step']}, {summary['files']} files: sizes, checksums, names and "
+        "shapes all match")
+    return summary
+
+
 def run(s: VerifySettings, log: Callable[[str], None]) -> None:
-    """`slowllama verify`: the report on stdout (with --json, also the summary as one JSON object)."""
-    summary = verify_store(Path(s.store), log=print)
+    """`slowllama verify STORE | ADAPTER_FOLDER`: the report on stdout (with --json, also the summary)."""
+    path = Path(s.store)
+    is_adapters = (path / CONFIG).is_file() and not (path / MANIFEST).exists()
+    summary = verify_adapters(path, log=print) if is_adapters else verify_store(path, log=print)
     if s.json:
         print(json.dumps(summary), flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import datetime
 from typing import Callable
 
@@ -86,7 +87,8 @@ def jinja_template(source: str, bos_token: str, eos_token: str) -> Render:
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = BoundedSandbox(jinja2, ImmutableSandboxedEnvironment)(trim_blocks=True, lstrip_blocks=True,
+                                                                extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals["raise_exception"] = raise_exception
@@ -98,10 +100,88 @@ def jinja_template(source: str, bos_token: str, eos_token: str) -> Render:
                              ) from None
 
     def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token)
+        env.deadline = time.monotonic() + RENDER_SECONDS
+        out, size = [], 0
+        for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                       bos_token=bos_token, eos_token=eos_token):
+            size += len(piece)
+            if size > RENDER_CHARS:
+                raise RenderLimit(f"its output passed {RENDER_CHARS} characters")
+            env.check_time()
+            out.append(piece)
+        return "".join(out)
 
     return render
+
+
+# a chat template renders one conversation: bounded in time and in output, so that a hostile
+# tokenizer_config.json cannot hang or fill memory (three nested loops of range(100000) would)
+RENDER_SECONDS = 10.0
+RENDER_CHARS = 4 << 20
+MAX_REPEAT = 1 << 20  # items of a string or list made by * in a template
+
+
+class RenderLimit(Exception):
+    """A chat template that went past the bounds of a render."""
+
+
+def BoundedSandbox(jinja2, base):
+    """The sandbox with bounds: every loop over range() checks the clock; * and ** are bounded."""
+
+    class Bounded(base):
+        intercepted_binops = frozenset(["*", "**", "+"])
+        deadline = float("inf")
+
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.globals["range"] = self.bounded_range
+
+        def check_time(self) -> None:
+            if time.monotonic() > self.deadline:
+                raise RenderLimit(f"rendering took more than {RENDER_SECONDS:.0f} s")
+
+        def bounded_range(self, *args):
+            values = range(*args)
+            if len(values) > MAX_REPEAT:
+                raise RenderLimit(f"range() of {len(values)} items (at most {MAX_REPEAT})")
+            return TimedRange(values, self.check_time)
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise RenderLimit(f"{left!r} ** {right!r}: exponent too large")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
+                        raise RenderLimit(f"a sequence repeated to {len(seq) * n} items (at most {MAX_REPEAT})")
+            self.check_time()
+            out = super().call_binop(context, operator, left, right)
+            if isinstance(out, (str, list, tuple)) and len(out) > RENDER_CHARS:
+                raise RenderLimit(f"a value of {len(out)} items (at most {RENDER_CHARS})")
+            return out
+
+    return Bounded
+
+
+class TimedRange:
+    """A range (len, indexing, |list, loop.length all work) whose iteration checks the render's clock."""
+
+    def __init__(self, values: range, check: Callable[[], None]):
+        self.values, self.check = values, check
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i):
+        return self.values[i]
+
+    def __iter__(self):
+        for i, value in enumerate(self.values):
+            if i % 1024 == 0:
+                self.check()
+            yield value
+
+    def __reversed__(self):
+        return iter(TimedRange(self.values[::-1], self.check))
 
 
 def chat_template(tokenizer) -> tuple[Render, Callable[[str], list[int]], str]:
@@ -119,6 +199,10 @@ def assistant_spans(messages: list[dict], render: Render, where: str) -> tuple[s
     def call(msgs, gen):
         try:
             return render(msgs, gen)
+        except RenderLimit as e:
+            raise SlowllamaError(f"{where}: the chat template exceeds the bounds of a render: {e}") from None
+        except RecursionError:
+            raise SlowllamaError(f"{where}: the chat template recurses without end") from None
         except Exception as e:  # a template's raise_exception, or its own bug: name the record
             raise SlowllamaError(f"{where}: the chat template failed: {e}") from None
 

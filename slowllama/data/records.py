@@ -8,6 +8,8 @@ and counted.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -31,7 +33,10 @@ def read_text(path: Path) -> str:
     """A data file's text (UTF-8, not empty)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        mode = os.stat(path).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):  # /dev/zero never ends
+            raise SlowllamaError(f"{path}: a device or socket, not a data file")
+        raw = path.read_bytes()  # (a FIFO is read to its end: --data <(command) works)
     except FileNotFoundError:
         raise SlowllamaError(f"{path}: data file not found") from None
     except IsADirectoryError:

@@ -9,7 +9,9 @@ from slowllama.errors import SlowllamaError
 from slowllama.formats.gguf import export_gguf
 from slowllama.formats.hf import EXPECTED, export_hf, is_hf_folder, prepare_hf
 from slowllama.formats.meta import META_FILES, SHARD_RE, export_meta, prepare_meta
+from slowllama.model.tokenizer import TOKENIZER_FILES
 from slowllama.store.manifest import MANIFEST
+from slowllama.store.safe_files import check_regular
 from slowllama.store.store import Store
 
 
@@ -31,7 +33,11 @@ def detect_format(src: Path) -> str:
 def prepare(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
             log: Callable[[str], None] = print) -> Path:
     """Stream a Meta or Hugging Face folder (detected by its files) into a new store."""
-    if detect_format(src) == "hf":
+    fmt = detect_format(src)
+    for name in TOKENIZER_FILES:  # a FIFO or a folder by a tokenizer file's name: refused, not skipped
+        if (Path(src) / name).exists() and not (Path(src) / name).is_file():
+            check_regular(Path(src) / name)
+    if fmt == "hf":
         return prepare_hf(src, dest, dtype=dtype, force=force, log=log)
     return prepare_meta(src, dest, dtype=dtype, force=force, log=log)
 

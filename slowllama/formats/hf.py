@@ -33,6 +33,7 @@ from slowllama.sizes import parse_size
 from slowllama.store import safetensors_io as st
 from slowllama.store.atomic import staged_folder
 from slowllama.store.builder import StoreBuilder
+from slowllama.store.destination import check_destination
 from slowllama.store.guards import check_free_space
 from slowllama.store.manifest import Manifest, SourceRecord
 from slowllama.store.safetensors_io import element_size
@@ -164,8 +165,7 @@ def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool =
     if tok.vocab_size > args.vocab_size:
         raise SlowllamaError(f"{tok.path}: the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size "
                              f"is {args.vocab_size}")
-    if dest.exists() and not force:
-        raise SlowllamaError(f"{dest}: already exists (use --force to replace it)")
+    check_destination(dest, "store", force, (src,))
     _check_tied_copy(src, layouts, routes)
 
     emb_dtype = next(d for layout in layouts for k, d, _ in layout["keys"] if k == "model.embed_tokens.weight")
@@ -326,8 +326,7 @@ def export_hf(store_path: Path, out: Path, shards: Optional[int] = None, max_sha
     """
     store = Store.open(store_path)
     out = Path(out)
-    if out.exists() and not force:
-        raise SlowllamaError(f"{out}: already exists (use --force to replace it)")
+    check_destination(out, "checkpoint", force, (store.path,))
     args, source = store.args, store.source
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else None
     plan, as_source = plan_export(store, shards, max_shard_size, out_dtype)

@@ -239,7 +239,19 @@ def args_from_config(config: dict, where: str = "config.json") -> tuple[ModelArg
                          f"slowllama attends over whole sequences, which equals sliding-window attention up to "
                          f"{window} tokens, so the store's max_seq_len is {window}")
             args.max_seq_len = window
-    return args.validate(where), notes
+    try:
+        return args.validate(where), notes
+    except SlowllamaError as e:  # said in config.json's names
+        message = str(e)
+        for meta, hf_name in META_TO_CONFIG.items():
+            message = message.replace(f"'{meta}'", f"'{hf_name}'")
+        raise SlowllamaError(message) from None
+
+
+# ModelArgs' fields by the config.json names they come from (messages name the field of the file)
+META_TO_CONFIG = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                  "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps",
+                  "max_seq_len": "max_position_embeddings", "hidden_dim_override": "intermediate_size"}
 
 
 def config_from_args(args: ModelArgs, torch_dtype: str, bos_id: Optional[int], eos_id: Optional[int]) -> dict:

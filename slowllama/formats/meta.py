@@ -32,8 +32,10 @@ from slowllama.model.shapes import expected_shapes, join_key, module_names, modu
 from slowllama.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from slowllama.store.atomic import staged_folder
 from slowllama.store.builder import StoreBuilder
-from slowllama.store.guards import check_free_space, check_output_folder
+from slowllama.store.destination import check_destination
+from slowllama.store.guards import check_free_space
 from slowllama.store.manifest import Manifest
+from slowllama.store.safe_files import check_regular
 from slowllama.store.safetensors_io import element_size
 from slowllama.store.store import Store
 
@@ -76,6 +78,7 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint shard, memory-mapped; only plain tensors are accepted (weights_only)."""
+    check_regular(path)  # a FIFO would block the read
     try:
         if zipfile.is_zipfile(path):
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -114,7 +117,7 @@ def args_from_params(params: dict, where: str = "params.json") -> ModelArgs:
     unknown = sorted(set(params) - set(ModelArgs.META_FIELDS))
     if unknown:
         raise SlowllamaError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(ModelArgs.META_FIELDS)})")
-    args = ModelArgs(**params)
+    args = ModelArgs(**params).validate(where)  # numbers finite and in range before any arithmetic on them
     if "max_seq_len" not in params and is_code_llama(args):
         args.max_seq_len = CODE_LLAMA_MAX_SEQ_LEN  # Code Llama's params.json does not say it
     return args.validate(where)
@@ -161,7 +164,7 @@ def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool
     params, args = read_meta_params(src)
     shards = shard_files(src)
     tok = load_tokenizer(src)
-    check_output_folder(dest, force, (src,))
+    check_destination(dest, "store", force, (src,))
 
     n = len(shards)
     first = load_shard(shards[0])
@@ -283,7 +286,7 @@ def export_meta(store_path: Path, out: Path, shards: Optional[int] = None, dtype
     """Write a Meta folder from a store: the source's shard count, keys and dtypes unless told otherwise."""
     store = Store.open(store_path)
     out = Path(out)
-    check_output_folder(out, force, (store.path,))
+    check_destination(out, "checkpoint", force, (store.path,))
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else None
     source, n, plan, full, params, tokenizer_files = export_plan(store, shards, out_dtype)
 
@@ -339,6 +342,8 @@ def export_plan(store: Store, shards: Optional[int] = None, out_dtype=None):
     except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
         raise SlowllamaError(f"{store.path / 'manifest.json'}: field 'source' is malformed ({type(e).__name__}: "
                              f"{str(e)[:80]})") from None
+    if params:  # written out as params.json: its numbers checked like any params.json's
+        args_from_params(params, f"{store.path / 'manifest.json'}: source.params")
     params = params or meta_params(store.args)  # refuses what params.json cannot express, before anything is written
     tokenizer_files = ["tokenizer.model"] if source.tokenizer_files is None else source.tokenizer_files
     for name in tokenizer_files if isinstance(tokenizer_files, list) else [tokenizer_files]:

@@ -18,7 +18,7 @@ from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.model.families import PRESETS
 from slowllama.model.shapes import expected_shapes
 from slowllama.model.tokenizer import train_tokenizer
-from slowllama.store.guards import check_output_folder
+from slowllama.store.destination import check_destination
 
 # chapter 1 of Alice's Adventures in Wonderland (public domain), shipped with the package
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "assets" / "alice.txt"
@@ -60,7 +60,7 @@ def write_tiny(out: Path, *, text: Optional[Path] = None, shards: int = 2, dtype
     if not text.is_file():
         raise SlowllamaError(f"{text}: training text for the tokenizer not found (pass --text FILE)")
     read_text(text)  # UTF-8, not empty
-    check_output_folder(out, force)
+    check_destination(out, "model", force)
     params = {**PRESETS["tiny"], **overrides}
     args = args_from_params(params, "tiny model")
     if shards < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,6 +16,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def finite_number(value) -> bool:
+    """An int or float (not a bool) that is finite: what every number of a model's config must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def dtype_from_name(name: str, what: str = "dtype") -> torch.dtype:
@@ -90,11 +96,33 @@ class ModelArgs:
             raise SlowllamaError(f"{where}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise SlowllamaError(f"{where}: field {name!r} must be a positive number, got {value!r}")
+            if not finite_number(value) or value <= 0:
+                raise SlowllamaError(f"{where}: field {name!r} must be a positive finite number, got {value!r}")
+        if self.norm_eps >= 1:
+            raise SlowllamaError(f"{where}: field 'norm_eps' must be below 1, got {self.norm_eps!r}")
         if self.ffn_dim_multiplier is not None and (
-                not isinstance(self.ffn_dim_multiplier, (int, float)) or self.ffn_dim_multiplier <= 0):
-            raise SlowllamaError(f"{where}: field 'ffn_dim_multiplier' must be a positive number, got {self.ffn_dim_multiplier!r}")
+                not finite_number(self.ffn_dim_multiplier) or not 0 < self.ffn_dim_multiplier <= 64):
+            raise SlowllamaError(f"{where}: field 'ffn_dim_multiplier' must be a positive finite number (at most "
+                                 f"64), got {self.ffn_dim_multiplier!r}")
+        # sizes beyond any real model: refused before they turn into allocations
+        for name, cap in (("dim", 1 << 20), ("n_layers", 1 << 12), ("n_heads", 1 << 12), ("multiple_of", 1 << 20),
+                          ("max_seq_len", 1 << 24), ("vocab_size", 1 << 24), ("n_kv_heads", 1 << 12),
+                          ("hidden_dim_override", 1 << 22)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value > cap):
+                raise SlowllamaError(f"{where}: field {name!r} must be an integer of at most {cap}, got {value!r}")
+        if self.hidden_dim_override is not None and self.hidden_dim_override < 1:
+            raise SlowllamaError(f"{where}: field 'hidden_dim_override' must be positive, got "
+                                 f"{self.hidden_dim_override!r}")
+        for name in ("use_scaled_rope", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise SlowllamaError(f"{where}: field {name!r} must be true or false, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise SlowllamaError(f"{where}: field 'rope_scaling' must be an object, got {self.rope_scaling!r}")
+            for key, value in self.rope_scaling.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise SlowllamaError(f"{where}: field 'rope_scaling.{key}' must be finite, got {value!r}")
         return self
 
     def to_dict(self) -> dict:

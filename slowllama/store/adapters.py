@@ -1,26 +1,34 @@
 """The adapter folder of a LoRA run: the adapters, their optimizer state, the run's step, snapshots.
 
-A save writes adapters@S / optim@S files, then state.json (atomically) naming them; only then
-are the previous ones removed and adapters.safetensors refreshed. So a kill at any instant
-leaves the folder at one step."""
+state.json is the folder's commit, as the manifest is a store's: a save writes adapters@S, optim@S and
+the step's snapshot (under a temporary name, then renamed), then replaces state.json, which names
+them with their sizes and xxh3-128 checksums; only then are the previous step's files removed and
+adapters.safetensors refreshed (a copy, for other tools). Every slowllama reader goes through
+state.json and checks what it reads, so a kill at any instant leaves the folder at one step; the
+next finetune on the folder removes the files no state names and brings adapters.safetensors up to
+date, and `slowllama verify` checks it all."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-import shutil
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from slowllama.errors import SlowllamaError
+from slowllama.faults import fault_point
 from slowllama.jsonfile import read_json
 from slowllama.model.args import ModelArgs
 from slowllama.model.lora import LoRAConfig, init_params
 from slowllama.store import safetensors_io as st
-from slowllama.store.atomic import write_json_atomic
+from slowllama.store.atomic import fsync_dir, write_json_atomic
+from slowllama.store.destination import check_destination
 from slowllama.store.lock import StoreLock
+from slowllama.store.safe_files import open_new, os_error
 
 ADAPTERS = "adapters.safetensors"
 
@@ -31,13 +39,15 @@ CONFIG = "adapter_config.json"
 STATE = "state.json"
 
 
-class AdapterFolder:
-    """The adapter folder of a LoRA run: the result, the optimizer state, the run's step, snapshots.
+# what a run writes or reads in the folder by these names: none may be a link (it would lead the writes outside)
+OWN_NAMES = (CONFIG, STATE, ADAPTERS, "settings.json", "metrics.jsonl", "loss.png", "lock", "scratch")
+# the only names state.json may give its files (never a path: its names are read and removed)
+STEP_FILE = re.compile(r"(adapters|optim)@\d+\.safetensors|\d{7}_adapters\.safetensors")
+MAX_RANK = 1 << 16
 
-    A save writes adapters@S / optim@S files, then state.json (atomically) naming them; only then
-    are the previous ones removed and adapters.safetensors refreshed. So a kill at any instant
-    leaves the folder at one step.
-    """
+
+class AdapterFolder:
+    """The adapter folder of a LoRA run: the result, the optimizer state, the run's step, snapshots (see above)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -47,15 +57,44 @@ class AdapterFolder:
     def exists(self) -> bool:
         return (self.path / CONFIG).is_file()
 
-    def open_for_training(self, log) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+    def open_for_training(self, log: Callable[[str], None], protected: tuple = ()) -> None:
+        """Lock the folder (a new or empty one, or an adapter folder; never inside `protected`, the store) and
+        finish or undo what an interrupted save left."""
+        check_destination(self.path, "adapters", protected=protected, reuse=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error(self.path, e, "cannot create the adapter folder") from None
+        for name in OWN_NAMES:
+            if (self.path / name).is_symlink():
+                raise SlowllamaError(f"{self.path / name}: a symbolic link; an adapter folder's own files must lie "
+                                     "inside it (remove the link)")
         self.lock = StoreLock(self.path)
         self.lock.acquire(log)
+        try:
+            self._recover(log)
+        except BaseException:
+            self.close()
+            raise
+
+    def _recover(self, log) -> None:
+        """Remove what no state.json names (a save cut off before its commit, temporary names), and renew
+        adapters.safetensors if a kill came between the commit and its copy."""
         state = self.state()
-        keep = set(state.get("files", {}).values()) if state else set()
-        for f in self.path.glob("*@*.safetensors"):  # leftovers of an interrupted save
-            if f.name not in keep:
+        keep = set(state["files"].values()) | set(state.get("snapshots", [])) if state else set()
+        removed = 0
+        for f in self.path.iterdir():
+            leftover = f.name.endswith(".tmp") or (STEP_FILE.fullmatch(f.name) and f.name not in keep
+                                                    and (state is None or "snapshots" in state
+                                                         or "@" in f.name))
+            if leftover and not f.is_dir():  # a link is removed, never followed
                 f.unlink()
+                removed += 1
+        if state and "checksums" in state and self._result_stale(state):
+            self._refresh_result(state)
+            log(f"recovered: {self.path / ADAPTERS} brought up to step {state['step']}, which state.json names")
+        elif removed:
+            log(f"recovered: removed {removed} files an interrupted save left in {self.path}")
 
     def close(self) -> None:
         if self.lock:
@@ -63,35 +102,83 @@ class AdapterFolder:
             self.lock = None
 
     def config(self) -> dict:
-        return read_json(self.path / CONFIG)
+        c = read_json(self.path / CONFIG)
+        if not isinstance(c, dict):
+            raise SlowllamaError(f"{self.path / CONFIG}: not a slowllama adapter config (expected an object)")
+        return c
 
     def state(self) -> Optional[dict]:
-        return read_json(self.path / STATE) if (self.path / STATE).is_file() else None
+        """state.json, checked: the step, and file names that are names of this folder's step files."""
+        path = self.path / STATE
+        if not path.exists() and not path.is_symlink():
+            return None
+        state = read_json(path)
+        ok = isinstance(state, dict) and isinstance(state.get("step"), int) and not isinstance(state["step"], bool) \
+            and state["step"] >= 0 and isinstance(state.get("files"), dict) \
+            and set(state["files"]) == {"adapters", "optim"} and isinstance(state.get("run", {}), dict) \
+            and isinstance(state.get("snapshots", []), list) and isinstance(state.get("checksums", {}), dict)
+        names = list(state["files"].values()) + list(state.get("snapshots", [])) if ok else []
+        if not ok or not all(isinstance(n, str) and STEP_FILE.fullmatch(n) for n in names):
+            raise SlowllamaError(f"{path}: not a slowllama adapter state (step, files, snapshots)")
+        norm = state.get("run", {}).get("grad_norm")
+        if norm is not None and (not isinstance(norm, (int, float)) or isinstance(norm, bool)
+                                 or not math.isfinite(norm) or norm < 0):
+            raise SlowllamaError(f"{path}: field 'run.grad_norm' must be a finite number >= 0, got {norm!r}")
+        for name, entry in state.get("checksums", {}).items():
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+                    and not isinstance(entry[0], bool) and entry[0] >= 0 and isinstance(entry[1], str)):
+                raise SlowllamaError(f"{path}: the checksum of {name!r} must be [bytes, xxh3]")
+        return state
 
     def write_config(self, cfg: LoRAConfig, args: ModelArgs) -> None:
         write_json_atomic(self.path / CONFIG, {"format": "slowllama-lora", "rank": cfg.rank, "alpha": cfg.alpha,
                                                "dropout": cfg.dropout, "targets": list(cfg.targets),
                                                "model": args.to_dict()})
 
-    def load_config(self, args: ModelArgs) -> LoRAConfig:
-        """The adapter's config, checked against the base model."""
+    def load_config(self, args: Optional[ModelArgs]) -> LoRAConfig:
+        """The adapter's config, checked (and against the base model, when given)."""
         c = self.config()
         where = str(self.path / CONFIG)
         try:
-            cfg = LoRAConfig(int(c["rank"]), float(c["alpha"]), float(c.get("dropout", 0.0)), tuple(c["targets"]))
+            cfg = LoRAConfig(c["rank"], float(c["alpha"]), float(c.get("dropout", 0.0)), tuple(c["targets"]))
         except (KeyError, TypeError, ValueError):
             raise SlowllamaError(f"{where}: not a slowllama adapter config (rank, alpha, targets)") from None
-        cfg.validate()
+        if not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or not 1 <= cfg.rank <= MAX_RANK \
+                or not all(isinstance(t, str) for t in cfg.targets):
+            raise SlowllamaError(f"{where}: field 'rank' must be an integer in [1, {MAX_RANK}], targets names, "
+                                 f"got rank {cfg.rank!r}")
+        try:
+            cfg.validate()
+        except SlowllamaError as e:  # its messages name the flags: name the file too
+            raise SlowllamaError(f"{where}: {e}") from None
         base = c.get("model", {})
+        if not isinstance(base, dict):
+            raise SlowllamaError(f"{where}: field 'model' must be an object")
         for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
-            if field in base and base[field] != getattr(args, field):
+            if args is not None and field in base and base[field] != getattr(args, field):
                 raise SlowllamaError(f"{where}: the adapter is for a model with {field} {base[field]}, "
                                      f"the store has {getattr(args, field)}")
         return cfg
 
-    def load_params(self, args: ModelArgs, cfg: LoRAConfig, device, name: str = ADAPTERS) -> dict[str, torch.Tensor]:
+    def _expect(self, state: Optional[dict], name: str) -> Optional[tuple[int, str]]:
+        entry = (state or {}).get("checksums", {}).get(name)
+        return None if entry is None else (entry[0], entry[1])
+
+    def _read(self, name: str, state: Optional[dict]) -> dict[str, torch.Tensor]:
         path = self.path / name
-        tensors = st.read_file(str(path))
+        if path.is_symlink():
+            raise SlowllamaError(f"{path}: a symbolic link; an adapter folder's files must lie inside it")
+        return st.read_file(str(path), expect=self._expect(state, name))
+
+    def load_params(self, args: ModelArgs, cfg: LoRAConfig, device, name: Optional[str] = None
+                    ) -> dict[str, torch.Tensor]:
+        """The adapters of the last saved step (the file state.json names, checked against its checksum; in a
+        folder without state.json, adapters.safetensors as it is), checked against the config's shapes."""
+        state = self.state()
+        if name is None:
+            name = state["files"]["adapters"] if state else ADAPTERS
+        path = self.path / name
+        tensors = self._read(name, state)
         expected = init_params(args, cfg, 0, "meta")
         for key, t in expected.items():
             if key not in tensors:
@@ -105,29 +192,88 @@ class AdapterFolder:
         return {k: tensors[k].float().to(device) for k in expected}
 
     def save(self, step: int, params: dict, optim_state: dict, run: dict, snapshot: bool) -> None:
-        """Atomically make (params, optimizer state, run) the folder's state at `step`."""
+        """Atomically make (params, optimizer state, run) the folder's state at `step` (see the module's doc)."""
         old = self.state()
         files = {"adapters": f"adapters@{step}.safetensors", "optim": f"optim@{step}.safetensors"}
+        checksums = {}
         for key, tensors in (("adapters", params), ("optim", optim_state)):
-            size, _ = st.write_file(str(self.path / files[key]), {k: v.detach().cpu() for k, v in tensors.items()})
+            size, digest = st.write_file(str(self.path / files[key]), {k: v.detach().cpu() for k, v in tensors.items()})
+            checksums[files[key]] = [size, digest]
             self.bytes_written += size
-        write_json_atomic(self.path / STATE, {"step": step, "files": files, "run": run})
+        fault_point("lora.save.files")
+        snapshots = [n for n in (old or {}).get("snapshots", []) if n in (old or {}).get("checksums", {})
+                     and (self.path / n).is_file()]
+        for n in snapshots:
+            checksums[n] = old["checksums"][n]
+        if snapshot:
+            name = f"{step:07d}_{ADAPTERS}"
+            self._copy(files["adapters"], name)  # complete and durable under its name before state.json names it
+            snapshots = [n for n in snapshots if n != name] + [name]
+            checksums[name] = checksums[files["adapters"]]
+            self.bytes_written += checksums[name][0]
+        write_json_atomic(self.path / STATE, {"step": step, "files": files, "snapshots": snapshots,
+                                              "checksums": checksums, "run": run}, fault="lora.state")
         if old:
-            for name in set(old.get("files", {}).values()) - set(files.values()):
+            for name in set(old["files"].values()) - set(files.values()):
                 with contextlib.suppress(FileNotFoundError):
                     (self.path / name).unlink()
-        # the plain result file users load, refreshed by copy + rename
-        tmp = self.path / (ADAPTERS + ".tmp")
-        shutil.copyfile(self.path / files["adapters"], tmp)
-        os.replace(tmp, self.path / ADAPTERS)
-        copies = 2 if snapshot else 1
-        if snapshot:
-            shutil.copyfile(self.path / files["adapters"], self.path / f"{step:07d}_{ADAPTERS}")
-        self.bytes_written += copies * (self.path / ADAPTERS).stat().st_size  # every byte the disk took
+        fault_point("lora.save.committed")
+        self._refresh_result(self.state())
+        self.bytes_written += checksums[files["adapters"]][0]  # every byte the disk took
+
+    def _copy(self, src: str, dest: str) -> None:
+        """Copy a file of the folder to a new name: a temporary file fsynced, then renamed."""
+        tmp = self.path / (dest + ".tmp")
+        data = (self.path / src).read_bytes()
+        with open_new(tmp) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point("lora.save.copy")
+        os.replace(tmp, self.path / dest)
+        fsync_dir(self.path)
+
+    def _result_stale(self, state: dict) -> bool:
+        try:
+            st.read_file(str(self.path / ADAPTERS), expect=self._expect(state, state["files"]["adapters"]))
+        except SlowllamaError:
+            return True
+        return (self.path / ADAPTERS).is_symlink()
+
+    def _refresh_result(self, state: dict) -> None:
+        """adapters.safetensors: a copy of the adapters state.json names (for other tools)."""
+        self._read(state["files"]["adapters"], state)  # checked before it is copied
+        self._copy(state["files"]["adapters"], ADAPTERS)
 
     def load_training_state(self, device) -> tuple[int, dict, dict, dict]:
-        """(step, adapter params, optimizer state, run record) of the last save."""
+        """(step, adapter params, optimizer state, run record) of the last save, every file checked."""
         state = self.state()
-        params = {k: v.float().to(device) for k, v in st.read_file(str(self.path / state["files"]["adapters"])).items()}
-        optim = {k: v.to(device) for k, v in st.read_file(str(self.path / state["files"]["optim"])).items()}
+        params = {k: v.float().to(device) for k, v in self._read(state["files"]["adapters"], state).items()}
+        optim = {k: v.to(device) for k, v in self._read(state["files"]["optim"], state).items()}
         return int(state["step"]), params, optim, state.get("run", {})
+
+    def verify(self) -> dict:
+        """Check the whole folder without changing it: the config, state.json, every file it names (size,
+        checksum, the adapters' names and shapes against the config's model), adapters.safetensors."""
+        cfg = self.load_config(None)
+        model = self.config().get("model")
+        try:
+            args = ModelArgs.from_dict(model).validate(str(self.path / CONFIG))
+        except TypeError as e:
+            raise SlowllamaError(f"{self.path / CONFIG}: bad model args ({e})") from None
+        state = self.state()
+        if state is None:
+            raise SlowllamaError(f"{self.path / STATE}: missing (no step of this folder was saved)")
+        missing = [n for n in [*state["files"].values(), *state.get("snapshots", [])]
+                   if n not in state.get("checksums", {})]
+        if missing:
+            raise SlowllamaError(f"{self.path / STATE}: no checksum for {missing[0]!r} (written by an older slowllama)")
+        self.load_params(args, cfg, "cpu")
+        self._read(state["files"]["optim"], state)
+        for name in state.get("snapshots", []):
+            self.load_params(args, cfg, "cpu", name)
+        if self._result_stale(state):
+            raise SlowllamaError(f"{self.path / ADAPTERS}: not the adapters of step {state['step']} that state.json "
+                                 "names (altered, or a save was cut off: the next finetune on the folder renews it)")
+        files = 3 + len(state.get("snapshots", []))
+        return {"adapters": str(self.path), "step": state["step"], "files": files}

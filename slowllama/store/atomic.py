@@ -16,6 +16,11 @@ from pathlib import Path
 
 from slowllama.faults import fault_point
 from slowllama.store import safetensors_io as st
+from slowllama.store.safe_files import open_new
+
+
+# the signals a commit holds back: Ctrl-C, SIGTERM, and SIGHUP (the terminal closed)
+HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def fsync_dir(path: Path) -> None:
@@ -34,7 +39,7 @@ def write_json_atomic(path: Path, obj, fault: str = "") -> None:
     """
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open_new(tmp, "w") as f:  # a link planted at the temporary name is removed, never followed
             json.dump(obj, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
@@ -61,7 +66,7 @@ def signals_deferred():
         yield
         return
     got = []
-    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in HELD}
     try:
         yield
     finally:
@@ -74,11 +79,43 @@ def signals_deferred():
                 signal.raise_signal(signum)
 
 
+def pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_dead_partials(out: Path) -> list[Path]:
+    """Remove the hidden folders beside `out` (.OUT.partial-PID, .fused-PID, .old-PID) that a killed
+    process left: those whose pid is not running (they would block every retry for lack of space)."""
+    removed = []
+    parent = Path(out).parent
+    if not parent.is_dir():
+        return removed
+    for p in parent.glob(f".{Path(out).name}.*-*"):
+        stem, _, pid = p.name.rpartition("-")
+        if stem.rpartition(".")[2] in ("partial", "fused", "old") and pid.isdigit() and int(pid) != os.getpid() \
+                and not pid_running(int(pid)):
+            if p.is_symlink() or not p.is_dir():
+                p.unlink()
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def staged_folder(out: Path):
     """A folder to write `out` into: hidden beside it, put in place only once complete and durable
     (every file fsynced, then renamed over any old `out`), removed if the writing fails."""
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    remove_dead_partials(out)
+    if tmp.is_symlink():
+        tmp.unlink()
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -15,8 +15,9 @@ import torch
 
 from slowllama.errors import SlowllamaError
 from slowllama.store import safetensors_io as st
-from slowllama.store.atomic import fsync_dir, write_json_atomic
-from slowllama.store.manifest import MANIFEST, FileEntry, Manifest
+from slowllama.store.atomic import fsync_dir, remove_dead_partials, write_json_atomic
+from slowllama.store.manifest import COPIED, MANIFEST, FileEntry, Manifest
+from slowllama.store.safe_files import check_regular, open_new, os_error
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
 from slowllama.store.store import Store
 
@@ -29,9 +30,16 @@ class StoreBuilder:
         if self.path.exists() and not force:
             raise SlowllamaError(f"{self.path}: already exists (use --force to replace it)")
         self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        remove_dead_partials(self.path)
+        if self.tmp.is_symlink():
+            self.tmp.unlink()
         shutil.rmtree(self.tmp, ignore_errors=True)
-        (self.tmp / "modules").mkdir(parents=True)
+        try:
+            (self.tmp / "modules").mkdir(parents=True)
+        except OSError as e:
+            raise os_error(self.tmp, e, "cannot create the store's folder") from None
         self.files: dict[str, dict[str, FileEntry]] = {"modules": {}}
+        self.copied: dict[str, dict] = {}  # the source's files copied verbatim: name -> size and checksum
 
     def module_writer(self, name: str, specs: dict) -> st.SliceWriter:
         """A writer that fills a module's file piece by piece (prepare places each checkpoint slice)."""
@@ -62,12 +70,18 @@ class StoreBuilder:
         self.files.setdefault(kind, {})[name] = dataclasses.replace(info, file=f"{kind}/{dest.name}")
 
     def copy_file(self, src: Path, name: str) -> None:
-        shutil.copyfile(src, self.tmp / name)
+        """Copy a source file (tokenizer, config.json ...) into the store, recording its size and checksum."""
+        check_regular(src)
+        data = Path(src).read_bytes()
+        with open_new(self.tmp / name) as f:
+            f.write(data)
+        self.copied[name] = {"bytes": len(data), "xxh3": st.Hasher(data).hexdigest()}
 
     def finish(self, manifest: Manifest) -> Path:
         """Put the store in place: `manifest` gives the model, dtype, source and other fields; the file table
         is the one written here, at step 0, with no run."""
-        manifest = dataclasses.replace(manifest, files=self.files, step=0, run=None, json_order=(),
+        extra = {**manifest.extra, COPIED: self.copied}
+        manifest = dataclasses.replace(manifest, files=self.files, step=0, run=None, json_order=(), extra=extra,
                                        state_part_elements=manifest.state_part_elements or DEFAULT_PART_ELEMENTS)
         write_json_atomic(self.tmp / MANIFEST, manifest.to_json())
         if self.path.exists():  # --force: the old store goes only once the new one is complete

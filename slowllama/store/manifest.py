@@ -7,6 +7,7 @@ and the other way round.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ KINDS = ("modules", "optim", "master")  # weights, optimizer state, fp32 master 
 STATE_KINDS = ("optim", "master")  # kept in parts (state_parts.py)
 # the top-level fields this version reads, in the order a new store writes them
 FIELDS = ("format", "version", "state_part_elements", "model", "dtype", "source", "files", "step", "run")
+# the top-level field that names the files copied from the source verbatim (tokenizer files, config.json ...)
+# with their sizes and xxh3-128 checksums, so that every open checks them like module files
+COPIED = "copied_files"
 # the fields of a source record that every converter writes; the others are the converter's own
 COMMON_SOURCE_FIELDS = ("format", "tokenizer_files", "files")
 
@@ -224,6 +228,17 @@ def check_manifest(m, where: str) -> None:
                         or (not digest and digests is None):
                     raise SlowllamaError(f"{where}: the entry of {kind} {name!r} needs a checksum: 'xxh3', or "
                                          "'tensors' (an object of tensor names to checksums)")
+    copied = m.get(COPIED, {})
+    if not isinstance(copied, dict):
+        raise SlowllamaError(f"{where}: field {COPIED!r} must be an object of file entries")
+    for name, entry in copied.items():
+        if not name or Path(name).name != name or name in (".", "..") or "\0" in name:
+            raise SlowllamaError(f"{where}: {COPIED} entry {name!r} is not a file of the store's folder")
+        size, digest = entry.get("bytes") if isinstance(entry, dict) else None, \
+            entry.get("xxh3") if isinstance(entry, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str):
+            raise SlowllamaError(f"{where}: the {COPIED} entry of {name!r} needs 'bytes' (an integer) and "
+                                 "'xxh3' (a string)")
     cap = m.get("state_part_elements", DEFAULT_PART_ELEMENTS)
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
         raise SlowllamaError(f"{where}: field 'state_part_elements' must be a positive integer, got {cap!r}")
@@ -232,6 +247,12 @@ def check_manifest(m, where: str) -> None:
                                 and isinstance(run.get("settings"), dict)
                                 and isinstance(run.get("grad_norm", 0.0), (int, float))):
         raise SlowllamaError(f"{where}: field 'run' must be an object with 'start_step' and 'settings'")
+    if run is not None:
+        norm, start = run.get("grad_norm", 0.0), run["start_step"]
+        if isinstance(norm, bool) or not math.isfinite(norm) or norm < 0:
+            raise SlowllamaError(f"{where}: field 'run.grad_norm' must be a finite number >= 0, got {norm!r}")
+        if isinstance(start, bool) or not 0 <= start <= m["step"]:
+            raise SlowllamaError(f"{where}: field 'run.start_step' must be in [0, step], got {start!r}")
     if not isinstance(m["model"], dict):
         raise SlowllamaError(f"{where}: field 'model' must be an object")
     try:

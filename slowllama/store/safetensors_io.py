@@ -12,7 +12,9 @@ store.py calls this module for module files; hf_checkpoint.py for the layout of 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +25,16 @@ import torch
 import xxhash
 
 from slowllama.errors import SlowllamaError
+from slowllama.store.safe_files import check_regular, create_file, open_new
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
              torch.uint8: "U8", torch.bool: "BOOL"}
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 MAX_HEADER = 100 << 20  # a header larger than this is not a module file of ours
+# bytes per element of every dtype the safetensors library knows (HF shards may hold any of them)
+ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+            "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 
 Hasher = xxhash.xxh3_128
 READ_CHUNK = 32 << 20  # checked reads go by chunks of this size, each hashed while the next is read
@@ -87,7 +93,7 @@ def write_file(path: str, tensors: dict[str, torch.Tensor], metadata: Optional[d
     head, _, data_len = layout(specs, metadata)
     h = Hasher()
     h.update(head)
-    with open(path, "wb") as f:
+    with open_new(path) as f:  # a new file: never through a link planted at the name
         f.write(head)
         for t in tensors.values():
             mv = tensor_bytes(t)
@@ -127,19 +133,66 @@ def read_header(f, path: str, metadata: Optional[dict] = None) -> tuple[dict, in
     if len(text) < n:
         raise SlowllamaError(f"{path}: truncated (header cut short)")
     try:
-        header = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         raise SlowllamaError(f"{path}: not a safetensors file (bad header)") from None
     if not isinstance(header, dict):
         raise SlowllamaError(f"{path}: not a safetensors file (bad header)")
     found = header.pop("__metadata__", None)
+    if found is not None and not (isinstance(found, dict) and all(isinstance(v, str) for v in found.values())):
+        raise SlowllamaError(f"{path}: not a safetensors file (__metadata__ must map names to strings)")
     if metadata is not None and isinstance(found, dict):
         metadata.update(found)
+    check_header(header, os.fstat(f.fileno()).st_size - 8 - n, path)
     return header, 8 + n
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key given twice")
+    return dict(pairs)
+
+
+def _naturals(value, count=None) -> bool:
+    return (isinstance(value, list) and (count is None or len(value) == count)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def check_header(header: dict, data_len: int, path) -> None:
+    """Refuse a header the safetensors library would refuse: every entry a known dtype, a shape of
+    naturals and offsets in bounds whose span is dtype x shape bytes, the spans contiguous from 0 to the
+    end of the file (no overlap, no gap, nothing after)."""
+    spans = []
+    for key, info in header.items():
+        if not isinstance(info, dict) or not _naturals(info.get("shape")) \
+                or not _naturals(info.get("data_offsets"), 2) or not isinstance(info.get("dtype"), str):
+            raise SlowllamaError(f"{path}: bad header entry for {key!r}")
+        if info["dtype"] not in ST_SIZES:
+            raise SlowllamaError(f"{path}: tensor {key!r} has an unknown dtype {info['dtype']!r}")
+        begin, end = info["data_offsets"]
+        if not begin <= end <= data_len:
+            raise SlowllamaError(f"{path}: tensor {key!r} lies outside the file (truncated or altered)")
+        need = ST_SIZES[info["dtype"]] * math.prod(info["shape"])
+        if need != end - begin:
+            raise SlowllamaError(f"{path}: tensor {key!r} lies outside the file (its dtype and shape need {need} "
+                                 f"bytes, its offsets span {end - begin})")
+        spans.append((begin, end, key))
+    pos, before = 0, None
+    for begin, end, key in sorted(spans):
+        if begin < pos:
+            raise SlowllamaError(f"{path}: tensors {before!r} and {key!r} overlap (altered)")
+        if begin > pos:
+            raise SlowllamaError(f"{path}: {begin - pos} bytes of no tensor before {key!r} (altered)")
+        pos, before = end, key
+    if pos != data_len:
+        raise SlowllamaError(f"{path}: {data_len - pos} bytes after the last tensor (altered)")
 
 
 def _open_module_file(path: str):
     """An unbuffered reader of a file the store names, or one line saying why not."""
+    if os.path.lexists(path):
+        check_regular(path)  # a FIFO would block the read, a device never end
     try:
         return open(path, "rb", buffering=0)
     except FileNotFoundError:
@@ -301,9 +354,10 @@ class SliceWriter:
         head, offsets, data_len = layout(specs)
         self.data_start = len(head)
         self.offsets = offsets
-        with open(path, "wb") as f:
-            f.write(head)
-            f.truncate(len(head) + data_len)
+        # written with pwrite, never through a memory map: a full disk is an OSError (ENOSPC), not a SIGBUS
+        self.fd = create_file(path)
+        _pwrite_all(self.fd, memoryview(head), 0)
+        os.ftruncate(self.fd, len(head) + data_len)
 
     def write(self, key: str, piece: torch.Tensor, dim: Optional[int] = None, start: int = 0) -> None:
         """Place `piece` at index `start` along `dim` of tensor `key` (dim None: the whole tensor)."""
@@ -311,29 +365,32 @@ class SliceWriter:
         piece = piece.to(dtype).contiguous()
         begin, end = self.offsets[key]
         if dim is None:
-            with open(self.path, "r+b") as f:
-                f.seek(self.data_start + begin)
-                f.write(tensor_bytes(piece))
+            _pwrite_all(self.fd, tensor_bytes(piece), self.data_start + begin)
             return
-        # view the tensor's bytes as (rows before dim, size of dim, bytes of one index of dim)
+        # the tensor's bytes as (rows before dim, size of dim, bytes of one index of dim): the piece is one
+        # run of bytes per outer row, at its index along dim
         es = element_size(dtype)
         outer = int(np.prod(shape[:dim], dtype=np.int64))
         inner = int(np.prod(shape[dim + 1:], dtype=np.int64)) * es
-        mm = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=self.data_start + begin,
-                       shape=(outer, shape[dim], inner))
-        mm[:, start:start + piece.shape[dim], :] = np.frombuffer(tensor_bytes(piece), np.uint8).reshape(outer, -1, inner)
-        mm.flush()
-        del mm
+        rows = np.frombuffer(tensor_bytes(piece), np.uint8).reshape(outer, -1)
+        for r in range(outer):
+            _pwrite_all(self.fd, memoryview(rows[r]), self.data_start + begin + (r * shape[dim] + start) * inner)
 
     def finish(self) -> tuple[int, str]:
         """fsync, then hash the finished file; returns (size, hash)."""
+        os.fsync(self.fd)
+        os.close(self.fd)
         h = Hasher()
         with open(self.path, "rb") as f:
             while chunk := f.read(16 << 20):
                 h.update(chunk)
             size = f.tell()
-            os.fsync(f.fileno())
         return size, h.hexdigest()
+
+    def close(self) -> None:
+        """Close the file without finishing it (a failed prepare)."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 def read_layout(path: str) -> tuple[list[tuple[str, str, list[int]]], dict]:
@@ -342,6 +399,8 @@ def read_layout(path: str) -> tuple[list[tuple[str, str, list[int]]], dict]:
     Checks that every tensor lies inside the file, so a truncated download is named here.
     """
     metadata: dict = {}
+    if os.path.lexists(path):
+        check_regular(path)
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -370,7 +429,7 @@ def write_streamed(path: str, specs: dict[str, tuple[torch.dtype, tuple[int, ...
     with spaces), so a file with the same tensors, order and metadata comes out byte-identical.
     """
     head, _, data_len = layout(specs, metadata)
-    with open(path, "wb") as f:
+    with open_new(path) as f:
         f.write(head)
         for key, (dtype, shape) in specs.items():
             t = produce(key)

@@ -51,7 +51,9 @@ from slowllama.store import safetensors_io as st
 from slowllama.store.atomic import fsync_dir, signals_deferred, write_json_atomic
 from slowllama.store.guards import check_free_space, disk_full_error
 from slowllama.store.lock import StoreLock
-from slowllama.store.manifest import KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord, SourceRecord
+from slowllama.store.manifest import (COPIED, KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord,
+                                      SourceRecord)
+from slowllama.store.safe_files import check_regular
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, split_piece, state_parts
 
 JOURNAL = "journal.json"
@@ -67,6 +69,7 @@ class Store:
         self.manifest = manifest
         self.writable = writable
         self.lock: Optional[StoreLock] = None
+        self.scratch_elsewhere: Optional[Path] = None  # spilled activations of a store opened read-only
         self.verify = True  # check size + checksum of every file read
         self.drop_cache = False  # evict files from the page cache after reading or writing them
         self.bytes_read = 0
@@ -106,7 +109,43 @@ class Store:
             store._split_whole_state(log)
         elif not follower:
             StoreLock(path).refuse_if_written()
+        if not follower:
+            try:
+                store.check_side_files()
+            except BaseException:
+                store.close()
+                raise
         return store
+
+    def check_side_files(self) -> None:
+        """Check what every command reads beside the modules: the files copied from the source (tokenizer,
+        config.json ...) against the manifest's sizes and checksums, and the extras module (rope.freqs)."""
+        copied = self.manifest.extra.get(COPIED)
+        recorded = self.source.tokenizer_files
+        names = (recorded if isinstance(recorded, list) else []) + list(self.source.files or [])
+        for name in names if copied is not None else []:  # (stores made before the table: not recorded)
+            if not isinstance(name, str) or Path(name).name != name:
+                raise SlowllamaError(f"{self.path / MANIFEST}: a tokenizer file (or source file) {name!r} that is "
+                                     "not a file of the store's folder")
+            if name not in copied and (self.path / name).exists():
+                raise SlowllamaError(f"{self.path / name}: a tokenizer file (or source file) not in the manifest's "
+                                     "table of copied files (added by hand?)")
+        for name, entry in (copied or {}).items():
+            path = self.path / name
+            if path.is_symlink():
+                raise SlowllamaError(f"{path}: a symbolic link; a store's own files must lie inside it")
+            if not path.exists():
+                raise SlowllamaError(f"{path}: missing (the manifest's copied_files names it)")
+            check_regular(path)
+            data = path.read_bytes()
+            if len(data) != entry["bytes"]:
+                raise SlowllamaError(f"{path}: size {len(data)} bytes, the manifest says {entry['bytes']} "
+                                     "(truncated or altered)")
+            if st.Hasher(data).hexdigest() != entry["xxh3"]:
+                raise SlowllamaError(f"{path}: checksum mismatch (altered or corrupted outside slowllama)")
+        if self.has("extras"):  # size, checksum and header; not one of the run's reads (bytes_read)
+            info = self.file_info("extras")
+            st.read_file(str(self.file_path(info)), expect=(info.bytes, info.xxh3, info.tensors) if self.verify else None)
 
     def _refuse_symlinks(self) -> None:
         """A writer writes and deletes files in these places: each must be the store's own, not a link."""
@@ -207,9 +246,9 @@ class Store:
 
     @property
     def scratch(self) -> Path:
-        p = self.path / "scratch"
-        p.mkdir(exist_ok=True)
-        return p
+        """Where spilled activations go (created by the first spill): STORE/scratch, or for a store that is
+        only read (LoRA) the folder set in scratch_elsewhere, so that not one byte is written to the store."""
+        return self.scratch_elsewhere or self.path / "scratch"
 
     @property
     def run_dir(self) -> Path:

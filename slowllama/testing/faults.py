@@ -6,7 +6,7 @@ A spec "point:N[:action],..." acts the N-th time (1-based, counted per process) 
     kill     SIGKILL this process (default): a crash at that exact instant
     enospc   raise OSError(ENOSPC), as a full disk would
     fill     fill the disk: write zeros to the file $SLOWLLAMA_FAULT_FILL until the disk is full
-    sigint   send SIGINT to this process (a Ctrl-C), sigterm likewise
+    sigint   send SIGINT to this process (a Ctrl-C), sigterm and sighup likewise
     wait     print "fault: waiting at POINT" on stderr and wait for a signal
 In a test's own process, `configure(spec)` arms them. For a subprocess,
 `python -m slowllama.testing.faults ARGS...` arms the spec of $SLOWLLAMA_FAULTS and runs
@@ -26,7 +26,7 @@ from typing import Optional
 from slowllama import cli, faults
 
 ENV = "SLOWLLAMA_FAULTS"
-ACTIONS = ("kill", "enospc", "fill", "sigint", "sigterm", "wait")
+ACTIONS = ("kill", "enospc", "fill", "sigint", "sigterm", "sighup", "wait")
 
 
 def parse(spec: str) -> dict[tuple[str, int], str]:
@@ -69,8 +69,8 @@ def act(action: str, name: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"fault at {name}")
     elif action == "fill":
         fill_disk(os.environ["SLOWLLAMA_FAULT_FILL"])
-    elif action in ("sigint", "sigterm"):
-        os.kill(os.getpid(), signal.SIGINT if action == "sigint" else signal.SIGTERM)
+    elif action in ("sigint", "sigterm", "sighup"):
+        os.kill(os.getpid(), {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "sighup": signal.SIGHUP}[action])
     elif action == "wait":
         wait_for_signal(name)
 
@@ -78,7 +78,7 @@ def act(action: str, name: str) -> None:
 def wait_for_signal(name: str) -> None:
     """Say so on stderr, then wait until SIGINT or SIGTERM has reached this process's own handler."""
     got = []
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def note(signum, frame):
         got.append(signum)

@@ -8,6 +8,7 @@ the last step's gradient norm (for --clip-norm previous).
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -73,19 +74,27 @@ class AdapterCheckpoint:
         if not adapter_path:
             raise SlowllamaError("--adapter-path: required with --lora-rank (the folder for the adapters)")
         self.folder = AdapterFolder(Path(adapter_path))
-        self.folder.open_for_training(log)
-        self.run_dir = self.folder.path
-        self.save_every, self.steps = save_every, steps
-        args = store.args
-        state = None if new_run else self.folder.state()
-        if state is not None:
-            self.folder.load_config(args)  # refuses an adapter of another model
-            self.done, params, optim, run = self.folder.load_training_state(device)
-            self.run = RunRecord(run.get("start_step", 0), run.get("settings", {}), run.get("grad_norm"))
-        else:
-            self.done, params, optim, self.run = 0, init_params(args, cfg, seed, device), {}, None
-            self.folder.write_config(cfg, args)
-        self.lora = LoRAState(cfg, {k: nn.Parameter(v) for k, v in params.items()}, optim)
+        self.folder.open_for_training(log, protected=(store.path,))
+        try:  # the folder is locked from here: unlocked again if what it holds is refused
+            self.run_dir = self.folder.path
+            store.scratch_elsewhere = self.folder.path / "scratch"  # the base store is only read
+            if store.scratch_elsewhere.is_symlink():  # spills are written there: never through a link
+                store.scratch_elsewhere.unlink()
+            shutil.rmtree(store.scratch_elsewhere, ignore_errors=True)  # a killed run's spilled activations
+            self.save_every, self.steps = save_every, steps
+            args = store.args
+            state = None if new_run else self.folder.state()
+            if state is not None:
+                self.folder.load_config(args)  # refuses an adapter of another model
+                self.done, params, optim, run = self.folder.load_training_state(device)
+                self.run = RunRecord(run.get("start_step", 0), run.get("settings", {}), run.get("grad_norm"))
+            else:
+                self.done, params, optim, self.run = 0, init_params(args, cfg, seed, device), {}, None
+                self.folder.write_config(cfg, args)
+            self.lora = LoRAState(cfg, {k: nn.Parameter(v) for k, v in params.items()}, optim)
+        except BaseException:
+            self.folder.close()
+            raise
 
     def resume(self, wanted: dict, new_run: bool, log) -> tuple[RunRecord, int]:
         if self.run is None:
