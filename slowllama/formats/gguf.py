@@ -28,6 +28,7 @@ from slowllama.model.args import ModelArgs
 from slowllama.model.layers import _llama3_scaled_inv_freq, rope_scaling_of
 from slowllama.model.shapes import module_names, module_shapes
 from slowllama.model.tokenizer import HFTokenizer, load_tokenizer
+from slowllama.store.destination import check_output_file, overlaps, real
 from slowllama.store.guards import check_free_space
 from slowllama.store.store import Store
 
@@ -181,6 +182,10 @@ def export_gguf(store_path: Path, out: Path, dtype: Optional[str] = None, force:
         raise SlowllamaError(f"{path}: already exists (use --force to replace it)")
     if path.parent.exists() and not path.parent.is_dir():
         raise SlowllamaError(f"{path.parent}: not a folder")
+    if overlaps(real(path), real(store_path)):
+        raise SlowllamaError(f"{path}: lies inside the store {store_path}, which this command reads (choose "
+                             "another place)")
+    check_output_file(path, magic=b"GGUF")  # no link, no special file; --force replaces only a GGUF file
 
     plan = _tensor_plan(args)
     shapes = {name: module_shapes(args, module)[key] for module, key, name in plan}
