@@ -6,7 +6,6 @@ import os
 import re
 import resource
 import sys
-from typing import Optional
 
 from slowllama.errors import SlowllamaError
 
@@ -43,11 +42,3 @@ def host_peak_rss() -> int:
     """Peak resident set size of this process in bytes."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def current_rss() -> Optional[int]:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return None

@@ -268,7 +268,3 @@ def step_windows(data: TokenData, step: int, count: int, seq_len: int, order: st
 def microbatches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int):
     """Split a step's windows into consecutive microbatches of batch_size."""
     return [(inputs[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, inputs.shape[0], batch_size)]
-
-
-def has_targets(targets: torch.Tensor) -> bool:
-    return bool((targets != IGNORE_INDEX).any())

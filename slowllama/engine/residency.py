@@ -24,8 +24,6 @@ from slowllama.optim.base import Optimizer
 from slowllama.sizes import format_size
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, piece_name, state_parts
 
-
-UNITS = ("auto", "block", "weight")  # what streams through the device in a block's place: itself, or each weight
 # what the process uses beyond the budgets, the runtime itself: the interpreter, torch and its kernels, the
 # tokenizer, the data. Measured: 0.45 GiB RSS before the first step on the CPU box; with CUDA (its context,
 # cuBLAS and the other kernels' libraries) 1.7 GiB beyond a fully used --max-memory on the H200 machine

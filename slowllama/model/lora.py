@@ -6,7 +6,7 @@ adapter folder's files: store/adapters.py."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -115,7 +115,3 @@ def merged_module(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tens
         a, b = params[f"{TARGETS[t]}.lora_a"].float(), params[f"{TARGETS[t]}.lora_b"].float()
         out[key] = (tensors[key].float() + cfg.scale * (b @ a)).to(dtype)
     return out
-
-
-def lora_settings_dict(cfg: LoRAConfig) -> dict:
-    return asdict(cfg)
