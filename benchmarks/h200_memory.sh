@@ -54,14 +54,6 @@ last)  # after exact-size pinned buffers: the CUDA tests that stream through the
     bench new 70b_sgd_4x256-2 --preset 70b --layers 4 --store-dir $S70 --batch-size 4 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 256M
     bench new 70b_lora8_4x256-2 --preset 70b --layers 4 --store-dir $S70 --batch-size 4 --seq-len 256 --steps 3 --lora-rank 8 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 256M
     ;;
-last)  # after exact-size pinned buffers: the CUDA tests that stream through them, the small budgets, 70B again
-    python3 -m pytest -q -x tests/test_cuda.py -k "tight or host or adamw" 2>&1 | tail -n 2
-    bench new 13b_sgd_16x256_8G-2 --preset 13b --layers 8 --store-dir $S13 --batch-size 16 --seq-len 256 --steps 2 --max-memory 3G --max-gpu-memory 5G --drop-cache --probe-size 256M
-    bench new 7b_sgd_16x256_6G --preset 7b --layers 8 --store-dir $S7 --batch-size 16 --seq-len 256 --steps 2 --max-memory 1536M --max-gpu-memory 4608M --drop-cache --probe-size 256M
-    bench new 7b_adamw_16x256_6G --preset 7b --layers 8 --store-dir $S7 --batch-size 16 --seq-len 256 --steps 2 --optimizer adamw --max-memory 1536M --max-gpu-memory 4608M --drop-cache --probe-size 256M
-    bench new 70b_sgd_4x256-2 --preset 70b --layers 4 --store-dir $S70 --batch-size 4 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 256M
-    bench new 70b_lora8_4x256-2 --preset 70b --layers 4 --store-dir $S70 --batch-size 4 --seq-len 256 --steps 3 --lora-rank 8 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 256M
-    ;;
 old)
     bench old 70b_sgd_1x512 --preset 70b --layers 4 --store-dir $S70 --batch-size 1 --seq-len 512 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 64M
     bench old 13b_sgd_16x256_8G --preset 13b --layers 8 --store-dir $S13 --batch-size 16 --seq-len 256 --steps 2 --max-memory 3G --max-gpu-memory 5G --drop-cache --probe-size 64M
