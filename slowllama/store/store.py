@@ -352,7 +352,7 @@ class Store:
         tensors = {key: t}
         self._check_shapes(module, kind, tensors, path, partial=True)
         for patch in info.rows:
-            self._apply_rows(tensors, patch)
+            self._apply_rows(tensors, patch, others=set(self.expected_shapes[module]) - {key})
         return t
 
     def _read_entry(self, info: FileEntry, alloc=None) -> tuple[dict[str, torch.Tensor], Path]:
@@ -371,14 +371,14 @@ class Store:
                     pieces.setdefault(key, []).append(t)
         return {k: p[0] if len(p) == 1 else torch.cat(p) for k, p in pieces.items()}
 
-    def _apply_rows(self, tensors: dict[str, torch.Tensor], patch: FileEntry) -> None:
-        """Apply a row patch (written by write_rows) to a module's tensors, checked like any file."""
+    def _apply_rows(self, tensors: dict[str, torch.Tensor], patch: FileEntry, others: frozenset = frozenset()) -> None:
+        """Apply a row patch (written by write_rows) to a module's tensors, checked like any file. others: the
+        module's weights not in `tensors` (one weight read on its own), whose rows are left."""
         rows, path = self._read_entry(patch)
         for key in [k[:-len(".ids")] for k in rows if k.endswith(".ids")]:
             ids, values = rows[f"{key}.ids"], rows.get(f"{key}.rows")
-            if len(tensors) == 1 and key not in tensors and key in self.expected_shapes.get(
-                    Path(patch.file).name.split("@")[0], {}):
-                continue  # a patch of another weight than the one read on its own
+            if key in others:
+                continue
             target = tensors.get(key)
             if (target is None or values is None or ids.dtype != torch.int64 or ids.dim() != 1
                     or values.dtype != target.dtype or tuple(values.shape) != (len(ids), *target.shape[1:])
