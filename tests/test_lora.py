@@ -53,13 +53,14 @@ def test_lora_linear_is_w_plus_scaled_ba():
     torch.testing.assert_close(layer(x), x @ (base.weight + 3.0 * b @ a).T, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_gradients_equal_in_memory(tiny_fp32, store_fp32, tmp_path):
-    # one SGD step: the adapters move by exactly -lr * gradient
+@pytest.mark.parametrize("dropout,recompute", [(0.1, "auto"), (0.0, "always"), (0.1, "always")])
+def test_lora_gradients_equal_in_memory(tiny_fp32, store_fp32, tmp_path, dropout, recompute):
+    # one SGD step: the adapters move by exactly -lr * gradient; LoRA's dropout alone also replays its masks
     cfg = LoRAConfig(4, 8.0, 0.1, tuple(TARGET_LIST.split(",")))
     lr = 0.5
-    run_lora(store_fp32, tmp_path / "ad", steps=1, lr=lr, optimizer="sgd", lora_dropout=0.1, dropout=0.1, seed=3,
-             accumulate=2)
-    model, params = in_memory_lora(tiny_fp32, cfg, seed=3, dropout=0.1)
+    run_lora(store_fp32, tmp_path / "ad", steps=1, lr=lr, optimizer="sgd", lora_dropout=0.1, dropout=dropout, seed=3,
+             accumulate=2, recompute=recompute)
+    model, params = in_memory_lora(tiny_fp32, cfg, seed=3, dropout=dropout)
     before = {k: v.detach().clone() for k, v in params.items()}
     train_in_memory(model, load_text(ALICE, load_tokenizer(store_fp32)), 1, 2, 2, 32, lr, seed=3, dropout=True,
                     optimizer=torch.optim.SGD(params.values(), lr=lr))

@@ -31,7 +31,8 @@ from slowllama.bench.machine import (copy_bandwidth, machine_kind, matmul_peak, 
 from slowllama.bench.roofline import (Machine, StepFlops, bound, efficiency, matmul_params, median_after_warmup,
                                       step_flops, tier_seconds)
 from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes
-from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine, resolve_device, run_budgets
+from slowllama.commands.common import (check_disk_for_steps, check_seq_len, log_kept_graphs, make_engine, resolve_device,
+                                       run_budgets)
 from slowllama.data.windows import microbatches
 from slowllama.engine.fleet import Fleet, start_fleet
 from slowllama.engine.residency import DEVICE_ALLOWANCE, host_allowance
@@ -306,9 +307,10 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                                  stochastic_rounding=dtype == torch.bfloat16, batch_size=batch_size,
                                  seq_len=s.seq_len, microbatches=micro, lookahead=2 if s.prefetch else 0,
                                  write_queue=2 if s.async_writes else 0, fleet=fleet, compile=s.compile,
-                                 log=log)
+                                 keep_graphs=s.recompute == "auto", log=log)
             if engine.compile_note:
                 log(engine.compile_note)
+            kept = log_kept_graphs(engine, batch_size, s.seq_len, micro, log)
             if fleet.active:
                 log(engine.choose_replication())
             checkpoint = StoreCheckpoint(store) if lora is None and fleet.main else NoCheckpoint()
@@ -328,7 +330,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                       "optimizer": "adamw" if s.lora_rank else s.optimizer, "ranks": fleet.world,
                       "batch_size": s.batch_size, "accumulate": s.accumulate, "seq_len": s.seq_len,
                       "prefetch": s.prefetch, "async_writes": s.async_writes, "compile": s.compile,
-                      "blocks_compiled": engine.compiled_blocks is not None,
+                      "blocks_compiled": engine.compiled_blocks is not None, "blocks_keeping_graphs": kept,
                       "tokens_per_step": s.batch_size * s.accumulate * s.seq_len,
                       "model_flops": flops.model, "hardware_flops": flops.hardware, "drop_cache": s.drop_cache,
                       "counts_host_device": True, "machine": machine_record, "stream_unit": engine.cfg.unit,

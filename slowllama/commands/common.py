@@ -10,10 +10,12 @@ import torch
 
 from slowllama.engine.chain import EngineConfig, OffloadedModel
 from slowllama.engine.fleet import Fleet
-from slowllama.engine.residency import Need, choose_need, is_unified, memory_need, minimum_budgets, split_budgets
+from slowllama.engine.residency import (Need, choose_need, is_unified, memory_need, minimum_budgets, resident_bytes,
+                                        split_budgets)
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.model.lora import LoRAState
+from slowllama.model.shapes import model_param_count, module_names
 from slowllama.optim.base import Optimizer
 from slowllama.sizes import format_size, parse_size, physical_memory
 from slowllama.store.adapters import AdapterFolder
@@ -50,10 +52,11 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
     device, dtype = resolve_device(settings)
     host, gpu = run_budgets(settings, device)
 
+    master = config.get("master_weights", False)
     needs = step_needs(store.args, store.dtype, dtype, device.type, train=train, optimizer=optimizer,
-                       master=config.get("master_weights", False), lora=lora is not None, batch_size=batch_size,
+                       master=master, lora=lora is not None, batch_size=batch_size,
                        seq_len=seq_len, microbatches=microbatches, part_elements=store.state_part_elements,
-                       activations=activations)
+                       activations=activations, dropout=config.get("dropout", 0.0))
     unit = getattr(settings, "stream_unit", "auto")
     if fleet is not None and fleet.active:
         if unit == "weight":
@@ -63,7 +66,12 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
     if need.unit == "weight" and unit == "auto":
         whole = sum(minimum_budgets(device.type, needs("block", 2, 2)))
         log(f"streaming each weight of a block: whole blocks would need {format_size(whole)} of the budgets")
-    budgets = split_budgets(device.type, host, gpu, need)
+    resident = None  # the whole model's bytes, where room left beside it may keep blocks' graphs (no recompute)
+    if train and config.get("keep_graphs", True):
+        resident = resident_bytes(sum(store.module_bytes(n) for n in module_names(store.args)),
+                                  model_param_count(store.args)["total"], optimizer if lora is None else None,
+                                  master and store.dtype != torch.float32 and lora is None)
+    budgets = split_budgets(device.type, host, gpu, need, resident)
     cfg = EngineConfig(device=device, compute_dtype=dtype, device_budget=budgets.device,
                        activation_budget=budgets.activations, host_budget=budgets.host,
                        host_activation_budget=budgets.host_activations, unit=need.unit,
@@ -72,10 +80,20 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
     return OffloadedModel(store, cfg, optimizer=optimizer, lora=lora, fleet=fleet)
 
 
+def log_kept_graphs(engine: OffloadedModel, batch_size: int, seq_len: int, microbatches: int,
+                    log: Callable[[str], None]) -> int:
+    """Say how many blocks keep their forward graph in a step of these shapes (and return it)."""
+    kept = engine.kept_graph_count(batch_size, seq_len, microbatches)
+    if kept:
+        log(f"the last {kept} of {engine.args.n_layers} blocks keep their forward pass's graph: no recompute in "
+            "their backward")
+    return kept
+
+
 def step_needs(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, device_type: str, *,
                train: bool, optimizer: Optional[Optimizer], master: bool, lora: bool, batch_size: int, seq_len: int,
                microbatches: int, part_elements: int = DEFAULT_PART_ELEMENTS,
-               activations: int = 0) -> Callable[[str, int, int], Need]:
+               activations: int = 0, dropout: float = 0.0) -> Callable[[str, int, int], Need]:
     """needs(unit, lookahead, write_queue) -> the Need of a pass with these settings (residency.choose_need's
     argument): one function for the engine of a run and for `slowllama plan`, so that both agree. optimizer: the
     run's (with LoRA its adapters', counted as if the store kept their state)."""
@@ -83,7 +101,7 @@ def step_needs(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.d
         return memory_need(args, store_dtype, compute_dtype, device_type, train=train, optimizer=optimizer,
                            master=master, lora=lora, batch_size=batch_size, seq_len=seq_len,
                            microbatches=microbatches, lookahead=lookahead, write_queue=write_queue,
-                           part_elements=part_elements, unit=unit, activations=activations)
+                           part_elements=part_elements, unit=unit, activations=activations, dropout=dropout)
     return needs
 
 

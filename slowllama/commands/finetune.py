@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from slowllama.commands.common import check_disk_for_steps, check_seq_len, make_engine, resolve_device
+from slowllama.commands.common import check_disk_for_steps, check_seq_len, log_kept_graphs, make_engine, resolve_device
 from slowllama.commands.evaluate import evaluate
 from slowllama.commands.models import prepared_store, store_path
 from slowllama.commands.plot import plot_run
@@ -272,9 +272,11 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
     batch_size, micro = fleet.rank_batch(s.batch_size, s.accumulate)
     engine = make_engine(store, s, optimizer=optimizer, dropout=s.dropout, seed=s.seed, master_weights=master,
                          stochastic_rounding=stochastic, lora=lora, train=True, batch_size=batch_size,
-                         seq_len=s.seq_len, microbatches=micro, fleet=fleet, compile=s.compile, log=log)
+                         seq_len=s.seq_len, microbatches=micro, fleet=fleet, compile=s.compile,
+                         keep_graphs=s.recompute == "auto", log=log)
     if engine.compile_note:
         log(engine.compile_note)
+    log_kept_graphs(engine, batch_size, s.seq_len, micro, log)
     if lora is not None and fleet.main:
         trainable = sum(p.numel() for p in lora.params.values())
         total = model_param_count(store.args)["total"]

@@ -1,4 +1,5 @@
-"""Memory budgets, and the cache of activations that spills to the store's scratch folder beyond them."""
+"""Memory budgets, the cache of activations that spills to the store's scratch folder beyond them, and the blocks'
+autograd graphs kept from the forward pass where the budget holds them."""
 
 from __future__ import annotations
 
@@ -143,3 +144,38 @@ class Activations:
         self.spilled.clear()
         self.fetched.clear()
         self.copied.clear()
+
+
+class KeptGraphs:
+    """The autograd graphs of the last `count` blocks of a training step, kept from its forward pass so that their
+    backward needs no recompute: per block its module and, per microbatch, (input, output). Their bytes (an
+    estimate: residency.graph_bytes, per block over all microbatches) are taken from the activation budget for the
+    step and given back as each block's backward is done."""
+
+    def __init__(self, budget: Budget, n_layers: int, count: int, block_bytes: int):
+        self.budget, self.first, self.block_bytes = budget, n_layers - count, block_bytes
+        self.count = count
+        self.blocks: dict[int, tuple[object, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        budget.take(count * block_bytes)
+        self._held = count
+
+    def holds(self, index: int) -> bool:
+        return index >= self.first
+
+    def put(self, index: int, module, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.blocks[index] = (module, pairs)
+
+    def pop(self, index: int):
+        """(module, [(input, output) per microbatch]) of a kept block, its budget given back once it is dropped."""
+        kept = self.blocks.pop(index)
+        self._give(1)
+        return kept
+
+    def _give(self, n: int) -> None:
+        n = min(n, self._held)
+        self._held -= n
+        self.budget.give(n * self.block_bytes)
+
+    def clear(self) -> None:
+        self.blocks.clear()
+        self._give(self._held)

@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slowllama.engine.activations import Activations, Budget
+from slowllama.engine.activations import Activations, Budget, KeptGraphs
 from slowllama.engine.compiled import CompiledBlocks, CompiledUpdates, compile_reason, wants_compile
 from slowllama.engine.fleet import Fleet
 from slowllama.engine.pipeline import Pipeline
 from slowllama.engine.replicas import Replicas
-from slowllama.engine.residency import eval_plan, fits_in_memory, staging_bytes, train_plan
+from slowllama.engine.residency import eval_plan, fits_in_memory, graph_bytes, staging_bytes, train_plan
 from slowllama.engine.step import NonFiniteLoss, Step, StepResult, Tally, module_seed
 from slowllama.engine.streamed import NORMS, BlockGradients, stream_linears
 from slowllama.engine.updates import Updater
@@ -66,6 +66,7 @@ class EngineConfig:
     master_weights: bool = False  # keep (and use) an fp32 master copy in the store
     compile: str = "off"  # training's blocks and updates through torch.compile: auto (on cuda), on, off
     unit: str = "block"  # what streams in a block's place: the block, or each of its weights (residency.py)
+    keep_graphs: bool = True  # blocks keep their forward graph (no recompute) where the activation budget holds it
 
 
 class OffloadedModel:
@@ -194,7 +195,9 @@ class OffloadedModel:
         return block(x, cos, sin)
 
     def _seed(self, number: int, micro: int, index: int) -> None:
-        if self.cfg.dropout > 0:
+        """Seed the dropout masks of module `index` in a microbatch: the model's and the LoRA path's (a recompute
+        must draw the masks its forward pass drew)."""
+        if self.cfg.dropout > 0 or (self.lora is not None and self.lora.cfg.dropout > 0):
             torch.manual_seed(module_seed(self.cfg.seed, number, micro, index))
 
     def _head_chunks(self, n_tokens: int):
@@ -204,10 +207,12 @@ class OffloadedModel:
 
     # ---- forward ------------------------------------------------------------------------
     def forward_hidden(self, batches: list[torch.Tensor], acts: Optional[Activations], train: bool = False,
-                       step: int = 0, micro_offset: int = 0) -> list[torch.Tensor]:
+                       step: int = 0, micro_offset: int = 0,
+                       graphs: Optional[KeptGraphs] = None) -> list[torch.Tensor]:
         """Run embeddings and all blocks over the microbatches; returns the final hidden states.
 
-        With `acts`, the input of every block (and of the head) is kept there under (level, microbatch).
+        With `acts`, the input of every block is kept there under (level, microbatch), except for the blocks
+        that `graphs` holds: those run with autograd, and their graphs are kept instead.
         step: the step's number (dropout seeds); micro_offset: the step-wide index of the first microbatch.
         """
         with torch.no_grad():
@@ -221,13 +226,24 @@ class OffloadedModel:
             cos, sin = self.rope(batches[0].shape[1])
             for i in range(self.args.n_layers):
                 fault_point("forward.module")
-                block = self.module(f"layers.{i}", train)
+                keep = graphs is not None and graphs.holds(i)
+                block = self.module(f"layers.{i}", train, grad=keep)
+                pairs = []
                 for k in range(len(hs)):
+                    self._seed(step, micro_offset + k, i + 1)
+                    if keep:
+                        x = hs[k].detach().requires_grad_(True)
+                        with torch.enable_grad():
+                            y = self._run_block(block, x, cos, sin, train)
+                        pairs.append((x, y))
+                        hs[k] = y.detach()
+                        continue
                     if acts is not None:
                         acts.put((i, k), hs[k])
-                    self._seed(step, micro_offset + k, i + 1)
                     hs[k] = self._run_block(block, hs[k], cos, sin, train)
-                del block
+                if keep:
+                    graphs.put(i, block, pairs)
+                del block, pairs
         return hs
 
     def loss_sum(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
@@ -261,18 +277,40 @@ class OffloadedModel:
         with self.replicas.step():
             return self._train_step(step, batches, acts)
 
+    def kept_graph_count(self, batch_size: int, seq_len: int, microbatches: int) -> int:
+        """How many of the last blocks keep their forward graph in a step of these shapes: as many as the activation
+        budget holds beside the other blocks' cached inputs (the same on every rank)."""
+        if not self.cfg.keep_graphs or self.cfg.unit == "weight":
+            return 0
+        per_input = microbatches * batch_size * seq_len * self.args.dim * self.cfg.compute_dtype.itemsize
+        per_graph = microbatches * graph_bytes(self.args, self.cfg.compute_dtype, batch_size, seq_len, self.cfg.dropout)
+        room = self.activation_budget.free - self.args.n_layers * per_input
+        count = max(0, min(self.args.n_layers, room // max(1, per_graph - per_input)))
+        return -self.fleet.max(-count)
+
     def _train_step(self, step: Step, batches, acts: Activations) -> StepResult:
+        batch_size, seq_len = batches[0][0].shape
+        count = self.kept_graph_count(batch_size, seq_len, len(batches))
+        graphs = KeptGraphs(self.activation_budget, self.args.n_layers, count,
+                            len(batches) * graph_bytes(self.args, self.cfg.compute_dtype, batch_size, seq_len,
+                                                       self.cfg.dropout))
+        try:
+            return self._train_step_with(step, batches, acts, graphs)
+        finally:
+            graphs.clear()
+
+    def _train_step_with(self, step: Step, batches, acts: Activations, graphs: KeptGraphs) -> StepResult:
         tally = Tally(step.number)
         self.pipe.set_plan(train_plan(self.args, self.store.state_parts,
                                       self.updater.state_kinds if self.lora is None else [],
                                       embeddings_backward=self.lora is None, unit=self.cfg.unit,
-                                      microbatches=len(batches)))
+                                      microbatches=len(batches), graphs=graphs.count))
         n_targets = int(self.fleet.sum(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)))
         if n_targets == 0:
             raise SlowllamaError(f"step {step.number}: no targets carry loss in this batch")
         scale = 1.0 / n_targets
         hs = self.forward_hidden([x for x, _ in batches], acts, train=True, step=step.number,
-                                 micro_offset=step.micro_offset)
+                                 micro_offset=step.micro_offset, graphs=graphs)
 
         # head: norm + output + loss, with autograd, in chunks of tokens
         fault_point("backward.module")
@@ -302,6 +340,15 @@ class OffloadedModel:
         for i in reversed(range(self.args.n_layers)):
             name = f"layers.{i}"
             fault_point("backward.module")
+            if graphs.holds(i):  # its graph from the forward pass: backpropagate, no recompute
+                acts.prefetch((i - 1, 0))
+                block, pairs = graphs.pop(i)
+                for k, (x, y) in enumerate(pairs):
+                    y.backward(grads[k])
+                    grads[k] = x.grad
+                del pairs
+                self._finish(name, block, step, tally)
+                continue
             gradients = BlockGradients(len(batches), lambda key, g, name=name: self._update_weight(name, key, g, step,
                                                                                                 tally))
             block = self.module(name, train=True, grad=True, gradients=gradients)

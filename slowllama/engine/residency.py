@@ -4,7 +4,10 @@ model fits and stays resident, and the plans of use the pipeline reads ahead by.
 Each budget (host memory; a GPU's memory) is split into the working set of the module in flight
 (an estimate from the shapes), the step's cached activations (up to half of the rest) and resident
 modules; on a GPU, the pinned staging buffers of reads and writes in flight come off the host
-budget first. A budget below the working set is refused, naming the minimum.
+budget first. A budget below the working set is refused, naming the minimum. Where the whole model
+stays resident on the device with room to spare, that room goes to the activations too: blocks keep
+their forward pass's autograd graph and skip the recompute (chain.py), as many of the last blocks
+as it holds.
 """
 
 from __future__ import annotations
@@ -105,6 +108,21 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
     return int(total * 1.2)
 
 
+def graph_bytes(args: ModelArgs, compute_dtype: torch.dtype, batch_size: int, seq_len: int, dropout: float = 0.0) -> int:
+    """An upper estimate of what one block's autograd graph holds for one microbatch (beyond its input, which it
+    replaces in the cache): the tensors eager autograd saves, with a fifth to spare (compiled blocks save fewer)."""
+    ec, d, h = compute_dtype.itemsize, args.dim, args.hidden_dim
+    kv = args.kv_heads * args.head_dim
+    per_token = 4 * (4 * d + d + kv)  # both norms' fp32 input and normalized values, RoPE's fp32 q and k
+    per_token += ec * (2 * d + 3 * d + 2 * d + 4 * h)  # norms' outputs; q, k, v (repeated); attention out, reshaped;
+    #                                                     the FFN's w1 and w3 outputs, silu, their product
+    if dropout > 0:
+        per_token += 3 * d + h  # bool masks: residuals, FFN, (attention's probabilities below)
+    tokens = batch_size * seq_len
+    attention = batch_size * args.n_heads * seq_len ** 2 * (4 + (1 if dropout > 0 else 0))  # a math-path fallback
+    return int((tokens * per_token + attention) * 1.2)
+
+
 @dataclass(frozen=True)
 class Need:
     """What a pass needs of memory whatever the budgets: the working set of what is in flight, the pinned staging
@@ -119,13 +137,14 @@ class Need:
     write_queue: int = 2
     read_bytes: int = 1 << 62
     write_bytes: int = 1 << 62
+    graphs: int = 0  # beyond `activations`: every block's graph kept from the forward pass (no recompute)
 
 
 def memory_need(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, device_type: str, *,
                 train: bool, optimizer: Optional[Optimizer] = None, master: bool = False, lora: bool = False,
                 batch_size: int = 1, seq_len: int = 1, microbatches: int = 1, lookahead: int = 2,
                 write_queue: int = 2, part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block",
-                activations: int = 0) -> Need:
+                activations: int = 0, dropout: float = 0.0) -> Need:
     """The need of a pass at one streaming unit ("block" or "weight") with `lookahead` reads ahead and
     `write_queue` writes in flight, each of at most the largest file. activations: bytes the pass would keep
     (default: a training step's block inputs). optimizer: the one whose state the store keeps (LoRA's adapters
@@ -137,9 +156,14 @@ def memory_need(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.
         if device_type == "cuda" else 0  # pinned buffers buy nothing on cpu and mps: reads land in plain memory
     if not activations and train:
         activations = args.n_layers * microbatches * batch_size * seq_len * args.dim * compute_dtype.itemsize
+    graphs = 0
+    if train and unit == "block":  # a graph replaces its block's cached input
+        per_input = batch_size * seq_len * args.dim * compute_dtype.itemsize
+        per_graph = graph_bytes(args, compute_dtype, batch_size, seq_len, dropout)
+        graphs = args.n_layers * microbatches * max(0, per_graph - per_input)
     per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit)
     return Need(work, staging, activations, unit, lookahead, write_queue, max(1, lookahead) * per_file,
-                max(1, write_queue) * per_file)
+                max(1, write_queue) * per_file, graphs)
 
 
 @dataclass(frozen=True)
@@ -158,17 +182,25 @@ def is_unified(device_type: str) -> bool:
     return device_type in ("cpu", "mps")
 
 
-def split_budgets(device_type: str, host: int, gpu: int, need: Need) -> Budgets:
+def split_budgets(device_type: str, host: int, gpu: int, need: Need, resident: Optional[int] = None) -> Budgets:
     """The budgets of a run: host (--max-memory) and gpu (--max-gpu-memory: a GPU of its own only) bytes, less the
     working set of what is in flight and, on cuda, the pinned staging buffers; the step's activations take up to
-    half of each remainder, resident modules the rest. A budget below the need is refused, naming the minimum."""
+    half of each remainder, resident modules the rest. A budget below the need is refused, naming the minimum.
+    resident: bytes of the whole model with its optimizer state; where they fit the device's share with 10% to
+    spare, what is left over goes to the activations too, up to the need's kept graphs."""
+    def with_graphs(device: int, act: int) -> tuple[int, int]:
+        room = device - int(resident * 1.1) if resident is not None else 0
+        graphs = max(0, min(need.graphs, room))
+        return device - graphs, act + graphs
+
     if is_unified(device_type):
         free = host - need.work
         if free < 0:
             raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(need.work)} this "
                                  f"model and step need in flight (the minimum: {need.work} bytes)")
         act = min(need.activations, free // 2)
-        return Budgets(device=free - act, activations=act, host=0 if device_type == "mps" else 1 << 62)
+        device, act = with_graphs(free - act, act)
+        return Budgets(device=device, activations=act, host=0 if device_type == "mps" else 1 << 62)
     free = gpu - need.work
     if free < 0:
         raise SlowllamaError(f"--max-gpu-memory: {format_size(gpu)} is below the {format_size(need.work)} this model "
@@ -178,7 +210,8 @@ def split_budgets(device_type: str, host: int, gpu: int, need: Need) -> Budgets:
         raise SlowllamaError(f"--max-memory: {format_size(host)} is below the {format_size(need.staging + 1)} of "
                              f"host buffers that reads and writes in flight need (the minimum: {need.staging + 1} bytes)")
     host_act = min(need.activations - act, (host - need.staging) // 2)
-    return Budgets(device=free - act, activations=act, host=host - need.staging - host_act, host_activations=host_act)
+    device, act = with_graphs(free - act, act)
+    return Budgets(device=device, activations=act, host=host - need.staging - host_act, host_activations=host_act)
 
 
 def minimum_budgets(device_type: str, need: Need) -> tuple[int, int]:
@@ -205,12 +238,16 @@ def choose_need(unit: str, device_type: str, host: int, gpu: int, lookahead: int
     return need
 
 
+def resident_bytes(module_bytes: int, params: int, optimizer: Optional[Optimizer], master: bool) -> int:
+    """Bytes of every module (module_bytes in all) with its optimizer state and master weights."""
+    return module_bytes + params * _state_bytes(optimizer) + (4 * params if master else 0)
+
+
 def fits_in_memory(module_bytes: int, params: int, optimizer: Optional[Optimizer], master: bool,
                    room: int) -> bool:
     """Whether every module (module_bytes in all), with its optimizer state and master weights, fits `room`
     bytes of resident budgets with 10% to spare: then the model stays resident between commits."""
-    total = module_bytes + params * _state_bytes(optimizer) + (4 * params if master else 0)
-    return total * 1.1 <= room
+    return resident_bytes(module_bytes, params, optimizer, master) * 1.1 <= room
 
 
 def _block_forward(name: str, unit: str, microbatches: int) -> list[Key]:
@@ -229,12 +266,14 @@ def eval_plan(args: ModelArgs, unit: str = "block", microbatches: int = 1) -> li
 
 
 def train_plan(args: ModelArgs, parts: Callable[[str], list[StatePart]], state_kinds: list[str],
-               embeddings_backward: bool, unit: str = "block", microbatches: int = 1) -> list[Key]:
+               embeddings_backward: bool, unit: str = "block", microbatches: int = 1,
+               graphs: int = 0) -> list[Key]:
     """The order of use of a training step: the forward pass, then the backward from the head down, each module
     followed by the parts of its state of each kind in `state_kinds` (the order its update reads them);
     embeddings_backward: the embeddings are updated last (not with LoRA: the frozen base ends at the blocks).
     A block streamed by weight: its recompute and backward per microbatch, each weight's state after its
-    last backward, then its norms' updates."""
+    last backward, then its norms' updates. graphs: the last blocks that keep their forward graph, so
+    re-read nothing for their backward (with state_kinds, their update still asks for the weights)."""
     blocks = [f"layers.{i}" for i in range(args.n_layers)]
 
     def state(name: str, key: Optional[str] = None) -> list[Key]:
@@ -245,7 +284,9 @@ def train_plan(args: ModelArgs, parts: Callable[[str], list[StatePart]], state_k
 
     def block_backward(name: str) -> list[Key]:
         if unit != "weight":
-            return with_state(name)
+            kept = int(name.split(".")[1]) >= args.n_layers - graphs
+            frozen = not embeddings_backward  # LoRA: no update asks for a block's weights either
+            return [] if kept and frozen else with_state(name)
         keys = [("modules", piece_name(name, k)) for k in NORMS]
         for k in range(microbatches):
             keys += [("modules", piece_name(name, w)) for w in FORWARD_ORDER]
