@@ -129,3 +129,32 @@ def test_compiled_adamw_on_a_bf16_store_trains_like_eager(tiny_bf16, tmp_path):
         assert ((on[key].float() - off[key].float()).abs() <= 2 * 2e-3 + ulp).all(), key
         moved += int(not torch.equal(off[key], meta_model(tiny_bf16).state_dict()[key].to(off[key].dtype)))
     assert moved > len(off) // 2
+
+
+def test_compiled_lora_blocks_train_like_in_memory(tiny_fp32, store_fp32, tmp_path):
+    import safetensors.torch as st
+
+    from slowllama.data.windows import load_text
+    from slowllama.model.lora import LoRAConfig
+    from slowllama.model.tokenizer import load_tokenizer
+    from reference import train_in_memory
+    from test_lora import TARGET_LIST, in_memory_lora
+
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # SGD: the adapters' values carry their gradients' rounding as is (AdamW's first steps magnify it)
+    logs = run(store_fp32, steps=2, batch_size=2, accumulate=2, seq_len=32, lr=0.5, lora_rank=4, lora_alpha=8.0,
+               lora_targets=TARGET_LIST, adapter_path=str(tmp_path / "ad"), log_every=0, optimizer="sgd")
+    assert not any("--compile" in line for line in logs), logs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the LoRA blocks did run compiled
+    model, params = in_memory_lora(tiny_fp32, LoRAConfig(4, 8.0, 0.0, tuple(TARGET_LIST.split(","))), seed=0)
+    opt = torch.optim.SGD(params.values(), lr=0.5)
+    train_in_memory(model, load_text(ALICE, load_tokenizer(store_fp32)), 2, 2, 2, 32, 0.5, optimizer=opt)
+    after = st.load_file(str(tmp_path / "ad" / "adapters.safetensors"))
+    for key, p in params.items():
+        torch.testing.assert_close(after[key], p.detach(), rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_compile_with_lora_dropout_runs_eager_and_says_so(store_fp32, tmp_path):
+    logs = run(store_fp32, steps=1, batch_size=2, seq_len=32, lr=1e-2, lora_rank=4, lora_dropout=0.1,
+               adapter_path=str(tmp_path / "ad"))
+    assert any("--compile: LoRA blocks run eager with --lora-dropout" in line for line in logs)

@@ -97,9 +97,11 @@ class OffloadedModel:
         self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device)
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         wanted = wants_compile(cfg.compile, cfg.device)
-        self.compile_note = compile_reason(wanted, cfg.dropout, lora is not None, cfg.unit == "weight")
+        self.compile_note = compile_reason(wanted, cfg.dropout, lora.cfg.dropout if lora is not None else 0.0,
+                                           cfg.unit == "weight")
         on_failure = None if cfg.compile == "on" else (lambda m: print(m, file=sys.stderr, flush=True))
-        self.compiled_blocks = CompiledBlocks(self.args, on_failure) if wanted and not self.compile_note else None
+        self.compiled_blocks = (CompiledBlocks(self.args, on_failure, lora.cfg if lora is not None else None)
+                                if wanted and not self.compile_note else None)
         compiled_updates = CompiledUpdates(self.optimizer, on_failure) if wanted else None
         self.updater = Updater(store, self.pipe, self.optimizer, cfg.device, self.names, master=master,
                                stochastic=cfg.stochastic_rounding, seed=cfg.seed, compiled=compiled_updates)

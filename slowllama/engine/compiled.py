@@ -8,9 +8,10 @@ their own backward; then the update, a dozen more passes over each weight. Compi
 The engine builds a fresh module around every loaded block, so the compiled function does not take
 the module: it takes its parameters as a dict and calls one template block (on the meta device)
 with them through torch.func.functional_call. Every block then shares one graph, with no recompile
-per block and no guard on module identity. Compiled dropout draws its masks differently from eager
-dropout (still from torch's seed, so replays match), so runs with dropout keep eager blocks, as do
-LoRA blocks (their modules change shape).
+per block and no guard on module identity; with LoRA the template carries the adapters too (meta
+tensors of their shapes), and the adapters of each block come in with its parameters. Compiled
+dropout draws its masks differently from eager dropout (still from torch's seed, so replays match),
+so runs with dropout (the model's or LoRA's) keep eager blocks.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.func import functional_call
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import ModelArgs
 from slowllama.model.layers import build_module
+from slowllama.model.lora import LoRAConfig, inject, meta_params
 from slowllama.optim.base import Optimizer
 
 
@@ -50,9 +52,12 @@ class CompiledBlocks(_Compiled):
 
     what = "blocks"
 
-    def __init__(self, args: ModelArgs, on_failure: Optional[Callable[[str], None]] = None):
+    def __init__(self, args: ModelArgs, on_failure: Optional[Callable[[str], None]] = None,
+                 lora: Optional[LoRAConfig] = None):
         super().__init__(on_failure)
         self.template = build_module(args, "layers.0")  # meta tensors: only its code and structure are used
+        if lora is not None:
+            inject(self.template, meta_params(args, lora), lora)
 
         def run(params: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
             return functional_call(self.template, params, (x, cos, sin))
@@ -74,7 +79,7 @@ def wants_compile(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
-def compile_reason(wanted: bool, dropout: float, lora: bool, by_weight: bool = False) -> str:
+def compile_reason(wanted: bool, dropout: float, lora_dropout: float = 0.0, by_weight: bool = False) -> str:
     """Why blocks run eager although compiling was wanted ('' when they are compiled or it was not wanted)."""
     if not wanted:
         return ""
@@ -82,8 +87,8 @@ def compile_reason(wanted: bool, dropout: float, lora: bool, by_weight: bool = F
         return "--compile: blocks streamed by weight run eager (the step is bound by the disk)"
     if dropout > 0:
         return "--compile: blocks run eager with --dropout > 0 (compiled dropout masks differ from eager ones)"
-    if lora:
-        return "--compile: LoRA blocks run eager"
+    if lora_dropout > 0:
+        return "--compile: LoRA blocks run eager with --lora-dropout > 0 (compiled dropout masks differ from eager ones)"
     return ""
 
 

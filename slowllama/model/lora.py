@@ -101,6 +101,16 @@ def init_params(args: ModelArgs, cfg: LoRAConfig, seed: int, device) -> dict[str
     return params
 
 
+def meta_params(args: ModelArgs, cfg: LoRAConfig) -> dict[str, nn.Parameter]:
+    """One block's adapters as meta tensors (shapes only), keyed as block_params gives them."""
+    params = {}
+    for t in cfg.targets:
+        out_f, in_f = linear_shape(args, t)
+        params[f"{TARGETS[t]}.lora_a"] = nn.Parameter(torch.empty(cfg.rank, in_f, device="meta"))
+        params[f"{TARGETS[t]}.lora_b"] = nn.Parameter(torch.empty(out_f, cfg.rank, device="meta"))
+    return params
+
+
 def block_params(params: dict[str, torch.Tensor], block: str) -> dict[str, torch.Tensor]:
     prefix = block + "."
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
