@@ -58,10 +58,26 @@ ssd2)
     bench new sgd_ssd-2 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
     bench old sgd_ssd-2 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
     ;;
+refs)  # issue 16's in-memory references (benchmarks/reference_inmemory.py), then the resident SGD and LoRA pairs
+    ref() {  # ref NAME ARGS...: one reference run
+        local name=$1; shift
+        echo "== ref $name: python3 benchmarks/reference_inmemory.py $*"
+        timeout 240 python3 benchmarks/reference_inmemory.py "$@" --json > "$OUT/ref-$name.json" 2> "$OUT/ref-$name.log"
+        echo "exit $?"; grep -v "^{" "$OUT/ref-$name.log" | tail -n 3; cat "$OUT/ref-$name.json"; echo
+    }
+    (cd "$NEW" && PYTHONPATH=$NEW python3 -m slowllama bench --preset 7b --store-dir $S7 --steps 1 --probe-size 64M --device cuda > /dev/null 2>&1)
+    ref peft_lora4_16x128 peft-lora
+    ref sgd_hf_16x256 sgd --impl hf
+    ref sgd_ours_16x256 sgd --impl slowllama
+    ref adamw_hf_16x256 adamw --impl hf
+    ref adamw_ours_16x256 adamw --impl slowllama
+    pair lora4_16x128 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 128 --steps 4 --lora-rank 4 --probe-size 64M
+    pair sgd_16x256_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --save-every 100 --probe-size 64M
+    ;;
 cuda)  # the CUDA tests at the new commit
     (cd "$NEW" && PYTHONPATH=$NEW python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 5)
     ;;
 *)
-    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|adamw|ssd|ssd2|cuda" >&2; exit 2
+    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|cuda" >&2; exit 2
     ;;
 esac
