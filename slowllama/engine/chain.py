@@ -138,6 +138,7 @@ class OffloadedModel:
     def discard_step(self) -> None:
         """After a failed step: forget resident weights that may hold its uncommitted updates."""
         self.pipe.discard()
+        self.updater.forget()
         if self.lora is not None:
             for p in self.lora.params.values():
                 p.grad = None

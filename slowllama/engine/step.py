@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -40,26 +41,57 @@ class NonFiniteLoss(SlowllamaError):
 @dataclass
 class Tally:
     """What a step gathers as its modules are done: each gradient's norm, and whether a weight has changed
-    (then resident copies may hold the step's updates)."""
+    (then resident copies may hold the step's updates).
+
+    On a GPU, whether a module's gradient is finite is learnt one module late: its flag is copied to the host
+    behind the module's backward, and read at the next module's record, by which time the GPU is on the next
+    backward, so that no record waits for the GPU to drain. Until the step's first update that check is
+    immediate: a non-finite gradient then stops the step with nothing touched. Later, the module found
+    non-finite may have been updated, which the step's roll-back undoes like any other of its updates."""
 
     number: int
     norms: list[torch.Tensor] = field(default_factory=list)
     touched: bool = False
+    _pending: Optional[tuple] = None  # (flag on the host, its copy's event, where, keys, norms): not yet checked
 
     def record(self, where: str, grads: dict[str, torch.Tensor]) -> None:
-        """Record each gradient's norm; a non-finite one stops the step before anything is written.
+        """Record each gradient's norm; a non-finite one stops the step before it is committed.
 
         The global norm is then the norm of all per-tensor norms, as clip_grad_norm_ computes it.
         """
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads.values()]
-        if not torch.isfinite(torch.stack(norms)).all().item():  # one device sync per module
-            bad = next(k for k, g in grads.items() if not torch.isfinite(g).all())
-            raise NonFiniteLoss(f"step {self.number}: non-finite gradient in {where}{bad}; nothing of this step "
-                                "was committed (try a lower --lr)", untouched=not self.touched)
-        self.norms.extend(norms)
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads.values()])
+        self.norms.append(norms)
+        finite = torch.isfinite(norms).all()
+        self.check()
+        if norms.device.type != "cuda" or not self.touched:
+            self._raise_unless(finite.item(), where, list(grads), norms)  # one device sync
+            return
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (flag, event, where, list(grads), norms)
+
+    def check(self) -> None:
+        """Raise for the module recorded last if its gradient was not finite (waits for that module alone)."""
+        if self._pending is None:
+            return
+        flag, event, where, keys, norms = self._pending
+        self._pending = None
+        event.synchronize()
+        self._raise_unless(bool(flag), where, keys, norms)
+
+    def _raise_unless(self, finite: bool, where: str, keys: list[str], norms: torch.Tensor) -> None:
+        if finite:
+            return
+        bad = keys[int((~torch.isfinite(norms)).nonzero()[0])]
+        raise NonFiniteLoss(f"step {self.number}: non-finite gradient in {where}{bad}; nothing of this step "
+                            "was committed (try a lower --lr)", untouched=not self.touched)
 
     def grad_norm(self) -> float:
-        return torch.linalg.vector_norm(torch.stack(self.norms)).item() if self.norms else 0.0
+        """The global norm of every gradient recorded (after checking the last one)."""
+        self.check()
+        return torch.linalg.vector_norm(torch.cat(self.norms)).item() if self.norms else 0.0
 
 
 def module_seed(run_seed: int, step: int, micro: int, module_index: int) -> int:

@@ -41,6 +41,9 @@ class Updater:
         self.names, self.master, self.stochastic, self.seed = names, master, stochastic, seed
         self.compiled = compiled if not master else None  # the fused updates round from a 16-bit weight
         self.deferred = False
+        # the update number last applied to each first part of an update (and "adapters"), so that the next need
+        # not read the state's step count back from the device; forgotten with a failed step's resident state
+        self.numbers: dict[str, int] = {}
 
     @property
     def state_kinds(self) -> list[str]:
@@ -89,8 +92,8 @@ class Updater:
             w, g = weights[part.key][part.rows], grads[part.key][part.rows]
             bits = rounding_bits(w, gen) if gen is not None else None  # drawn in part order, however updated
             state = self._state(part, w) if self.optimizer.stateful else {}
-            if number is None and self.optimizer.counts_steps:  # every part has had the same updates: one sync
-                number = state["step"].item() + 1
+            if number is None and self.optimizer.counts_steps:  # every part has had the same updates
+                number = self._number(parts[0].name, state["step"])
             out = None
             if self.compiled is not None:
                 scalars = scalars if scalars is not None else self._scalars(step, number)
@@ -119,6 +122,17 @@ class Updater:
                     new[part.key] = torch.empty(weights[part.key].shape, dtype=new_w.dtype, device=new_w.device)
                 new[part.key][part.rows] = new_w
         return new
+
+    def _number(self, key: str, count: torch.Tensor) -> int:
+        """The number of the update about to be made of what `key` names, its state's step count `count`: one
+        device sync the first time, then counted here."""
+        number = self.numbers[key] + 1 if key in self.numbers else int(count.item()) + 1
+        self.numbers[key] = number
+        return number
+
+    def forget(self) -> None:
+        """After a failed step: its update numbers may never have been committed."""
+        self.numbers.clear()
 
     def _state(self, part: StatePart, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """A part's optimizer state: from the store (checked to be this optimizer's), or fresh."""
@@ -161,13 +175,13 @@ class Updater:
             return optim_state
         coef = clip_coefficient(tally.grad_norm(), step.max_grad_norm) if step.max_grad_norm else 1.0
         if coef != 1.0:
-            for g in grads.values():
-                g.mul_(coef)
+            torch._foreach_mul_(list(grads.values()), coef)
         tally.touched = True
         if self.optimizer.stateful and not optim_state:
             optim_state = self.optimizer.init_state(params)
+        number = self._number("adapters", optim_state["step"]) if self.optimizer.counts_steps else None
         with torch.no_grad():
-            self.optimizer.update({k: p.data for k, p in params.items()}, grads, optim_state, step.lr)
+            self.optimizer.update({k: p.data for k, p in params.items()}, grads, optim_state, step.lr, number)
         return optim_state
 
     def keep(self, name: str, kind: str, tensors: dict[str, torch.Tensor],

@@ -57,19 +57,23 @@ class AdamW(Optimizer):
         bias_correction1 = 1 - b1 ** number
         bias_correction2 = 1 - b2 ** number
         step_size = lr / bias_correction1
-        for k, p in params.items():
-            g = grads[k]
-            exp_avg, exp_avg_sq = state[f"{k}.exp_avg"], state[f"{k}.exp_avg_sq"]
-            # fp32 arithmetic whatever the state's dtype (the state is rounded back below)
-            m = exp_avg.float() if exp_avg.dtype != torch.float32 else exp_avg
-            v = exp_avg_sq.float() if exp_avg_sq.dtype != torch.float32 else exp_avg_sq
-            p.mul_(1 - lr * self.weight_decay)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
-            p.addcdiv_(m, denom, value=-step_size)
-            if m is not exp_avg:
-                exp_avg.copy_(m)
-                exp_avg_sq.copy_(v)
+        # every weight at once (multi-tensor ops: a handful of kernels for many small weights, as LoRA's), in
+        # the order of operations of torch.optim.AdamW; fp32 arithmetic whatever the state's dtype
+        keys = list(params)
+        ps, gs = [params[k] for k in keys], [grads[k] for k in keys]
+        ms, vs = [state[f"{k}.exp_avg"] for k in keys], [state[f"{k}.exp_avg_sq"] for k in keys]
+        m32, v32 = [m.float() for m in ms], [v.float() for v in vs]  # the state itself where it is fp32
+        torch._foreach_mul_(ps, 1 - lr * self.weight_decay)
+        torch._foreach_lerp_(m32, gs, 1 - b1)
+        torch._foreach_mul_(v32, b2)
+        torch._foreach_addcmul_(v32, gs, gs, value=1 - b2)
+        denom = torch._foreach_sqrt(v32)
+        torch._foreach_div_(denom, bias_correction2 ** 0.5)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(ps, m32, denom, value=-step_size)
+        for m, v, m_, v_ in zip(ms, vs, m32, v32):
+            if m_ is not m:  # rounded back to the state's dtype
+                m.copy_(m_)
+                v.copy_(v_)
 
     fused = staticmethod(adamw_fused)
