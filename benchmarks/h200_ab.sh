@@ -26,6 +26,12 @@ for line in open('$OUT/$which-$name.jsonl'):
     r = json.loads(line)
     if 'summary' not in r: print('  step', r['step'], round(r['seconds'], 4), 'loss', round(r['loss'], 5))"
 }
+ref() {  # ref NAME ARGS...: one run of benchmarks/reference_inmemory.py (issue 16's in-memory references)
+    local name=$1; shift
+    echo "== ref $name: python3 benchmarks/reference_inmemory.py $*"
+    timeout 240 python3 benchmarks/reference_inmemory.py "$@" --json > "$OUT/ref-$name.json" 2> "$OUT/ref-$name.log"
+    echo "exit $?"; grep -v "^{" "$OUT/ref-$name.log" | tail -n 3; cat "$OUT/ref-$name.json"; echo
+}
 pair() {  # pair NAME ARGS...: old then new (with REPEAT=1 also new then old)
     local name=$1; shift
     bench old "$name" "$@"; bench new "$name" "$@"
@@ -59,12 +65,6 @@ ssd2)
     bench old sgd_ssd-2 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
     ;;
 refs)  # issue 16's in-memory references (benchmarks/reference_inmemory.py), then the resident SGD and LoRA pairs
-    ref() {  # ref NAME ARGS...: one reference run
-        local name=$1; shift
-        echo "== ref $name: python3 benchmarks/reference_inmemory.py $*"
-        timeout 240 python3 benchmarks/reference_inmemory.py "$@" --json > "$OUT/ref-$name.json" 2> "$OUT/ref-$name.log"
-        echo "exit $?"; grep -v "^{" "$OUT/ref-$name.log" | tail -n 3; cat "$OUT/ref-$name.json"; echo
-    }
     (cd "$NEW" && PYTHONPATH=$NEW python3 -m slowllama bench --preset 7b --store-dir $S7 --steps 1 --probe-size 64M --device cuda > /dev/null 2>&1)
     ref peft_lora4_16x128 peft-lora
     ref sgd_hf_16x256 sgd --impl hf
@@ -74,10 +74,20 @@ refs)  # issue 16's in-memory references (benchmarks/reference_inmemory.py), the
     pair lora4_16x128 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 128 --steps 4 --lora-rank 4 --probe-size 64M
     pair sgd_16x256_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --save-every 100 --probe-size 64M
     ;;
+issue16)  # the references and the new code's resident rows side by side (6 steps each), and the old AdamW row
+    (cd "$NEW" && PYTHONPATH=$NEW python3 -m slowllama bench --preset 7b --store-dir $S7 --steps 1 --probe-size 64M --device cuda > /dev/null 2>&1)
+    ref peft_lora4_16x128 peft-lora
+    ref sgd_hf_16x256 sgd --impl hf
+    ref adamw_hf_16x256 adamw --impl hf
+    bench new lora4_16x128 --preset 7b --store-dir $S7 --batch-size 16 --seq-len 128 --steps 6 --lora-rank 4 --probe-size 64M
+    bench new sgd_16x256_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 6 --save-every 100 --probe-size 64M
+    bench new adamw_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 6 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 64M
+    bench old adamw_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 64M
+    ;;
 cuda)  # the CUDA tests at the new commit
     (cd "$NEW" && PYTHONPATH=$NEW python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 5)
     ;;
 *)
-    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|cuda" >&2; exit 2
+    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|cuda" >&2; exit 2
     ;;
 esac
