@@ -117,6 +117,11 @@ class PrepareSettings:
     store: str = opt(None, "the store folder to create", positional=True)
     dtype: Optional[str] = opt(None, "dtype of the stored weights (default: the source's)",
                                choices=["bf16", "fp16", "fp32"])
+    quantize: Optional[str] = opt(None, "store the blocks' linear weights (wq wk wv wo w1 w2 w3) quantized: nf4, "
+                                  "QLoRA's 4-bit NormalFloat with one absmax per block of 64 (a read-only base for "
+                                  "LoRA; the embeddings, norms and output layer stay in the store's dtype)")
+    double_quant: bool = opt(False, "with --quantize nf4: quantize the absmax scales too (QLoRA's double "
+                             "quantization: 8-bit in blocks of 256, mean subtracted)")
     force: bool = opt(False, "replace STORE if it exists")
     debug: bool = opt(False, "show tracebacks of errors")
 

@@ -43,6 +43,7 @@ from slowllama.model.lora import LoRAState, block_params, inject
 from slowllama.model.shapes import model_param_count, module_names
 from slowllama.optim.base import Optimizer
 from slowllama.optim.sgd import SGD
+from slowllama.store.quantized import dequantized
 from slowllama.store.state_parts import piece_name
 from slowllama.store.store import Store
 
@@ -162,17 +163,22 @@ class OffloadedModel:
         m = build_module(self.args, name, dropout=self.cfg.dropout if train else 0.0)
         if self.streams_by_weight(name):
             def fetch(key: str) -> torch.Tensor:
-                return self.replicas.weights(piece_name(name, key))[key].to(self.cfg.compute_dtype)
+                return self._dequantized(name, self.replicas.weights(piece_name(name, key)))[key].to(
+                    self.cfg.compute_dtype)
 
             stream_linears(m, fetch, gradients if grad and self.lora is None else None)
             tensors = {key: self.replicas.weights(piece_name(name, key))[key] for key in NORMS}
         else:
-            tensors = self.replicas.weights(name)
+            tensors = self._dequantized(name, self.replicas.weights(name))
         m.load_state_dict({k: v.to(self.cfg.compute_dtype) for k, v in tensors.items()}, assign=True)
         m.requires_grad_(grad and self.lora is None)
         if self.lora is not None and name.startswith("layers."):
             inject(m, block_params(self.lora.params, name), self.lora.cfg)
         return m.train(train)
+
+    def _dequantized(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A quantized store's packed weights (as they streamed, on the device) -> weights in the store's dtype."""
+        return dequantized(self.store.quantization, name, tensors, self.store.expected_shapes[name], self.store.dtype)
 
     def head(self, train: bool = False, grad: bool = False):
         """The head module and the output weight to pass it: the embedding matrix if they are tied."""

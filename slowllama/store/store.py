@@ -53,8 +53,9 @@ from slowllama.store.guards import check_free_space, disk_full_error
 from slowllama.store.lock import StoreLock
 from slowllama.store.manifest import (COPIED, KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord,
                                       SourceRecord)
+from slowllama.store.quantized import Quantization, dequantized, stored_specs, weight_bytes
 from slowllama.store.safe_files import check_regular
-from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, split_piece, state_parts
+from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, piece_name, split_piece, state_parts
 
 JOURNAL = "journal.json"
 # paths a writer creates or writes through: none may be a symbolic link (it would lead the writes outside)
@@ -239,6 +240,16 @@ class Store:
         """What prepare recorded of the source checkpoint (an empty record if nothing was)."""
         return self.manifest.source or SourceRecord({})
 
+    @functools.cached_property
+    def quantization(self) -> Optional[Quantization]:
+        """How the blocks' linear weights are stored (store/quantized.py): None, in the store's dtype."""
+        return self.manifest.quantization
+
+    @functools.cached_property
+    def stored_specs(self) -> dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+        """{module: {key: (dtype, shape)}} of the tensors in the module files (a quantized weight: packed bytes)."""
+        return {name: stored_specs(self.args, name, self.dtype, self.quantization) for name in self.expected_shapes}
+
     @property
     def has_master_weights(self) -> bool:
         """Whether the store holds fp32 master weights (a run with --master-weights fp32 wrote them)."""
@@ -298,7 +309,7 @@ class Store:
         """Bytes a read of `name` brings in: a module's (or part's) file, or one weight of a module."""
         module, key = split_piece(name)
         if key is not None:
-            return math.prod(self.expected_shapes[module][key]) * self.dtype.itemsize
+            return weight_bytes(self.args, module, key, self.dtype, self.quantization)
         return self.file_info(name, kind).bytes
 
     # ---- reading and writing -----------------------------------------------------------------
@@ -335,6 +346,11 @@ class Store:
         for patch in info.rows:
             self._apply_rows(tensors, patch)
         return tensors
+
+    def weights(self, name: str) -> dict[str, torch.Tensor]:
+        """A module's weights (CPU), in the store's dtype: read(), with quantized weights dequantized."""
+        module = split_piece(name)[0]
+        return dequantized(self.quantization, module, self.read(name), self.expected_shapes[module], self.dtype)
 
     def _read_piece(self, module: str, key: str, kind: str, alloc=None) -> torch.Tensor:
         """One weight of a module file on its own: checked by its own checksum, or (a file with one checksum for
@@ -394,6 +410,8 @@ class Store:
             expected = {part.key: part.shape}
         elif name in self.expected_shapes and kind in KINDS:
             expected = self.expected_shapes[name]  # a module (or, before parts, a module's whole state)
+            if kind == "modules":
+                expected = {k: shape for k, (_, shape) in self.stored_specs[name].items()}
         else:
             return  # extras: the source's own keys
         for key, t in tensors.items():
@@ -403,7 +421,8 @@ class Store:
             if weight not in expected or tuple(t.shape) != expected[weight]:
                 raise SlowllamaError(f"{path}: tensor {key!r} {list(t.shape)} is not a weight of {name} "
                                      "(the file does not fit the model)")
-            want = self.dtype if kind == "modules" else torch.float32 if kind == "master" else t.dtype
+            want = self.stored_specs[name][key][0] if kind == "modules" else torch.float32 if kind == "master" \
+                else t.dtype
             if t.dtype != want:
                 raise SlowllamaError(f"{path}: tensor {key!r} is {t.dtype}, the store holds {want}")
         if kind != "optim" and not partial and set(tensors) != set(expected):
@@ -417,8 +436,12 @@ class Store:
 
     def read_slice(self, name: str, key: str, dim: Optional[int] = None, start: int = 0,
                    length: Optional[int] = None, kind: str = "modules") -> torch.Tensor:
-        """One tensor of a module file, or a slice of it along `dim`, read by mmap (export's access)."""
+        """One tensor of a module file, or a slice of it along `dim`, read by mmap (export's access); a quantized
+        weight is read whole and dequantized, in the store's dtype."""
         info = self.file_info(name, kind)
+        if kind == "modules" and self.quantization is not None and self.quantization.covers(name, key):
+            t = self.weights(piece_name(name, key))[key]
+            return t if dim is None else t.narrow(dim, start, length)
         if info.rows:  # patched rows: the whole tensor, as read() makes it
             t = self.read(name, kind)[key]
             return t if dim is None else t.narrow(dim, start, length)
@@ -469,7 +492,7 @@ class Store:
             fault_point("store.write.before")
             if started is None:
                 (self.path / kind).mkdir(exist_ok=True)
-                specs = {k: (self.dtype, shape) for k, shape in self.expected_shapes[module].items()}
+                specs = self.stored_specs[module]
                 writer = st.PieceWriter(str(self.path / rel), specs)
                 with self._pending_lock:
                     self._assembling[(kind, module)] = (rel, writer)
