@@ -40,6 +40,7 @@ from slowllama.optim.registry import make_optimizer
 from slowllama.settings import PlanSettings
 from slowllama.sizes import format_size
 from slowllama.store.manifest import MANIFEST, Manifest
+from slowllama.store.quantized import Quantization
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
 
 GB = 1e9  # bench's records are in decimal GB/s
@@ -60,6 +61,7 @@ class PlannedModel:
     part_elements: int = DEFAULT_PART_ELEMENTS
     has_master: bool = False  # the store keeps fp32 master weights already (a run then uses them)
     notes: tuple[str, ...] = ()
+    quant: Optional[Quantization] = None  # a quantized store's (its blocks' files are smaller; LoRA only)
 
     def modules_bytes(self) -> int:
         if self.module_bytes is not None:
@@ -95,7 +97,7 @@ def read_model(s: PlanSettings) -> PlannedModel:
             model = PlannedModel(manifest.args, dtype_from_name(manifest.dtype), "store", str(path),
                                  {n: files[n].bytes for n in module_names(manifest.args) if n in files},
                                  manifest.state_part_elements or DEFAULT_PART_ELEMENTS,
-                                 bool(manifest.files.get("master")))
+                                 bool(manifest.files.get("master")), quant=manifest.quantization)
         elif (path / "params.json").is_file():
             model = _meta_model(path)
         elif (path / "config.json").is_file():
@@ -232,7 +234,7 @@ def plan_row(model: PlannedModel, row: Row, s: PlanSettings, device_type: str, c
     args = model.args
     needs = step_needs(args, model.dtype, compute, device_type, train=True, optimizer=row.optimizer,
                        master=row.master, lora=row.lora, batch_size=s.batch_size, seq_len=s.seq_len,
-                       microbatches=s.accumulate, part_elements=model.part_elements)
+                       microbatches=s.accumulate, part_elements=model.part_elements, quant=model.quant)
     lo_host, lo_gpu = minimum(device_type, needs)
     at_min = choose_need("auto", device_type, lo_host, lo_gpu, 2, 2, needs)
     out = {"name": row.name, "optimizer": row.optimizer.name, "lora": row.lora,
@@ -258,7 +260,7 @@ def plan_row(model: PlannedModel, row: Row, s: PlanSettings, device_type: str, c
     resident = not row.lora and fits_in_memory(model.modules_bytes(), params, stateful, master, room)
     traffic = step_traffic(args, model.dtype, device_type, split, unit=need.unit, microbatches=s.accumulate,
                            optimizer=stateful, master=master, lora=row.lora, deferred=resident,
-                           activations=need.activations, part_elements=model.part_elements)
+                           activations=need.activations, part_elements=model.part_elements, quant=model.quant)
     out.update(at="budgets" if out["fits"] else "minimum", resident=resident, bytes_read=traffic.read,
                bytes_written=traffic.written, spilled_bytes=traffic.spilled,
                h2d_bytes=traffic.h2d if device_type == "cuda" else None,
@@ -330,7 +332,7 @@ def plan(s: PlanSettings) -> dict:
     budgets = plan_budgets(s, device_type)
     master = s.master_weights == "fp32" or model.has_master
     names = ["sgd", "adamw"] + ([s.optimizer] if s.optimizer and s.optimizer not in ("sgd", "adamw") else [])
-    rows = [Row(n, make_optimizer(n), False, master) for n in names]
+    rows = [Row(n, make_optimizer(n), False, master) for n in names] if model.quant is None else []
     rows.append(Row("lora", make_optimizer("adamw"), True, model.has_master))  # as finetune passes them
     machine, record = cached_machine(device_type, compute)
     planned = [plan_row(model, row, s, device_type, compute, budgets, machine) for row in rows]
@@ -338,6 +340,8 @@ def plan(s: PlanSettings) -> dict:
         raise SlowllamaError(nothing_fits(planned, budgets, device_type))
     counts = model_param_count(model.args)
     notes = list(model.notes)
+    if model.quant is not None:
+        notes.append(f"{model.quant.scheme} store: a read-only base, LoRA only (full fine-tuning is refused)")
     if record is None:
         notes.append(f"no time estimate: `slowllama bench --device {device_type}` measures this machine's disk, "
                      f"copies and {dtype_name(compute)} matmul peak (kept in {machine_cache_path()})")

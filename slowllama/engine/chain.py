@@ -91,7 +91,8 @@ class OffloadedModel:
         self.optimizer = optimizer or SGD()
         master = cfg.master_weights and store.dtype != torch.float32 and lora is None
         staging = staging_bytes(self.args, store.dtype, self.optimizer if lora is None else None, master,
-                                cfg.lookahead, cfg.write_queue, store.state_part_elements, cfg.unit)
+                                cfg.lookahead, cfg.write_queue, store.state_part_elements, cfg.unit,
+                                store.quantization)
         self.pipe = Pipeline(store, cfg.device, self.device_budget, self.host_budget, cfg.lookahead, cfg.write_queue,
                              staging, cfg.read_ahead_bytes, cfg.write_bytes)
         self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device)
