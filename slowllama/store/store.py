@@ -85,6 +85,7 @@ class Store:
         self._syncing: list[tuple[str, Future]] = []
         self._assembling: dict[tuple[str, str], tuple[str, st.PieceWriter]] = {}  # (kind, module) -> its new file
         self._verified: set[tuple[str, str]] = set()  # whole-file checksums checked for reads of single tensors
+        self._last_dequantized: tuple = (None, None)  # ((module, key, entry), weight) of read_slice
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
@@ -440,7 +441,9 @@ class Store:
         weight is read whole and dequantized, in the store's dtype."""
         info = self.file_info(name, kind)
         if kind == "modules" and self.quantization is not None and self.quantization.covers(name, key):
-            t = self.weights(piece_name(name, key))[key]
+            if self._last_dequantized[0] != (name, key, info):  # export reads a weight by slices, one after another
+                self._last_dequantized = ((name, key, info), self.weights(piece_name(name, key))[key])
+            t = self._last_dequantized[1]
             return t if dim is None else t.narrow(dim, start, length)
         if info.rows:  # patched rows: the whole tensor, as read() makes it
             t = self.read(name, kind)[key]
