@@ -107,12 +107,13 @@ def test_quantize_and_dequantize_equal_a_plain_reference(shape, double_quant):
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_equal_to_bitsandbytes_where_installed(double_quant):
     functional = pytest.importorskip("bitsandbytes.functional")
-    for shape in SHAPES[:3]:
+    for shape in [s for s in SHAPES if math.prod(s) > 64]:  # (one block: its centered absmax 0/0, a code of no use)
         w = torch.randn(shape) * 0.02
         q, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
         ours = nf4.quantize(w, double_quant)
         blocks = math.ceil(w.numel() / 64)
-        assert torch.equal(q.reshape(-1), ours[:blocks * 32])
+        n = q.numel()  # bitsandbytes keeps no padding: ours codes it as zeros (0x77)
+        assert torch.equal(q.reshape(-1), ours[:n]) and bool((ours[n:blocks * 32] == 0x77).all())
         if not double_quant:
             assert torch.equal(state.absmax, ours[blocks * 32:].view(torch.float32))
         else:
