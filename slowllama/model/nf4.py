@@ -15,6 +15,7 @@ ops on any device (a table lookup and a multiply), no loop over blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,7 +36,7 @@ def nf4_table(device="cpu") -> torch.Tensor:
     return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
 
 
-def dynamic_map() -> torch.Tensor:
+def dynamic_map(device="cpu") -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True)): 256 sorted values in [-1, 1],
     a dynamic exponent (10^-6 .. 10^0) and a fraction of the remaining bits, plus 0 and 1."""
     data: list[float] = []
@@ -47,7 +48,15 @@ def dynamic_map() -> torch.Tensor:
         data += (-(10 ** (-(exponent_bits - 1) + i)) * means).tolist()
     data += [0.0, 1.0]
     assert len(data) == 2 ** (non_sign_bits + 1)
-    return torch.tensor(sorted(data), dtype=torch.float32)
+    return torch.tensor(sorted(data), dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the values of each byte's two codes, (256, 2); the dynamic map) on a device, made once: every use of a
+    weight dequantizes it."""
+    table, byte = nf4_table(device), torch.arange(256, device=device)
+    return torch.stack([table[byte >> 4], table[byte & 15]], dim=1), dynamic_map(device)
 
 
 def packed_bytes(numel: int, double_quant: bool) -> int:
@@ -87,7 +96,7 @@ def quantize(weight: torch.Tensor, double_quant: bool = False) -> torch.Tensor:
     mean = absmax.mean()
     centered = _padded(absmax - mean, SCALE_BLOCK)
     scaled2, scales = _blockwise_absmax(centered, SCALE_BLOCK)
-    qabsmax = _nearest(scaled2.reshape(-1), dynamic_map().to(x.device))[:absmax.numel()]
+    qabsmax = _nearest(scaled2.reshape(-1), dynamic_map(x.device))[:absmax.numel()]
     return torch.cat([packed, scales.view(torch.uint8), mean.reshape(1).view(torch.uint8), qabsmax])
 
 
@@ -107,7 +116,7 @@ def dequantize_absmax(packed: torch.Tensor, shape: tuple[int, ...], double_quant
     groups = math.ceil(blocks / SCALE_BLOCK)
     scales, mean = _fp32(rest[:4 * groups]), _fp32(rest[4 * groups:4 * groups + 4])
     qabsmax = rest[4 * groups + 4:]
-    return dynamic_map().to(packed.device)[qabsmax.int()] * scales.repeat_interleave(SCALE_BLOCK)[:blocks] + mean
+    return _tables(packed.device)[1][qabsmax.int()] * scales.repeat_interleave(SCALE_BLOCK)[:blocks] + mean
 
 
 def dequantize(packed: torch.Tensor, shape: tuple[int, ...], double_quant: bool = False,
@@ -121,10 +130,7 @@ def dequantize(packed: torch.Tensor, shape: tuple[int, ...], double_quant: bool 
     device = packed.device
     codes, absmax = packed[:blocks * BLOCK // 2], dequantize_absmax(packed, shape, double_quant)
     # a byte -> its two values: one lookup in a (256, 2) table of pairs
-    table = nf4_table(device)
-    byte = torch.arange(256, device=device)
-    pairs = torch.stack([table[byte >> 4], table[byte & 15]], dim=1)
-    values = pairs[codes.int()].view(blocks, BLOCK) * absmax[:, None]
+    values = _tables(device)[0][codes.int()].view(blocks, BLOCK) * absmax[:, None]
     return values.view(-1)[:numel].view(shape).to(dtype)
 
 
