@@ -322,6 +322,9 @@ class PlanSettings:
     dtype: Optional[str] = opt(None, "dtype of the store's weights (default: the store's, the source's, bf16 for "
                                "a preset)", choices=["bf16", "fp16", "fp32"])
     layers: Optional[int] = opt(None, "cut the model to this many transformer blocks (as bench --layers does)")
+    quantize: Optional[str] = opt(None, "plan for a store prepared with --quantize nf4 (LoRA on a read-only NF4 "
+                                  "base; default: the store's own)")
+    double_quant: bool = opt(False, "with --quantize nf4: as prepared with --double-quant")
     json: bool = opt(False, "print the plan as one JSON object")
     debug: bool = opt(False, "show tracebacks of errors")
 

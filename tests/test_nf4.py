@@ -228,6 +228,11 @@ def test_a_step_reads_the_packed_bytes_and_plans_count_them(nf4_stores, tmp_path
     plain = json.loads(ok(cli("plan", nf4_stores["plain"], "--device", "cpu", "--json")).stdout)
     assert [r["name"] for r in out["configs"]] == ["lora"]
     assert out["configs"][0]["bytes_read"] < 0.3 * next(r for r in plain["configs"] if r["lora"])["bytes_read"]
+    # planned before prepare: the plain store's plan with --quantize is the NF4 store's (the files' headers aside)
+    ahead = json.loads(ok(cli("plan", nf4_stores["plain"], "--device", "cpu", "--json", "--quantize", "nf4")).stdout)
+    assert 0 < out["model"]["store_bytes"] - ahead["model"]["store_bytes"] < 8 * 4096
+    assert [r["name"] for r in ahead["configs"]] == ["lora"]
+    assert_one_line_error(cli("plan", nf4_stores["plain"], "--double-quant"), "--double-quant")
 
 
 def test_eval_generate_fuse_and_export_read_the_dequantized_base(nf4_stores, tmp_path, cli):

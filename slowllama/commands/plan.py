@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,14 +32,14 @@ from slowllama.jsonfile import read_json
 from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
 from slowllama.model.families import PRESETS, preset_args
 from slowllama.model.lora import LoRAConfig, parse_targets
-from slowllama.model.shapes import linear_shape, model_param_count, module_names, module_shapes
+from slowllama.model.shapes import linear_shape, model_param_count, module_names
 from slowllama.model.tokenizer import load_tokenizer
 from slowllama.optim.base import Optimizer
 from slowllama.optim.registry import make_optimizer
 from slowllama.settings import PlanSettings
 from slowllama.sizes import format_size
 from slowllama.store.manifest import MANIFEST, Manifest
-from slowllama.store.quantized import Quantization
+from slowllama.store.quantized import Quantization, parse_scheme, weight_bytes
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
 
 GB = 1e9  # bench's records are in decimal GB/s
@@ -66,8 +65,7 @@ class PlannedModel:
     def modules_bytes(self) -> int:
         if self.module_bytes is not None:
             return sum(self.module_bytes.values())
-        return sum(math.prod(s) for name in module_names(self.args)
-                   for s in module_shapes(self.args, name).values()) * self.dtype.itemsize
+        return sum(weight_bytes(self.args, name, None, self.dtype, self.quant) for name in module_names(self.args))
 
 
 @dataclass(frozen=True)
@@ -115,6 +113,9 @@ def read_model(s: PlanSettings) -> PlannedModel:
         dtype = resolve_store_dtype(s.dtype, model.dtype, model.where)
         if dtype != model.dtype:  # the store's own file sizes no longer apply
             model = dataclasses.replace(model, dtype=dtype, module_bytes=None)
+    quant = parse_scheme(s.quantize, s.double_quant)
+    if quant is not None and quant != model.quant:  # (a store's own file sizes no longer apply)
+        model = dataclasses.replace(model, quant=quant, module_bytes=None)
     if s.layers is not None:
         if s.layers < 1:
             raise SlowllamaError(f"--layers: must be at least 1, got {s.layers}")

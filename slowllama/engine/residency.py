@@ -97,10 +97,11 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
     es, ec = store_dtype.itemsize, compute_dtype.itemsize
     p = largest_unit_elements(args, unit)
     per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit, quant)
-    total = largest_unit_bytes(args, store_dtype, unit, quant) + (p * ec if ec != es or quant else 0) \
-        + lookahead * per_file
-    if quant is not None:  # one weight's dequantization: its fp32 values, then the store's dtype
-        total += max(math.prod(s) for s in module_shapes(args, "layers.0").values()) * (4 + es)
+    total = largest_unit_bytes(args, store_dtype, unit, quant) + (p * ec if ec != es else 0) + lookahead * per_file
+    if quant is not None:  # the unit's weights dequantized (the store's dtype, then the compute dtype), one weight's
+        # fp32 values on the way
+        packed = [math.prod(s) for k, s in module_shapes(args, "layers.0").items() if quant.covers("layers.0", k)]
+        total += (sum(packed) if unit != "weight" else max(packed)) * (es + (ec if ec != es else 0)) + max(packed) * 4
     if train and not lora:
         total += p * ec + p * es  # gradients, the new weights
         if unit == "weight" and microbatches > 1:  # a block's weights' gradients wait for its last microbatch
