@@ -29,7 +29,6 @@ import dataclasses
 import errno
 import functools
 import json
-import math
 import os
 import shutil
 import threading
