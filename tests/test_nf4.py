@@ -4,6 +4,7 @@ the bytes it streams, and its bad input."""
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from slowllama.store.quantized import Quantization
 from slowllama.store.store import Store
 from slowllama.testing.reference import load_transformer
 
-from conftest import ALICE, assert_one_line_error
+from conftest import ALICE, FAULTS_RUNNER, assert_one_line_error, run_cli
+from crashes import ONE_THREAD, in_one_thread
 from reference import meta_state_dict, store_state_dict, train_in_memory
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
@@ -292,13 +294,18 @@ def test_verify_checks_an_nf4_store(nf4_stores, tmp_path, cli):
     assert_one_line_error(cli("eval", copy, "--data", ALICE), "quantization.scheme", "nf3")
 
 
-def test_lora_resume_on_nf4_equals_an_uninterrupted_run(nf4_stores, tmp_path):
-    store = nf4_stores["nf4"]
-    run_lora(store, tmp_path / "straight", steps=2, lr=1e-2, dropout=0.1, lora_dropout=0.1)
-    run_lora(store, tmp_path / "resumed", steps=1, lr=1e-2, dropout=0.1, lora_dropout=0.1)
-    run_lora(store, tmp_path / "resumed", steps=2, lr=1e-2, dropout=0.1, lora_dropout=0.1)
+def test_lora_on_nf4_killed_after_a_step_resumes_bit_for_bit(nf4_stores, tmp_path):
+    store, args = nf4_stores["nf4"], dict(steps=2, lr=1e-2, dropout=0.1, lora_dropout=0.1)
+    in_one_thread(run_lora, store, tmp_path / "straight", **args)
+    flags = ["--device", "cpu", "--data", ALICE, "--eval-every", 0, "--log-every", 0, "--lora-rank", 4, "--lora-alpha",
+             8.0, "--lora-targets", TARGETS, "--batch-size", 2, "--seq-len", 32, "--steps", 2, "--lr", 1e-2,
+             "--dropout", 0.1, "--lora-dropout", 0.1, "--adapter-path", tmp_path / "ad"]
+    proc = run_cli("finetune", store, *flags, module=FAULTS_RUNNER,
+                   env={**ONE_THREAD, "SLOWLLAMA_FAULTS": "lora.state.after_rename:1"})  # step 1 committed
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    in_one_thread(run_lora, store, tmp_path / "ad", **args)
     a = st.read_file(str(tmp_path / "straight" / "adapters.safetensors"))
-    b = st.read_file(str(tmp_path / "resumed" / "adapters.safetensors"))
+    b = st.read_file(str(tmp_path / "ad" / "adapters.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
