@@ -350,7 +350,8 @@ class Store:
     def weights(self, name: str) -> dict[str, torch.Tensor]:
         """A module's weights (CPU), in the store's dtype: read(), with quantized weights dequantized."""
         module = split_piece(name)[0]
-        return dequantized(self.quantization, module, self.read(name), self.expected_shapes[module], self.dtype)
+        return dequantized(self.quantization, module, self.read(name), self.expected_shapes.get(module, {}),
+                           self.dtype)
 
     def _read_piece(self, module: str, key: str, kind: str, alloc=None) -> torch.Tensor:
         """One weight of a module file on its own: checked by its own checksum, or (a file with one checksum for
