@@ -272,6 +272,18 @@ def test_eval_generate_fuse_and_export_read_the_dequantized_base(nf4_stores, tmp
     assert loss(tmp_path / "fused-store") == pytest.approx(loss(store, "--adapter-path", tmp_path / "ad"), rel=1e-5)
 
 
+def test_prepare_of_hugging_face_weights_and_requantizing_is_idempotent(nf4_stores, tmp_path, cli):
+    # the dequantized base exported as Hugging Face and prepared again with --quantize nf4: the same bytes (each
+    # block's largest value is its absmax again, every other value an NF4 value of it)
+    ok(cli("export", nf4_stores["nf4"], tmp_path / "hf", "--format", "hf"))
+    ok(cli("prepare", tmp_path / "hf", tmp_path / "again", "--quantize", "nf4"))
+    first, again = Store.open(nf4_stores["nf4"]), Store.open(tmp_path / "again")
+    assert again.quantization == first.quantization
+    for name in first.expected_shapes:
+        a, b = first.read(name), again.read(name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_verify_checks_an_nf4_store(nf4_stores, tmp_path, cli):
     for kind in ("nf4", "dq"):
         out = json.loads(ok(cli("verify", nf4_stores[kind], "--json")).stdout.splitlines()[-1])
