@@ -4,7 +4,8 @@ Layout of a store folder:
     manifest.json                 model args, store dtype, source layout, file table, step, run state
     tokenizer.model (or the source's tokenizer files: tokenizer.json, tokenizer_config.json, ...)
     config.json, generation_config.json, model.safetensors.index.json   (a Hugging Face source's, verbatim)
-    modules/<name>@<gen>.safetensors  weights of tok_embeddings, layers.N, head (and extras)
+    modules/<name>@<gen>.safetensors  weights of tok_embeddings, layers.N, head (and extras); in a store prepared
+                                  with --quantize, the blocks' linear weights packed (store/quantized.py)
     modules/<name>@<gen>.rows.safetensors  a row patch: ids and new values of the rows step <gen> changed
     optim/<name>#<i>@<gen>.safetensors  optimizer state of a module, part i: rows of one weight (AdamW moments, step)
     master/<name>#<i>@<gen>.safetensors fp32 master weights of a 16-bit store, in the same parts (optional)
