@@ -170,8 +170,9 @@ def dequantized_lora(store, cfg, seed, dropout=0.0):
     return model, params
 
 
-def test_lora_gradients_equal_in_memory_on_the_dequantized_base(nf4_stores, tmp_path, unit="block"):
-    store, lr = nf4_stores["nf4"], 0.5
+def test_lora_gradients_equal_in_memory_on_the_dequantized_base(nf4_stores, tmp_path):
+    # (one SGD step: the adapters move by exactly -lr * gradient)
+    store, lr, unit = nf4_stores["nf4"], 0.5, "block"
     cfg = LoRAConfig(4, 8.0, 0.1, tuple(TARGETS.split(",")))
     run_lora(store, tmp_path / "ad", steps=1, lr=lr, optimizer="sgd", lora_dropout=0.1, dropout=0.1, seed=3,
              accumulate=2, stream_unit=unit)
