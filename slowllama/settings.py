@@ -124,6 +124,11 @@ class PrepareSettings:
     store: str = opt(None, "the store folder to create", positional=True)
     dtype: Optional[str] = opt(None, "dtype of the stored weights (default: the source's)",
                                choices=["bf16", "fp16", "fp32"])
+    quantize: Optional[str] = opt(None, "store the blocks' linear weights (wq wk wv wo w1 w2 w3) quantized: nf4, "
+                                  "QLoRA's 4-bit NormalFloat with one absmax per block of 64 (a read-only base for "
+                                  "LoRA; the embeddings, norms and output layer stay in the store's dtype)")
+    double_quant: bool = opt(False, "with --quantize nf4: quantize the absmax scales too (QLoRA's double "
+                             "quantization: 8-bit in blocks of 256, mean subtracted)")
     force: bool = opt(False, "replace STORE if it exists")
     debug: bool = opt(False, "show tracebacks of errors")
 
@@ -326,6 +331,9 @@ class PlanSettings:
     dtype: Optional[str] = opt(None, "dtype of the store's weights (default: the store's, the source's, bf16 for "
                                "a preset)", choices=["bf16", "fp16", "fp32"])
     layers: Optional[int] = opt(None, "cut the model to this many transformer blocks (as bench --layers does)")
+    quantize: Optional[str] = opt(None, "plan for a store prepared with --quantize nf4 (LoRA on a read-only NF4 "
+                                  "base; default: the store's own)")
+    double_quant: bool = opt(False, "with --quantize nf4: as prepared with --double-quant")
     json: bool = opt(False, "print the plan as one JSON object")
     debug: bool = opt(False, "show tracebacks of errors")
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from slowllama.commands.finetune import finetune
 from slowllama.engine.chain import EngineConfig, OffloadedModel
-from slowllama.engine.residency import graph_bytes, train_plan
+from slowllama.engine.residency import kept_block_bytes, train_plan
 from slowllama.formats.meta import prepare_meta
 from slowllama.model.shapes import module_names
 from slowllama.optim.adamw import AdamW
@@ -72,7 +72,7 @@ def test_a_budget_for_some_graphs_keeps_the_last_blocks(tiny_fp32, tmp_path):
         store = Store.open(path, writable=True, log=lambda m: None)
         args = store.args
         per_input = 2 * 2 * 32 * args.dim * 4  # 2 microbatches of 2 windows of 32 tokens, fp32
-        per_graph = 2 * graph_bytes(args, torch.float32, 2, 32)
+        per_graph = kept_block_bytes(args, torch.float32, torch.float32, 2, 32, 2)
         budget = args.n_layers * per_input + count * (per_graph - per_input)
         engine = OffloadedModel(store, EngineConfig(torch.device("cpu"), torch.float32, activation_budget=budget),
                                 optimizer=AdamW())

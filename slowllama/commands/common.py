@@ -19,6 +19,7 @@ from slowllama.model.shapes import model_param_count, module_names
 from slowllama.optim.base import Optimizer
 from slowllama.sizes import format_size, parse_size, physical_memory
 from slowllama.store.adapters import AdapterFolder
+from slowllama.store.quantized import Quantization
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
 from slowllama.store.store import Store
 
@@ -56,7 +57,7 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
     needs = step_needs(store.args, store.dtype, dtype, device.type, train=train, optimizer=optimizer,
                        master=master, lora=lora is not None, batch_size=batch_size,
                        seq_len=seq_len, microbatches=microbatches, part_elements=store.state_part_elements,
-                       activations=activations, dropout=config.get("dropout", 0.0))
+                       activations=activations, dropout=config.get("dropout", 0.0), quant=store.quantization)
     unit = getattr(settings, "stream_unit", "auto")
     if fleet is not None and fleet.active:
         if unit == "weight":
@@ -93,7 +94,8 @@ def log_kept_graphs(engine: OffloadedModel, batch_size: int, seq_len: int, micro
 def step_needs(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, device_type: str, *,
                train: bool, optimizer: Optional[Optimizer], master: bool, lora: bool, batch_size: int, seq_len: int,
                microbatches: int, part_elements: int = DEFAULT_PART_ELEMENTS,
-               activations: int = 0, dropout: float = 0.0) -> Callable[[str, int, int], Need]:
+               activations: int = 0, dropout: float = 0.0,
+               quant: Optional[Quantization] = None) -> Callable[[str, int, int], Need]:
     """needs(unit, lookahead, write_queue) -> the Need of a pass with these settings (residency.choose_need's
     argument): one function for the engine of a run and for `slowllama plan`, so that both agree. optimizer: the
     run's (with LoRA its adapters', counted as if the store kept their state)."""
@@ -101,7 +103,8 @@ def step_needs(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.d
         return memory_need(args, store_dtype, compute_dtype, device_type, train=train, optimizer=optimizer,
                            master=master, lora=lora, batch_size=batch_size, seq_len=seq_len,
                            microbatches=microbatches, lookahead=lookahead, write_queue=write_queue,
-                           part_elements=part_elements, unit=unit, activations=activations, dropout=dropout)
+                           part_elements=part_elements, unit=unit, activations=activations, dropout=dropout,
+                           quant=quant)
     return needs
 
 

@@ -18,6 +18,7 @@ from slowllama.store.adapters import AdapterFolder
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.destination import check_destination
 from slowllama.store.guards import check_free_space
+from slowllama.store.quantized import parse_scheme, weight_bytes
 from slowllama.store.store import Store
 
 
@@ -36,13 +37,14 @@ def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] 
     cfg = folder.load_config(store.args)
     params = folder.load_params(store.args, cfg, "cpu")
     blocks = [n for n in module_names(store.args) if n.startswith("layers.")]
-    check_free_space(out.parent, sum(store.module_bytes(n) for n in blocks), str(out))
+    # the merged blocks, in the store's dtype (a quantized store's are unpacked)
+    check_free_space(out.parent, sum(weight_bytes(store.args, n, None, store.dtype, None) for n in blocks), str(out))
     tmp = out.with_name(f".{out.name}.fused-{os.getpid()}")
     builder = StoreBuilder(tmp, force=True)
     try:
         for name in store.manifest.files["modules"]:
             if name in blocks:
-                builder.write_module(name, merged_module(store.read(name), block_params(params, name), cfg,
+                builder.write_module(name, merged_module(store.weights(name), block_params(params, name), cfg,
                                                          store.dtype))
             else:
                 builder.link_module(name, store)
@@ -58,7 +60,8 @@ def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] 
 
 
 def run_prepare(s: PrepareSettings, log: Callable[[str], None]) -> None:
-    out = prepare(Path(s.src), Path(s.store), dtype=s.dtype, force=s.force, log=log)
+    quantization = parse_scheme(s.quantize, s.double_quant)
+    out = prepare(Path(s.src), Path(s.store), dtype=s.dtype, force=s.force, log=log, quantization=quantization)
     log(f"prepared store {out}")
 
 

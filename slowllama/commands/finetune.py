@@ -8,6 +8,7 @@ import json
 import math
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,6 +34,7 @@ from slowllama.settings import DEFAULT_LORA_LR, DEFAULT_LR, FinetuneSettings
 from slowllama.sizes import format_size, host_peak_rss
 from slowllama.store.atomic import write_json_atomic
 from slowllama.store.destination import check_run_folder
+from slowllama.store.manifest import MANIFEST, Manifest
 from slowllama.store.safe_files import open_append
 from slowllama.store.store import Store
 from slowllama.train.checkpoints import AdapterCheckpoint, NoCheckpoint, StoreCheckpoint, share_adapters
@@ -128,7 +130,10 @@ def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:
         check_fleet(fleet, s)
     try:
         # (a checkpoint folder or hub id: its store, prepared first if need be)
-        store = Store.open(prepared_store(s.store, log), writable=not lora, log=log)  # recovers an interrupted step
+        path = prepared_store(s.store, log)
+        if not lora:
+            refuse_quantized(path)
+        store = Store.open(path, writable=not lora, log=log)  # recovers an interrupted step
     finally:
         fleet.barrier()  # the followers open the store once it is consistent (or learn that it failed)
     checkpoint = None
@@ -231,8 +236,17 @@ def optimizer_of(s: FinetuneSettings) -> Optimizer:
                           state_dtype=dtype_from_name(s.optim_dtype, "--optim-dtype"))
 
 
+def refuse_quantized(path: Path) -> None:
+    """Full fine-tuning never opens a quantized store for writing: it is a read-only base."""
+    if (Path(path) / MANIFEST).is_file() and Manifest.read(path).quantization is not None:
+        raise SlowllamaError(f"{path}: an NF4 store is a read-only base: full fine-tuning needs a store without "
+                             "--quantize (train LoRA adapters on this one with --lora-rank)")
+
+
 def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: Fleet) -> dict:
     check_seq_len(s.seq_len, store.args)
+    if fleet.active and store.quantization is not None:  # (ranks > 0 receive weights by the store's dtype)
+        raise SlowllamaError(f"{store.path}: an NF4 store trains on one rank for now (run without torchrun)")
     tokenizer = load_tokenizer(store.path)
     data, val = load_train_val(s, tokenizer, log)
     if fleet.active:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,13 +32,14 @@ from slowllama.jsonfile import read_json
 from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
 from slowllama.model.families import PRESETS, preset_args
 from slowllama.model.lora import LoRAConfig, parse_targets
-from slowllama.model.shapes import linear_shape, model_param_count, module_names, module_shapes
+from slowllama.model.shapes import linear_shape, model_param_count, module_names
 from slowllama.model.tokenizer import load_tokenizer
 from slowllama.optim.base import Optimizer
 from slowllama.optim.registry import make_optimizer
 from slowllama.settings import PlanSettings
 from slowllama.sizes import format_size
 from slowllama.store.manifest import MANIFEST, Manifest
+from slowllama.store.quantized import Quantization, parse_scheme, weight_bytes
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
 
 GB = 1e9  # bench's records are in decimal GB/s
@@ -60,12 +60,12 @@ class PlannedModel:
     part_elements: int = DEFAULT_PART_ELEMENTS
     has_master: bool = False  # the store keeps fp32 master weights already (a run then uses them)
     notes: tuple[str, ...] = ()
+    quant: Optional[Quantization] = None  # a quantized store's (its blocks' files are smaller; LoRA only)
 
     def modules_bytes(self) -> int:
         if self.module_bytes is not None:
             return sum(self.module_bytes.values())
-        return sum(math.prod(s) for name in module_names(self.args)
-                   for s in module_shapes(self.args, name).values()) * self.dtype.itemsize
+        return sum(weight_bytes(self.args, name, None, self.dtype, self.quant) for name in module_names(self.args))
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def read_model(s: PlanSettings) -> PlannedModel:
             model = PlannedModel(manifest.args, dtype_from_name(manifest.dtype), "store", str(path),
                                  {n: files[n].bytes for n in module_names(manifest.args) if n in files},
                                  manifest.state_part_elements or DEFAULT_PART_ELEMENTS,
-                                 bool(manifest.files.get("master")))
+                                 bool(manifest.files.get("master")), quant=manifest.quantization)
         elif (path / "params.json").is_file():
             model = _meta_model(path)
         elif (path / "config.json").is_file():
@@ -113,6 +113,9 @@ def read_model(s: PlanSettings) -> PlannedModel:
         dtype = resolve_store_dtype(s.dtype, model.dtype, model.where)
         if dtype != model.dtype:  # the store's own file sizes no longer apply
             model = dataclasses.replace(model, dtype=dtype, module_bytes=None)
+    quant = parse_scheme(s.quantize, s.double_quant)
+    if quant is not None and quant != model.quant:  # (a store's own file sizes no longer apply)
+        model = dataclasses.replace(model, quant=quant, module_bytes=None)
     if s.layers is not None:
         if s.layers < 1:
             raise SlowllamaError(f"--layers: must be at least 1, got {s.layers}")
@@ -232,7 +235,7 @@ def plan_row(model: PlannedModel, row: Row, s: PlanSettings, device_type: str, c
     args = model.args
     needs = step_needs(args, model.dtype, compute, device_type, train=True, optimizer=row.optimizer,
                        master=row.master, lora=row.lora, batch_size=s.batch_size, seq_len=s.seq_len,
-                       microbatches=s.accumulate, part_elements=model.part_elements)
+                       microbatches=s.accumulate, part_elements=model.part_elements, quant=model.quant)
     lo_host, lo_gpu = minimum(device_type, needs)
     at_min = choose_need("auto", device_type, lo_host, lo_gpu, 2, 2, needs)
     out = {"name": row.name, "optimizer": row.optimizer.name, "lora": row.lora,
@@ -258,7 +261,7 @@ def plan_row(model: PlannedModel, row: Row, s: PlanSettings, device_type: str, c
     resident = not row.lora and fits_in_memory(model.modules_bytes(), params, stateful, master, room)
     traffic = step_traffic(args, model.dtype, device_type, split, unit=need.unit, microbatches=s.accumulate,
                            optimizer=stateful, master=master, lora=row.lora, deferred=resident,
-                           activations=need.activations, part_elements=model.part_elements)
+                           activations=need.activations, part_elements=model.part_elements, quant=model.quant)
     out.update(at="budgets" if out["fits"] else "minimum", resident=resident, bytes_read=traffic.read,
                bytes_written=traffic.written, spilled_bytes=traffic.spilled,
                h2d_bytes=traffic.h2d if device_type == "cuda" else None,
@@ -330,7 +333,7 @@ def plan(s: PlanSettings) -> dict:
     budgets = plan_budgets(s, device_type)
     master = s.master_weights == "fp32" or model.has_master
     names = ["sgd", "adamw"] + ([s.optimizer] if s.optimizer and s.optimizer not in ("sgd", "adamw") else [])
-    rows = [Row(n, make_optimizer(n), False, master) for n in names]
+    rows = [Row(n, make_optimizer(n), False, master) for n in names] if model.quant is None else []
     rows.append(Row("lora", make_optimizer("adamw"), True, model.has_master))  # as finetune passes them
     machine, record = cached_machine(device_type, compute)
     planned = [plan_row(model, row, s, device_type, compute, budgets, machine) for row in rows]
@@ -338,6 +341,8 @@ def plan(s: PlanSettings) -> dict:
         raise SlowllamaError(nothing_fits(planned, budgets, device_type))
     counts = model_param_count(model.args)
     notes = list(model.notes)
+    if model.quant is not None:
+        notes.append(f"{model.quant.scheme} store: a read-only base, LoRA only (full fine-tuning is refused)")
     if record is None:
         notes.append(f"no time estimate: `slowllama bench --device {device_type}` measures this machine's disk, "
                      f"copies and {dtype_name(compute)} matmul peak (kept in {machine_cache_path()})")

@@ -14,6 +14,7 @@ from slowllama.settings import VerifySettings
 from slowllama.sizes import format_size
 from slowllama.store.adapters import CONFIG, AdapterFolder
 from slowllama.store.manifest import KINDS, MANIFEST
+from slowllama.store.quantized import packed_problems
 from slowllama.store.store import OWN_PATHS, Store
 
 
@@ -34,8 +35,11 @@ def verify_store(path: Path, log: Callable[[str], None] = print) -> dict:
     total = 0
     for kind, name in tqdm(entries, desc="verify", unit="file", disable=None, leave=False):
         try:
-            store.read(name, kind)
+            tensors = store.read(name, kind)
             total += store.module_bytes(name, kind)
+            if kind == "modules" and name in store.expected_shapes:
+                problems += packed_problems(store.quantization, name, tensors, store.expected_shapes[name],
+                                            str(store.path / store.file_info(name).file))
         except SlowllamaError as e:
             problems.append(str(e))
     if problems:
@@ -43,10 +47,14 @@ def verify_store(path: Path, log: Callable[[str], None] = print) -> dict:
         raise SlowllamaError(problems[0] + more)
     summary = {"store": str(store.path), "step": store.step, "files": len(entries), "bytes": total,
                "leftovers": len(leftovers)}
+    if store.quantization is not None:
+        summary["quantization"] = store.quantization.to_json()
     note = (f"; {len(leftovers)} files left by an interrupted step are not part of it (the next finetune "
             "removes them)") if leftovers else ""
+    scheme = (f"; {store.quantization.scheme} blocks" + (" (double quant)" if store.quantization.double_quant else "")
+              if store.quantization else "")
     log(f"{store.path}: step {store.step}, {len(entries)} files, {format_size(total)}: sizes, checksums, "
-        f"names and shapes all match{note}")
+        f"names and shapes all match{scheme}{note}")
     return summary
 
 

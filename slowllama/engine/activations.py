@@ -149,7 +149,7 @@ class Activations:
 class KeptGraphs:
     """The autograd graphs of the last `count` blocks of a training step, kept from its forward pass so that their
     backward needs no recompute: per block its module and, per microbatch, (input, output). Their bytes (an
-    estimate: residency.graph_bytes, per block over all microbatches) are taken from the activation budget for the
+    estimate: residency.kept_block_bytes, per block over all microbatches) are taken from the activation budget for the
     step and given back as each block's backward is done."""
 
     def __init__(self, budget: Budget, n_layers: int, count: int, block_bytes: int):

@@ -31,7 +31,7 @@ from slowllama.engine.compiled import CompiledBlocks, CompiledUpdates, compile_r
 from slowllama.engine.fleet import Fleet
 from slowllama.engine.pipeline import Pipeline
 from slowllama.engine.replicas import Replicas
-from slowllama.engine.residency import eval_plan, fits_in_memory, graph_bytes, staging_bytes, train_plan
+from slowllama.engine.residency import eval_plan, fits_in_memory, kept_block_bytes, staging_bytes, train_plan
 from slowllama.engine.step import NonFiniteLoss, Step, StepResult, Tally, module_seed
 from slowllama.engine.streamed import NORMS, BlockGradients, stream_linears
 from slowllama.engine.updates import Updater
@@ -43,6 +43,7 @@ from slowllama.model.lora import LoRAState, block_params, inject
 from slowllama.model.shapes import model_param_count, module_names
 from slowllama.optim.base import Optimizer
 from slowllama.optim.sgd import SGD
+from slowllama.store.quantized import dequantized
 from slowllama.store.state_parts import piece_name
 from slowllama.store.store import Store
 
@@ -91,7 +92,8 @@ class OffloadedModel:
         self.optimizer = optimizer or SGD()
         master = cfg.master_weights and store.dtype != torch.float32 and lora is None
         staging = staging_bytes(self.args, store.dtype, self.optimizer if lora is None else None, master,
-                                cfg.lookahead, cfg.write_queue, store.state_part_elements, cfg.unit)
+                                cfg.lookahead, cfg.write_queue, store.state_part_elements, cfg.unit,
+                                store.quantization)
         self.pipe = Pipeline(store, cfg.device, self.device_budget, self.host_budget, cfg.lookahead, cfg.write_queue,
                              staging, cfg.read_ahead_bytes, cfg.write_bytes)
         self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device)
@@ -166,17 +168,22 @@ class OffloadedModel:
         m = build_module(self.args, name, dropout=self.cfg.dropout if train else 0.0)
         if self.streams_by_weight(name):
             def fetch(key: str) -> torch.Tensor:
-                return self.replicas.weights(piece_name(name, key))[key].to(self.cfg.compute_dtype)
+                return self._dequantized(name, self.replicas.weights(piece_name(name, key)))[key].to(
+                    self.cfg.compute_dtype)
 
             stream_linears(m, fetch, gradients if grad and self.lora is None else None)
             tensors = {key: self.replicas.weights(piece_name(name, key))[key] for key in NORMS}
         else:
-            tensors = self.replicas.weights(name)
+            tensors = self._dequantized(name, self.replicas.weights(name))
         m.load_state_dict({k: v.to(self.cfg.compute_dtype) for k, v in tensors.items()}, assign=True)
         m.requires_grad_(grad and self.lora is None)
         if self.lora is not None and name.startswith("layers."):
             inject(m, block_params(self.lora.params, name), self.lora.cfg)
         return m.train(train)
+
+    def _dequantized(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A quantized store's packed weights (as they streamed, on the device) -> weights in the store's dtype."""
+        return dequantized(self.store.quantization, name, tensors, self.store.expected_shapes[name], self.store.dtype)
 
     def head(self, train: bool = False, grad: bool = False):
         """The head module and the output weight to pass it: the embedding matrix if they are tied."""
@@ -286,17 +293,20 @@ class OffloadedModel:
         if not self.cfg.keep_graphs or self.cfg.unit == "weight":
             return 0
         per_input = microbatches * batch_size * seq_len * self.args.dim * self.cfg.compute_dtype.itemsize
-        per_graph = microbatches * graph_bytes(self.args, self.cfg.compute_dtype, batch_size, seq_len, self.cfg.dropout)
         room = self.activation_budget.free - self.args.n_layers * per_input
-        count = max(0, min(self.args.n_layers, room // max(1, per_graph - per_input)))
+        extra = self._kept_block_bytes(batch_size, seq_len, microbatches) - per_input
+        count = max(0, min(self.args.n_layers, room // max(1, extra)))
         return -self.fleet.max(-count)
+
+    def _kept_block_bytes(self, batch_size: int, seq_len: int, microbatches: int) -> int:
+        return kept_block_bytes(self.args, self.store.dtype, self.cfg.compute_dtype, batch_size, seq_len, microbatches,
+                                self.cfg.dropout, self.store.quantization)
 
     def _train_step(self, step: Step, batches, acts: Activations) -> StepResult:
         batch_size, seq_len = batches[0][0].shape
         count = self.kept_graph_count(batch_size, seq_len, len(batches))
         graphs = KeptGraphs(self.activation_budget, self.args.n_layers, count,
-                            len(batches) * graph_bytes(self.args, self.cfg.compute_dtype, batch_size, seq_len,
-                                                       self.cfg.dropout))
+                            self._kept_block_bytes(batch_size, seq_len, len(batches)))
         try:
             return self._train_step_with(step, batches, acts, graphs)
         finally:

@@ -25,6 +25,7 @@ from slowllama.model.args import ModelArgs
 from slowllama.model.shapes import model_param_count, module_shapes
 from slowllama.optim.base import Optimizer
 from slowllama.sizes import format_size
+from slowllama.store.quantized import Quantization, weight_bytes
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, piece_name, state_parts
 
 # what the process uses beyond the budgets, the runtime itself: the interpreter, torch and its kernels, the
@@ -53,26 +54,37 @@ def largest_unit_elements(args: ModelArgs, unit: str = "block") -> int:
     return max(counts["embeddings"], block, counts["head"])
 
 
+def largest_unit_bytes(args: ModelArgs, store_dtype: torch.dtype, unit: str = "block",
+                       quant: Optional[Quantization] = None) -> int:
+    """Bytes (as stored: a quantized store's packed) of the largest thing that streams (largest_unit_elements)."""
+    if unit != "weight":
+        block = weight_bytes(args, "layers.0", None, store_dtype, quant)
+    else:
+        block = max(weight_bytes(args, "layers.0", k, store_dtype, quant) for k in module_shapes(args, "layers.0"))
+    return max(block, *(weight_bytes(args, name, None, store_dtype, quant) for name in ("tok_embeddings", "head")))
+
+
 def _state_bytes(optimizer: Optional[Optimizer]) -> int:
     return optimizer.state_bytes_per_weight if optimizer is not None and optimizer.stateful else 0
 
 
 def largest_file_bytes(args: ModelArgs, store_dtype: torch.dtype, optimizer: Optional[Optimizer] = None,
-                       master: bool = False, part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block") -> int:
+                       master: bool = False, part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block",
+                       quant: Optional[Quantization] = None) -> int:
     """Bytes of the largest read or write of a step: a module's weights (a weight's, by unit "weight"), or one part
     (state_parts.py) of its optimizer state or of its fp32 master weights. optimizer: the one whose state the store
-    keeps (None: none)."""
-    biggest = largest_unit_elements(args, unit) * store_dtype.itemsize
+    keeps (None: none). quant: the store's quantization (its blocks' files are smaller)."""
+    biggest = largest_unit_bytes(args, store_dtype, unit, quant)
     per_weight = max(_state_bytes(optimizer), 4 if master else 0)
     return max(biggest, largest_part_elements(args, part_elements) * per_weight)
 
 
 def staging_bytes(args: ModelArgs, store_dtype: torch.dtype, optimizer: Optional[Optimizer], master: bool,
                   lookahead: int, write_queue: int, part_elements: int = DEFAULT_PART_ELEMENTS,
-                  unit: str = "block") -> int:
+                  unit: str = "block", quant: Optional[Quantization] = None) -> int:
     """Host memory for the pinned buffers of reads and writes in flight on cuda, and two spares kept for reuse
     (pinning is slow): in bytes, since the pipeline's read-ahead and write queue are capped in bytes too."""
-    per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit)
+    per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit, quant)
     return (lookahead + write_queue + 2) * per_file
 
 
@@ -80,14 +92,19 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
                   optimizer: Optional[Optimizer] = None, master: bool = False, lora: bool = False,
                   batch_size: int = 1, seq_len: int = 1, microbatches: int = 1, lookahead: int = 2,
                   write_queue: int = 2, head_chunk: int = 256 << 20,
-                  part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block") -> int:
+                  part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block",
+                  quant: Optional[Quantization] = None) -> int:
     """An upper estimate of the memory what is in flight needs, beyond what stays resident: the unit in use (a
     module, or one weight of a block), its gradient and new version, the reads ahead, the update of one part.
     optimizer: the one whose state the store keeps (None: none, as with SGD or LoRA's resident adapters)."""
     es, ec = store_dtype.itemsize, compute_dtype.itemsize
     p = largest_unit_elements(args, unit)
-    per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit)
-    total = p * es + (p * ec if ec != es else 0) + lookahead * per_file
+    per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit, quant)
+    total = largest_unit_bytes(args, store_dtype, unit, quant) + (p * ec if ec != es else 0) + lookahead * per_file
+    if quant is not None:  # the unit's weights dequantized (the store's dtype, then the compute dtype), one weight's
+        # fp32 values on the way
+        packed = [math.prod(s) for k, s in module_shapes(args, "layers.0").items() if quant.covers("layers.0", k)]
+        total += (sum(packed) if unit != "weight" else max(packed)) * (es + (ec if ec != es else 0)) + max(packed) * 4
     if train and not lora:
         total += p * ec + p * es  # gradients, the new weights
         if unit == "weight" and microbatches > 1:  # a block's weights' gradients wait for its last microbatch
@@ -123,6 +140,17 @@ def graph_bytes(args: ModelArgs, compute_dtype: torch.dtype, batch_size: int, se
     return int((tokens * per_token + attention) * 1.2)
 
 
+def kept_block_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, batch_size: int,
+                     seq_len: int, microbatches: int, dropout: float = 0.0,
+                     quant: Optional[Quantization] = None) -> int:
+    """What a block that keeps its forward graph holds until its backward: the graphs of its microbatches and,
+    where the block computes with copies of its weights (dequantized, or cast to the compute dtype), those
+    copies, which the graph keeps alive."""
+    graphs = microbatches * graph_bytes(args, compute_dtype, batch_size, seq_len, dropout)
+    copies = quant is not None or store_dtype != compute_dtype
+    return graphs + (model_param_count(args)["block"] * compute_dtype.itemsize if copies else 0)
+
+
 @dataclass(frozen=True)
 class Need:
     """What a pass needs of memory whatever the budgets: the working set of what is in flight, the pinned staging
@@ -144,24 +172,23 @@ def memory_need(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.
                 train: bool, optimizer: Optional[Optimizer] = None, master: bool = False, lora: bool = False,
                 batch_size: int = 1, seq_len: int = 1, microbatches: int = 1, lookahead: int = 2,
                 write_queue: int = 2, part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block",
-                activations: int = 0, dropout: float = 0.0) -> Need:
+                activations: int = 0, dropout: float = 0.0, quant: Optional[Quantization] = None) -> Need:
     """The need of a pass at one streaming unit ("block" or "weight") with `lookahead` reads ahead and
     `write_queue` writes in flight, each of at most the largest file. activations: bytes the pass would keep
     (default: a training step's block inputs). optimizer: the one whose state the store keeps (LoRA's adapters
     keep theirs resident, counted here as if streamed: a margin)."""
     work = working_bytes(args, store_dtype, compute_dtype, train=train, optimizer=optimizer, master=master, lora=lora,
                          batch_size=batch_size, seq_len=seq_len, microbatches=microbatches, lookahead=lookahead,
-                         write_queue=write_queue, part_elements=part_elements, unit=unit)
-    staging = staging_bytes(args, store_dtype, optimizer, master, lookahead, write_queue, part_elements, unit) \
+                         write_queue=write_queue, part_elements=part_elements, unit=unit, quant=quant)
+    staging = staging_bytes(args, store_dtype, optimizer, master, lookahead, write_queue, part_elements, unit, quant) \
         if device_type == "cuda" else 0  # pinned buffers buy nothing on cpu and mps: reads land in plain memory
     if not activations and train:
         activations = args.n_layers * microbatches * batch_size * seq_len * args.dim * compute_dtype.itemsize
     graphs = 0
-    if train and unit == "block":  # a graph replaces its block's cached input
-        per_input = batch_size * seq_len * args.dim * compute_dtype.itemsize
-        per_graph = graph_bytes(args, compute_dtype, batch_size, seq_len, dropout)
-        graphs = args.n_layers * microbatches * max(0, per_graph - per_input)
-    per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit)
+    if train and unit == "block":  # a kept block holds its graph instead of its cached input
+        kept = kept_block_bytes(args, store_dtype, compute_dtype, batch_size, seq_len, microbatches, dropout, quant)
+        graphs = args.n_layers * max(0, kept - microbatches * batch_size * seq_len * args.dim * compute_dtype.itemsize)
+    per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit, quant)
     return Need(work, staging, activations, unit, lookahead, write_queue, max(1, lookahead) * per_file,
                 max(1, write_queue) * per_file, graphs)
 

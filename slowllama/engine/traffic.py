@@ -22,6 +22,7 @@ from slowllama.engine.residency import Budgets, train_plan
 from slowllama.model.args import ModelArgs
 from slowllama.model.shapes import module_names, module_shapes
 from slowllama.optim.base import Optimizer
+from slowllama.store.quantized import Quantization, weight_bytes
 from slowllama.store.state_parts import part_module, split_piece, state_parts
 
 
@@ -37,9 +38,9 @@ class Traffic:
 
 
 def key_sizes(args: ModelArgs, store_dtype: torch.dtype, plan: list[Key], optimizer: Optional[Optimizer],
-              part_elements: int) -> dict[Key, int]:
-    """Bytes of each key of a plan: a module's weights (a piece "layers.N/<key>" is one weight), a part of its
-    optimizer state or of its fp32 master weights."""
+              part_elements: int, quant: Optional[Quantization] = None) -> dict[Key, int]:
+    """Bytes of each key of a plan: a module's weights as stored (a piece "layers.N/<key>" is one weight; a
+    quantized store's packed), a part of its optimizer state or of its fp32 master weights."""
     parts = {p.name: p for name in module_names(args)
              for p in state_parts(name, module_shapes(args, name), part_elements)}
     state = optimizer.state_bytes_per_weight if optimizer is not None else 0
@@ -47,9 +48,7 @@ def key_sizes(args: ModelArgs, store_dtype: torch.dtype, plan: list[Key], optimi
     for kind, name in set(plan):
         if kind == "modules":
             module, key = split_piece(name)
-            shapes = module_shapes(args, module)
-            elements = math.prod(shapes[key]) if key is not None else sum(math.prod(s) for s in shapes.values())
-            sizes[(kind, name)] = elements * store_dtype.itemsize
+            sizes[(kind, name)] = weight_bytes(args, module, key, store_dtype, quant)
         else:
             elements = math.prod(parts[name].shape)
             sizes[(kind, name)] = elements * (4 if kind == "master" else state)
@@ -130,7 +129,7 @@ def replay(plan: list[Key], sizes: dict[Key, int], writes: dict[int, list[Key]],
 
 def step_traffic(args: ModelArgs, store_dtype: torch.dtype, device_type: str, budgets: Budgets, *, unit: str,
                  microbatches: int, optimizer: Optional[Optimizer], master: bool, lora: bool, deferred: bool,
-                 activations: int, part_elements: int) -> Traffic:
+                 activations: int, part_elements: int, quant: Optional[Quantization] = None) -> Traffic:
     """The bytes of one steady-state training step at `budgets` (residency.split_budgets of the run's need).
 
     optimizer: the one whose state the store keeps (None: none); lora: the base is frozen (nothing written,
@@ -140,7 +139,7 @@ def step_traffic(args: ModelArgs, store_dtype: torch.dtype, device_type: str, bu
     kinds = [] if lora else (["master"] if master else []) + (["optim"] if optimizer is not None else [])
     parts = lambda name: state_parts(name, module_shapes(args, name), part_elements)  # noqa: E731
     plan = train_plan(args, parts, kinds, embeddings_backward=not lora, unit=unit, microbatches=microbatches)
-    sizes = key_sizes(args, store_dtype, plan, optimizer, part_elements)
+    sizes = key_sizes(args, store_dtype, plan, optimizer, part_elements, quant)
     # an update hands back each part of state at its use, and the weights after the last of their parts
     # (updates.py): at the last use of a key and the state that follows it
     last = {key: i for i, key in enumerate(plan)}

@@ -11,6 +11,7 @@ from slowllama.formats.hf import EXPECTED, export_hf, is_hf_folder, prepare_hf
 from slowllama.formats.meta import META_FILES, SHARD_RE, export_meta, prepare_meta
 from slowllama.model.tokenizer import TOKENIZER_FILES
 from slowllama.store.manifest import MANIFEST
+from slowllama.store.quantized import Quantization
 from slowllama.store.safe_files import check_regular
 from slowllama.store.store import Store
 
@@ -31,15 +32,16 @@ def detect_format(src: Path) -> str:
 
 
 def prepare(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
-            log: Callable[[str], None] = print) -> Path:
-    """Stream a Meta or Hugging Face folder (detected by its files) into a new store."""
+            log: Callable[[str], None] = print, quantization: Optional[Quantization] = None) -> Path:
+    """Stream a Meta or Hugging Face folder (detected by its files) into a new store; `quantization`: its
+    blocks' linear weights stored so (store/quantized.py)."""
     fmt = detect_format(src)
     for name in TOKENIZER_FILES:  # a FIFO or a folder by a tokenizer file's name: refused, not skipped
         if (Path(src) / name).exists() and not (Path(src) / name).is_file():
             check_regular(Path(src) / name)
     if fmt == "hf":
-        return prepare_hf(src, dest, dtype=dtype, force=force, log=log)
-    return prepare_meta(src, dest, dtype=dtype, force=force, log=log)
+        return prepare_hf(src, dest, dtype=dtype, force=force, log=log, quantization=quantization)
+    return prepare_meta(src, dest, dtype=dtype, force=force, log=log, quantization=quantization)
 
 
 def export(store_path: Path, out: Path, format: Optional[str] = None, shards: Optional[int] = None,

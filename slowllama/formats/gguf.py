@@ -223,7 +223,7 @@ def export_gguf(store_path: Path, out: Path, dtype: Optional[str] = None, force:
         writer.write_ti_data_to_file()
         with tqdm(total=total, desc="export", unit="B", unit_scale=True, disable=None) as bar:
             for module in module_names(args):
-                tensors = store.read(module)
+                tensors = store.weights(module)  # (a quantized store's dequantized)
                 for m, key, name in plan:
                     if m == module:
                         data = _encode(tensors[key], type_of(name), gguf)

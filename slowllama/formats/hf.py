@@ -36,6 +36,7 @@ from slowllama.store.builder import StoreBuilder
 from slowllama.store.destination import check_destination
 from slowllama.store.guards import check_free_space
 from slowllama.store.manifest import Manifest, SourceRecord
+from slowllama.store.quantized import Quantization
 from slowllama.store.safetensors_io import element_size
 from slowllama.store.store import Store
 
@@ -151,10 +152,17 @@ def _check_tied_copy(src: Path, layouts: list[dict], routes: dict) -> None:
 
 
 def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
-               log: Callable[[str], None] = print) -> Path:
-    """Stream a Hugging Face Llama / Mistral folder into a new store. Peak memory: about one tensor."""
+               log: Callable[[str], None] = print, quantization: Optional[Quantization] = None) -> Path:
+    """Stream a Hugging Face Llama / Mistral folder into a new store (its blocks' linear weights quantized with
+    `quantization`). Peak memory: about one tensor."""
     src, dest = Path(src), Path(dest)
     config = read_json(src / "config.json")
+    if isinstance(config, dict) and config.get("quantization_config") is not None:
+        method = config["quantization_config"].get("quant_method", "?") \
+            if isinstance(config["quantization_config"], dict) else "?"
+        raise SlowllamaError(f"{src / 'config.json'}: a quantized checkpoint (quantization_config: {method}); "
+                             "prepare reads fp32, bf16 or fp16 weights (use the unquantized model; --quantize nf4 "
+                             "quantizes it)")
     args, notes = hf.args_from_config(config, str(src / "config.json"))
     for note in notes:
         log(note)
@@ -177,7 +185,7 @@ def prepare_hf(src: Path, dest: Path, dtype: Optional[str] = None, force: bool =
     store_bytes += sum(element_size(d) * _numel(s) for d, s in extras.values())
     check_free_space(dest.parent, store_bytes + (64 << 20), f"{dest}")
 
-    builder = StoreBuilder(dest, force=force)
+    builder = StoreBuilder(dest, force=force, quantization=quantization)
     try:
         writers = {name: builder.module_writer(name, {local: (store_dtype, shape) for local, shape
                                                       in module_shapes(args, name).items()})

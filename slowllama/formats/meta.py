@@ -35,6 +35,7 @@ from slowllama.store.builder import StoreBuilder
 from slowllama.store.destination import check_destination
 from slowllama.store.guards import check_free_space
 from slowllama.store.manifest import Manifest
+from slowllama.store.quantized import Quantization
 from slowllama.store.safe_files import check_regular
 from slowllama.store.safetensors_io import element_size
 from slowllama.store.store import Store
@@ -156,8 +157,9 @@ META_FILES = "params.json, tokenizer.model, consolidated.NN.pth"
 
 
 def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool = False,
-                 log: Callable[[str], None] = print) -> Path:
-    """Stream a Meta folder into a new store. Peak memory: about one shard (mapped) plus one tensor."""
+                 log: Callable[[str], None] = print, quantization: Optional[Quantization] = None) -> Path:
+    """Stream a Meta folder into a new store (its blocks' linear weights quantized with `quantization`). Peak
+    memory: about one shard (mapped) plus one tensor."""
     src, dest = Path(src), Path(dest)
     if not src.is_dir():
         raise SlowllamaError(f"{src}: no such folder")
@@ -191,7 +193,7 @@ def prepare_meta(src: Path, dest: Path, dtype: Optional[str] = None, force: bool
     store_bytes += sum(element_size(d) * _numel(s) for d, s in extras.values())
     check_free_space(dest.parent, store_bytes + (64 << 20), f"{dest}")
 
-    builder = StoreBuilder(dest, force=force)
+    builder = StoreBuilder(dest, force=force, quantization=quantization)
     try:
         writers = {}
         for name in module_names(args):

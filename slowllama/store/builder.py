@@ -10,23 +10,31 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from slowllama.errors import SlowllamaError
 from slowllama.store import safetensors_io as st
 from slowllama.store.atomic import fsync_dir, remove_dead_partials, write_json_atomic
 from slowllama.store.manifest import COPIED, MANIFEST, FileEntry, Manifest
+from slowllama.store.quantized import FIELD as QUANTIZATION, Quantization
 from slowllama.store.safe_files import check_regular, open_new, os_error
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
 from slowllama.store.store import Store
 
 
 class StoreBuilder:
-    """A new store, built in a hidden temporary folder and renamed into place only when complete."""
+    """A new store, built in a hidden temporary folder and renamed into place only when complete.
 
-    def __init__(self, path, force: bool = False):
+    quantization: the blocks' linear weights are written in the store's dtype, then quantized at finish() (a
+    checkpoint's slices of one weight come from several shards: a weight is whole only once all are placed).
+    """
+
+    def __init__(self, path, force: bool = False, quantization: Optional[Quantization] = None):
         self.path = Path(path)
+        self.quantization = quantization
         if self.path.exists() and not force:
             raise SlowllamaError(f"{self.path}: already exists (use --force to replace it)")
         self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
@@ -80,7 +88,11 @@ class StoreBuilder:
     def finish(self, manifest: Manifest) -> Path:
         """Put the store in place: `manifest` gives the model, dtype, source and other fields; the file table
         is the one written here, at step 0, with no run."""
-        extra = {**manifest.extra, COPIED: self.copied}
+        extra = {k: v for k, v in manifest.extra.items() if k != QUANTIZATION}  # (fuse: of the store it read)
+        extra[COPIED] = self.copied
+        if self.quantization is not None:
+            self._quantize_blocks(self.quantization)
+            extra[QUANTIZATION] = self.quantization.to_json()
         manifest = dataclasses.replace(manifest, files=self.files, step=0, run=None, json_order=(), extra=extra,
                                        state_part_elements=manifest.state_part_elements or DEFAULT_PART_ELEMENTS)
         write_json_atomic(self.tmp / MANIFEST, manifest.to_json())
@@ -93,6 +105,20 @@ class StoreBuilder:
             os.replace(self.tmp, self.path)
         fsync_dir(self.path.parent)
         return self.path
+
+    def _quantize_blocks(self, quant: Quantization) -> None:
+        """Rewrite each block's file with its linear weights quantized (one block in memory at a time)."""
+        blocks = [name for name in self.files["modules"] if name.startswith("layers.")]
+        for name in tqdm(blocks, desc="quantize", unit="block", disable=None, leave=False):
+            entry = self.files["modules"][name]
+            path = self.tmp / entry.file
+            tensors = st.read_file(str(path), expect=(entry.bytes, entry.xxh3, entry.tensors))
+            packed = {k: quant.quantize(t) if quant.covers(name, k) else t for k, t in tensors.items()}
+            # the norms first: a packed weight's odd length never leaves a 16-bit tensor off its alignment
+            packed = dict(sorted(packed.items(), key=lambda kv: quant.covers(name, kv[0])))
+            size, digest = st.write_file(str(path.with_name(path.name + ".q")), packed)
+            os.replace(path.with_name(path.name + ".q"), path)
+            self.files["modules"][name] = FileEntry(entry.file, size, digest)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -18,6 +18,7 @@ import torch
 from slowllama.errors import SlowllamaError
 from slowllama.jsonfile import read_json
 from slowllama.model.args import ModelArgs, dtype_from_name, dtype_name
+from slowllama.store.quantized import FIELD as QUANTIZATION, Quantization
 from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
 
 FORMAT = "slowllama-store"
@@ -186,6 +187,12 @@ class Manifest:
     def args(self) -> ModelArgs:
         return ModelArgs.from_dict(self.model)
 
+    @property
+    def quantization(self) -> Optional[Quantization]:
+        """How the blocks' linear weights are stored (store/quantized.py); None: in the store's dtype."""
+        q = self.extra.get(QUANTIZATION)
+        return None if q is None else Quantization.from_json(q, MANIFEST)
+
     def entries(self) -> list[tuple[str, str]]:
         """(kind, name) of every entry of the file table."""
         return [(kind, name) for kind, entries in self.files.items() for name in entries]
@@ -260,3 +267,5 @@ def check_manifest(m, where: str) -> None:
     except TypeError as e:
         raise SlowllamaError(f"{where}: bad model args ({e})") from None
     dtype_from_name(m["dtype"], f"{where}: dtype")
+    if m.get(QUANTIZATION) is not None:
+        Quantization.from_json(m[QUANTIZATION], where)

@@ -4,7 +4,8 @@ Layout of a store folder:
     manifest.json                 model args, store dtype, source layout, file table, step, run state
     tokenizer.model (or the source's tokenizer files: tokenizer.json, tokenizer_config.json, ...)
     config.json, generation_config.json, model.safetensors.index.json   (a Hugging Face source's, verbatim)
-    modules/<name>@<gen>.safetensors  weights of tok_embeddings, layers.N, head (and extras)
+    modules/<name>@<gen>.safetensors  weights of tok_embeddings, layers.N, head (and extras); in a store prepared
+                                  with --quantize, the blocks' linear weights packed (store/quantized.py)
     modules/<name>@<gen>.rows.safetensors  a row patch: ids and new values of the rows step <gen> changed
     optim/<name>#<i>@<gen>.safetensors  optimizer state of a module, part i: rows of one weight (AdamW moments, step)
     master/<name>#<i>@<gen>.safetensors fp32 master weights of a 16-bit store, in the same parts (optional)
@@ -29,7 +30,6 @@ import dataclasses
 import errno
 import functools
 import json
-import math
 import os
 import shutil
 import threading
@@ -53,8 +53,9 @@ from slowllama.store.guards import check_free_space, disk_full_error
 from slowllama.store.lock import StoreLock
 from slowllama.store.manifest import (COPIED, KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord,
                                       SourceRecord)
+from slowllama.store.quantized import Quantization, dequantized, stored_specs, weight_bytes
 from slowllama.store.safe_files import check_regular
-from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, split_piece, state_parts
+from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, piece_name, split_piece, state_parts
 
 JOURNAL = "journal.json"
 # paths a writer creates or writes through: none may be a symbolic link (it would lead the writes outside)
@@ -84,6 +85,7 @@ class Store:
         self._syncing: list[tuple[str, Future]] = []
         self._assembling: dict[tuple[str, str], tuple[str, st.PieceWriter]] = {}  # (kind, module) -> its new file
         self._verified: set[tuple[str, str]] = set()  # whole-file checksums checked for reads of single tensors
+        self._last_dequantized: tuple = (None, None)  # ((module, key, entry), weight) of read_slice
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
@@ -239,6 +241,16 @@ class Store:
         """What prepare recorded of the source checkpoint (an empty record if nothing was)."""
         return self.manifest.source or SourceRecord({})
 
+    @functools.cached_property
+    def quantization(self) -> Optional[Quantization]:
+        """How the blocks' linear weights are stored (store/quantized.py): None, in the store's dtype."""
+        return self.manifest.quantization
+
+    @functools.cached_property
+    def stored_specs(self) -> dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+        """{module: {key: (dtype, shape)}} of the tensors in the module files (a quantized weight: packed bytes)."""
+        return {name: stored_specs(self.args, name, self.dtype, self.quantization) for name in self.expected_shapes}
+
     @property
     def has_master_weights(self) -> bool:
         """Whether the store holds fp32 master weights (a run with --master-weights fp32 wrote them)."""
@@ -298,7 +310,7 @@ class Store:
         """Bytes a read of `name` brings in: a module's (or part's) file, or one weight of a module."""
         module, key = split_piece(name)
         if key is not None:
-            return math.prod(self.expected_shapes[module][key]) * self.dtype.itemsize
+            return weight_bytes(self.args, module, key, self.dtype, self.quantization)
         return self.file_info(name, kind).bytes
 
     # ---- reading and writing -----------------------------------------------------------------
@@ -335,6 +347,12 @@ class Store:
         for patch in info.rows:
             self._apply_rows(tensors, patch)
         return tensors
+
+    def weights(self, name: str) -> dict[str, torch.Tensor]:
+        """A module's weights (CPU), in the store's dtype: read(), with quantized weights dequantized."""
+        module = split_piece(name)[0]
+        return dequantized(self.quantization, module, self.read(name), self.expected_shapes.get(module, {}),
+                           self.dtype)
 
     def _read_piece(self, module: str, key: str, kind: str, alloc=None) -> torch.Tensor:
         """One weight of a module file on its own: checked by its own checksum, or (a file with one checksum for
@@ -394,6 +412,8 @@ class Store:
             expected = {part.key: part.shape}
         elif name in self.expected_shapes and kind in KINDS:
             expected = self.expected_shapes[name]  # a module (or, before parts, a module's whole state)
+            if kind == "modules":
+                expected = {k: shape for k, (_, shape) in self.stored_specs[name].items()}
         else:
             return  # extras: the source's own keys
         for key, t in tensors.items():
@@ -403,7 +423,8 @@ class Store:
             if weight not in expected or tuple(t.shape) != expected[weight]:
                 raise SlowllamaError(f"{path}: tensor {key!r} {list(t.shape)} is not a weight of {name} "
                                      "(the file does not fit the model)")
-            want = self.dtype if kind == "modules" else torch.float32 if kind == "master" else t.dtype
+            want = self.stored_specs[name][key][0] if kind == "modules" else torch.float32 if kind == "master" \
+                else t.dtype
             if t.dtype != want:
                 raise SlowllamaError(f"{path}: tensor {key!r} is {t.dtype}, the store holds {want}")
         if kind != "optim" and not partial and set(tensors) != set(expected):
@@ -417,8 +438,14 @@ class Store:
 
     def read_slice(self, name: str, key: str, dim: Optional[int] = None, start: int = 0,
                    length: Optional[int] = None, kind: str = "modules") -> torch.Tensor:
-        """One tensor of a module file, or a slice of it along `dim`, read by mmap (export's access)."""
+        """One tensor of a module file, or a slice of it along `dim`, read by mmap (export's access); a quantized
+        weight is read whole and dequantized, in the store's dtype."""
         info = self.file_info(name, kind)
+        if kind == "modules" and self.quantization is not None and self.quantization.covers(name, key):
+            if self._last_dequantized[0] != (name, key, info):  # export reads a weight by slices, one after another
+                self._last_dequantized = ((name, key, info), self.weights(piece_name(name, key))[key])
+            t = self._last_dequantized[1]
+            return t if dim is None else t.narrow(dim, start, length)
         if info.rows:  # patched rows: the whole tensor, as read() makes it
             t = self.read(name, kind)[key]
             return t if dim is None else t.narrow(dim, start, length)
@@ -469,7 +496,7 @@ class Store:
             fault_point("store.write.before")
             if started is None:
                 (self.path / kind).mkdir(exist_ok=True)
-                specs = {k: (self.dtype, shape) for k, shape in self.expected_shapes[module].items()}
+                specs = self.stored_specs[module]
                 writer = st.PieceWriter(str(self.path / rel), specs)
                 with self._pending_lock:
                     self._assembling[(kind, module)] = (rel, writer)

@@ -14,10 +14,10 @@ from slowllama.store.store import Store
 
 
 def store_state_dict(store_path: Path) -> dict[str, torch.Tensor]:
-    """Every weight of a store under its Meta key, in fp32."""
+    """Every weight of a store under its Meta key, in fp32 (a quantized store's dequantized)."""
     store = Store.open(store_path)
     return {join_key(name, key): t.float().clone()
-            for name in module_names(store.args) for key, t in store.read(name).items()}
+            for name in module_names(store.args) for key, t in store.weights(name).items()}
 
 
 def load_transformer(store_path: Path, dropout: float = 0.0) -> Transformer:
