@@ -69,11 +69,13 @@ class AdapterFolder:
         self.bytes_written = 0
 
     def exists(self) -> bool:
-        return (self.path / CONFIG).is_file() or (self.path / PEFT_CONFIG).is_file()
+        own = self.path / CONFIG  # (a FIFO or link there is refused when it is read)
+        return own.exists() or own.is_symlink() or (self.path / PEFT_CONFIG).is_file()
 
     def is_peft(self) -> bool:
         """A folder PEFT wrote: adapter_config.json of PEFT's and no config of slowllama's (neither layout)."""
-        if (self.path / CONFIG).is_file() or not (self.path / PEFT_CONFIG).is_file():
+        own = self.path / CONFIG
+        if own.exists() or own.is_symlink() or not (self.path / PEFT_CONFIG).is_file():
             return False
         c = read_json(self.path / PEFT_CONFIG)
         if isinstance(c, dict) and c.get("format") == "slowllama-lora":
@@ -86,7 +88,7 @@ class AdapterFolder:
     def _config_path(self) -> Path:
         """slowllama's own config: slowllama_adapter.json, or in an older folder adapter_config.json."""
         own = self.path / CONFIG
-        return own if own.is_file() or own.is_symlink() or not (self.path / PEFT_CONFIG).exists() \
+        return own if own.exists() or own.is_symlink() or not (self.path / PEFT_CONFIG).exists() \
             else self.path / PEFT_CONFIG
 
     def open_for_training(self, log: Callable[[str], None], protected: tuple = ()) -> None:
