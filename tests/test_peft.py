@@ -21,7 +21,6 @@ from slowllama.model.peft import from_peft
 from slowllama.model.tokenizer import load_tokenizer
 from slowllama.settings import FinetuneSettings
 from slowllama.store import safetensors_io as st
-from slowllama.store.adapters import AdapterFolder
 from slowllama.store.store import Store
 from slowllama.testing.reference import load_transformer
 
@@ -185,6 +184,22 @@ def test_finetune_continues_a_peft_adapter(world, tmp_path):
     assert_close(peft_logits(peft.PeftModel.from_pretrained(load_hf(world.hf), ad).eval(), x),
                  slowllama_logits(world.store, ad, x))
     assert json.loads((ad / "slowllama_adapter.json").read_text())["targets"] == ALL.split(",")
+
+
+def test_a_peft_folder_killed_in_its_first_save_trains_on_from_peft(world, tmp_path):
+    straight, ad = tmp_path / "straight", tmp_path / "ad"
+    shutil.copytree(world.peft_ad, straight)
+    shutil.copytree(world.peft_ad, ad)
+    lora = ["finetune", world.store, "--data", ALICE, "--device", "cpu", "--lora-rank", 2, "--batch-size", 2,
+            "--seq-len", 16, "--log-every", 0, "--steps", 2, "--lr", "1e-2"]
+    run_cli(*lora, "--adapter-path", straight, check=0)
+    # slowllama_adapter.json written, then killed before state.json: PEFT's adapters are still the start
+    proc = run_cli(*lora, "--adapter-path", ad, module=FAULTS_RUNNER,
+                   env={"SLOWLLAMA_FAULTS": "lora.state.before_rename:1"})
+    assert proc.returncode != 0 and (ad / "slowllama_adapter.json").is_file() and not (ad / "state.json").exists()
+    run_cli(*lora, "--adapter-path", ad, check=0)
+    a, b = (st.read_file(str(p / "adapters.safetensors")) for p in (straight, ad))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def in_memory(store, cfg, start):

@@ -85,6 +85,12 @@ class AdapterFolder:
                                  "(no peft_type)")
         return True
 
+    def starts_from_peft(self) -> bool:
+        """No step saved, and PEFT's adapters to start from: a folder PEFT wrote (or one whose first save was cut
+        off before its commit)."""
+        return self.is_peft() or (self.state() is None and not (self.path / ADAPTERS).exists()
+                                  and (self.path / PEFT_WEIGHTS).is_file())
+
     def _config_path(self) -> Path:
         """slowllama's own config: slowllama_adapter.json, or in an older folder adapter_config.json."""
         own = self.path / CONFIG
@@ -225,7 +231,7 @@ class AdapterFolder:
         """The adapters of the last saved step (the file state.json names, checked against its checksum; in a
         folder without state.json, adapters.safetensors as it is; in a PEFT folder, adapter_model.safetensors
         in slowllama's names and rows), checked against the config's shapes."""
-        if name is None and self.is_peft():
+        if name is None and self.starts_from_peft():
             path = self.path / PEFT_WEIGHTS
             tensors = peft.from_peft(self._read(PEFT_WEIGHTS, None), args, cfg, str(path))
             return {k: v.to(device) for k, v in tensors.items()}

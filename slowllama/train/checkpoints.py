@@ -88,8 +88,8 @@ class AdapterCheckpoint:
                 cfg = self._folder_config(cfg, self.folder.load_config(args), log)  # refuses another model's
                 self.done, params, optim, run = self.folder.load_training_state(device)
                 self.run = RunRecord(run.get("start_step", 0), run.get("settings", {}), run.get("grad_norm"))
-            elif self.folder.is_peft():  # PEFT's adapters: step 0 of a new run (the folder is left as it is until
-                cfg = self._folder_config(cfg, self.folder.load_config(args), log)  # the first save)
+            elif self.folder.starts_from_peft():  # PEFT's adapters: step 0 of a new run (the folder is left as it
+                cfg = self._folder_config(cfg, self.folder.load_config(args), log)  # is until the first save)
                 self.done, params, optim, self.run = 0, self.folder.load_params(args, cfg, device), {}, None
                 log(f"{self.folder.path}: training on from the PEFT adapters it holds")
             else:
