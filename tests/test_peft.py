@@ -324,6 +324,8 @@ BAD = {
                        [KEY, "missing"]),
     "extra_layer": (lambda ad: edit_tensors(ad, lambda t: t.update({KEY.replace("layers.1", "layers.4"): t[KEY]})),
                     ["layers.4", "unexpected", "4 layers"]),
+    "fewer_layers": (lambda ad: edit_tensors(ad, lambda t: [t.pop(k) for k in list(t) if ".layers.3." in k]),
+                     ["layers.3", "missing"]),
     "wrong_dims": (lambda ad: edit_tensors(ad, lambda t: t.update({KEY: torch.zeros(16, 4)})),
                    [KEY, "shape [16, 4]", "[64, 4]"]),
     "integer_tensor": (lambda ad: edit_tensors(ad, lambda t: t.update({KEY: t[KEY].to(torch.int32)})),

@@ -103,7 +103,8 @@ class AdapterCheckpoint:
 
     @staticmethod
     def _folder_config(flags: LoRAConfig, folder: LoRAConfig, log) -> LoRAConfig:
-        if folder != flags:
+        if (folder.rank, folder.alpha, folder.dropout, set(folder.targets)) != \
+                (flags.rank, flags.alpha, flags.dropout, set(flags.targets)):
             log(f"LoRA of the adapter folder: rank {folder.rank}, alpha {folder.alpha:g}, dropout {folder.dropout:g}, "
                 f"targets {','.join(folder.targets)} (the --lora-* flags ask rank {flags.rank}, alpha "
                 f"{flags.alpha:g}, dropout {flags.dropout:g}, targets {','.join(flags.targets)})")
