@@ -4,7 +4,8 @@ The points: forward.module / backward.module (before each module of a pass), sto
 store.write.after (each module file), store.begin_step (journal written), store.commit.before_rename /
 store.commit.after_rename (the manifest's replacement); LoRA's saves: lora.save.files (the step's files
 written), lora.save.copy (a copy written, before its rename), lora.state.before_rename /
-lora.state.after_rename (state.json's replacement), lora.save.committed (before adapters.safetensors).
+lora.state.after_rename (state.json's replacement), lora.save.committed (before adapters.safetensors),
+lora.save.peft (PEFT's adapter_model.safetensors written, before its rename).
 
 Only a test arms them, through slowllama.testing.faults (which sets `hook`); until then `fault_point`
 is one check of a None.

@@ -153,7 +153,7 @@ class ExportSettings:
 class FuseSettings:
     store: str = opt(None, "the base store", positional=True)
     out: str = opt(None, "the folder to write the merged model to", positional=True)
-    adapter_path: str = opt(None, "the LoRA adapter folder to merge in", required=True)
+    adapter_path: str = opt(None, "the LoRA adapter folder to merge in (slowllama's or PEFT's)", required=True)
     format: Optional[str] = opt(None, "output format (default: the source's; gguf: one file, as export writes it)",
                                 choices=["hf", "meta", "gguf"])
     shards: Optional[int] = opt(None, "number of output shards (default: the source's)")
@@ -175,7 +175,7 @@ class EvalSettings(DeviceSettings):
     mask_prompt: bool = mask_prompt_opt()
     skip_bad_lines: bool = skip_bad_lines_opt()
     json: bool = opt(False, "print the result as one JSON object on the last line")
-    adapter_path: Optional[str] = opt(None, "LoRA adapters to apply to the store")
+    adapter_path: Optional[str] = opt(None, "LoRA adapters to apply to the store (slowllama's or PEFT's folder)")
 
 
 @dataclass
@@ -189,7 +189,7 @@ class GenerateSettings(DeviceSettings):
     temperature: float = opt(0.0, "sampling temperature; 0 is greedy")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     seed: int = opt(0, "seed of the sampler")
-    adapter_path: Optional[str] = opt(None, "LoRA adapters to apply to the store")
+    adapter_path: Optional[str] = opt(None, "LoRA adapters to apply to the store (slowllama's or PEFT's folder)")
 
 
 @dataclass
@@ -246,9 +246,10 @@ class FinetuneSettings(DeviceSettings):
     lora_alpha: Optional[float] = opt(None, "LoRA scale numerator: the update is (alpha / rank) B A (default: 2 x rank)",
                                       group="lora")
     lora_dropout: float = opt(0.0, "dropout on the input of the LoRA path", group="lora")
-    lora_targets: str = opt("wq,wv", "comma-separated linears to adapt: wq,wk,wv,wo,w1,w2,w3", group="lora")
-    adapter_path: Optional[str] = opt(None, "folder for the LoRA adapters (adapters.safetensors, adapter_config.json)",
-                                      group="lora")
+    lora_targets: str = opt("wq,wv", "comma-separated linears to adapt: wq,wk,wv,wo,w1,w2,w3 or Hugging Face's "
+                            "q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj,up_proj", group="lora")
+    adapter_path: Optional[str] = opt(None, "folder for the LoRA adapters (also in PEFT's format; a PEFT adapter "
+                                      "folder trains on)", group="lora")
     compile: str = compile_opt()
     recompute: str = recompute_opt()
     dist_backend: str = opt("auto", "under torchrun: how the ranks talk (auto: nccl between GPUs, gloo on CPUs)",
@@ -290,7 +291,7 @@ class BenchSettings(DeviceSettings):
     optimizer: str = opt("sgd", f"{optimizers_help()} (the state in the store, fp32)", choices=optimizer_names())
     lr: float = opt(1e-5, "learning rate")
     lora_rank: int = opt(0, "LoRA rank (0: full fine-tuning); the adapters train with AdamW")
-    lora_targets: str = opt("wq,wv", "comma-separated linears to adapt: wq,wk,wv,wo,w1,w2,w3")
+    lora_targets: str = opt("wq,wv", "comma-separated linears to adapt: wq,wk,wv,wo,w1,w2,w3 (or q_proj...)")
     save_every: int = opt(1, "when the model fits in memory (it then stays resident), commit the store every N steps")
     store_dir: Optional[str] = opt(None, "the random store's folder: reused if it holds one of this shape and dtype, "
                                    "kept afterwards (default: a temporary folder here, removed at the end)")
@@ -320,7 +321,7 @@ class PlanSettings:
     optimizer: Optional[str] = opt(None, "plan full fine-tuning with this optimizer too (SGD and AdamW always are)",
                                    choices=optimizer_names())
     lora_rank: int = opt(8, "rank of the LoRA row (its adapters train with AdamW)")
-    lora_targets: str = opt("wq,wv", "comma-separated linears LoRA adapts: wq,wk,wv,wo,w1,w2,w3")
+    lora_targets: str = opt("wq,wv", "comma-separated linears LoRA adapts: wq,wk,wv,wo,w1,w2,w3 (or q_proj...)")
     master_weights: str = opt("none", "fp32: full fine-tuning keeps an fp32 master copy of 16-bit weights",
                               choices=["none", "fp32"])
     unified: bool = opt(False, "host and GPU share one memory (Apple silicon): one budget, --memory, covers both")

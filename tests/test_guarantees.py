@@ -665,8 +665,8 @@ many(BAD, "generate_flag", {
 
 def adapter_config_case(key, value, fragment=None):
     def case(c):
-        set_key(c.ad / "adapter_config.json", [key], value)
-        return eval_argv(c, "--adapter-path", c.ad), [fragment or "adapter_config.json"]
+        set_key(c.ad / "slowllama_adapter.json", [key], value)
+        return eval_argv(c, "--adapter-path", c.ad), [fragment or "slowllama_adapter.json"]
     return case
 
 
@@ -781,7 +781,8 @@ def adapter_link(name):
 
 many(HOSTILE, "lora_with_a_link_in_the_adapter_folder", {
     n: adapter_link(n) for n in ("metrics.jsonl", "settings.json", "loss.png", "state.json", "adapter_config.json",
-                                 "adapters.safetensors", "scratch", "lock")})
+                                 "slowllama_adapter.json", "adapter_model.safetensors", "adapters.safetensors",
+                                 "scratch", "lock")})
 
 
 def mkdir(path):
@@ -812,8 +813,8 @@ many(HOSTILE, "a_fifo_where_a_file_belongs", {
     "lora_adapters_of_the_last_step": fifo_case(lambda c: c.ad / "adapters@2.safetensors", lambda c: lora_argv(c)),
     "store_tokenizer": fifo_case(lambda c: c.store / "tokenizer.model", eval_argv),
     "module_file": fifo_case(lambda c: module_file(c), lambda c: ["verify", c.store]),
-    "adapter_config": fifo_case(lambda c: c.ad / "adapter_config.json", lambda c: eval_argv(c, "--adapter-path", c.ad),
-                                "no adapter_config.json"),
+    "adapter_config": fifo_case(lambda c: c.ad / "slowllama_adapter.json",
+                                lambda c: eval_argv(c, "--adapter-path", c.ad)),
     "adapter_state": fifo_case(lambda c: c.ad / "state.json", lambda c: eval_argv(c, "--adapter-path", c.ad)),
     "store_run_metrics": fifo_case(lambda c: mkdir(c.store / "run") / "metrics.jsonl", finetune_argv),
     "store_run_settings": fifo_case(lambda c: mkdir(c.store / "run") / "settings.json", finetune_argv),

@@ -140,7 +140,7 @@ def test_verify_takes_an_adapter_folder(tmp_path, tmp_path_factory, capsys):
     finetune(lora_settings(store, ad, save_every=1), log=lambda m: None, emit=lambda m: None)
     capsys.readouterr()
     assert cli.main(["verify", str(ad)]) == 0
-    assert "adapters at step 2, 5 files" in capsys.readouterr().out
+    assert "adapters at step 2, 7 files" in capsys.readouterr().out  # (and PEFT's two)
     shutil.copyfile(ad / "0000001_adapters.safetensors", ad / "adapters.safetensors")  # an older step's
     assert cli.main(["verify", str(ad)]) != 0
     assert "not the adapters of step 2" in capsys.readouterr().err

@@ -93,10 +93,12 @@ def test_three_adamw_steps_equal_in_memory_and_base_is_untouched(tiny_fp32, stor
     for key, p in params.items():
         torch.testing.assert_close(after[key], p.detach(), rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
     names = sorted(p.name for p in (tmp_path / "ad").iterdir())
-    assert {"adapters.safetensors", "adapter_config.json", "0000002_adapters.safetensors",
-            "0000003_adapters.safetensors"} <= set(names)
-    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert {"adapters.safetensors", "slowllama_adapter.json", "adapter_config.json", "adapter_model.safetensors",
+            "0000002_adapters.safetensors", "0000003_adapters.safetensors"} <= set(names)
+    config = json.loads((tmp_path / "ad" / "slowllama_adapter.json").read_text())
     assert config["rank"] == 4 and config["alpha"] == 8.0 and config["targets"] == TARGET_LIST.split(",")
+    peft = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())  # PEFT's
+    assert peft["r"] == 4 and peft["lora_alpha"] == 8 and peft["peft_type"] == "LORA" and len(peft["target_modules"]) == 7
 
 
 def test_lora_resume_equals_an_uninterrupted_run(store_fp32, tmp_path):
@@ -140,7 +142,7 @@ def test_adapter_that_does_not_match_the_store(store_fp32, tmp_path, tiny_fp32):
                          tmp_path / "other-store", log=lambda m: None)
     run_lora(other, tmp_path / "ad", steps=1, lr=1e-2)
     assert_one_line_error(run_cli("eval", store_fp32, "--adapter-path", tmp_path / "ad", "--data", ALICE),
-                          "adapter_config.json", "dim 64")
+                          "slowllama_adapter.json", "dim 64")
     # a tampered adapter file: state.json's checksum names it
     run_lora(store_fp32, tmp_path / "ad2", steps=1, lr=1e-2)
     tensors = st.read_file(str(tmp_path / "ad2" / "adapters.safetensors"))
@@ -155,8 +157,8 @@ def test_adapter_that_does_not_match_the_store(store_fp32, tmp_path, tiny_fp32):
     assert_one_line_error(run_cli("fuse", store_fp32, tmp_path / "f", "--adapter-path", tmp_path / "ad2"),
                           "layers.0.attention.wq.lora_a", "shape")
     assert not (tmp_path / "f").exists()
-    config = json.loads((tmp_path / "ad2" / "adapter_config.json").read_text())
-    (tmp_path / "ad2" / "adapter_config.json").write_text(json.dumps({**config, "targets": ["wq", "zz"]}))
+    config = json.loads((tmp_path / "ad2" / "slowllama_adapter.json").read_text())
+    (tmp_path / "ad2" / "slowllama_adapter.json").write_text(json.dumps({**config, "targets": ["wq", "zz"]}))
     assert_one_line_error(run_cli("eval", store_fp32, "--adapter-path", tmp_path / "ad2", "--data", ALICE),
                           "--lora-targets", "zz")
     assert_one_line_error(run_cli("eval", store_fp32, "--adapter-path", tmp_path / "nothing", "--data", ALICE),

@@ -148,7 +148,7 @@ def adapter_state(store: Store, settings, device) -> "LoRAState | None":
         return None
     folder = AdapterFolder(Path(settings.adapter_path))
     if not folder.exists():
-        raise SlowllamaError(f"{folder.path}: no adapter_config.json (not a slowllama adapter folder)")
+        raise SlowllamaError(f"{folder.path}: no adapter_config.json (not a slowllama or PEFT adapter folder)")
     cfg = folder.load_config(store.args)
     params = folder.load_params(store.args, cfg, device)
     return LoRAState(cfg, {k: torch.nn.Parameter(v, requires_grad=False) for k, v in params.items()})

@@ -33,7 +33,7 @@ def fuse(store_path: Path, out: Path, adapter_path: Path, shards: Optional[int] 
     out = check_destination(Path(out), "checkpoint", force, (store.path, adapter_path))
     folder = AdapterFolder(Path(adapter_path))
     if not folder.exists():
-        raise SlowllamaError(f"{folder.path}: no adapter_config.json (not a slowllama adapter folder)")
+        raise SlowllamaError(f"{folder.path}: no adapter_config.json (not a slowllama or PEFT adapter folder)")
     cfg = folder.load_config(store.args)
     params = folder.load_params(store.args, cfg, "cpu")
     blocks = [n for n in module_names(store.args) if n.startswith("layers.")]

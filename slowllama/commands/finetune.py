@@ -294,7 +294,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
     if lora is not None and fleet.main:
         trainable = sum(p.numel() for p in lora.params.values())
         total = model_param_count(store.args)["total"]
-        log(f"LoRA: {trainable:,} trainable weights (rank {s.lora_rank} on {s.lora_targets}; "
+        log(f"LoRA: {trainable:,} trainable weights (rank {lora.cfg.rank} on {','.join(lora.cfg.targets)}; "
             f"{100 * trainable / total:.2f}% of the model's {total:,})")
     if not s.lora_rank and fleet.main:
         check_disk_for_steps(store, engine, s.batch_size * s.accumulate, s.seq_len)

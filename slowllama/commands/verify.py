@@ -12,7 +12,7 @@ from slowllama.errors import SlowllamaError
 from slowllama.formats.meta import export_plan
 from slowllama.settings import VerifySettings
 from slowllama.sizes import format_size
-from slowllama.store.adapters import CONFIG, AdapterFolder
+from slowllama.store.adapters import AdapterFolder
 from slowllama.store.manifest import KINDS, MANIFEST
 from slowllama.store.quantized import packed_problems
 from slowllama.store.store import OWN_PATHS, Store
@@ -106,7 +106,7 @@ def verify_adapters(path: Path, log: Callable[[str], None] = print) -> dict:
 def run(s: VerifySettings, log: Callable[[str], None]) -> None:
     """`slowllama verify STORE | ADAPTER_FOLDER`: the report on stdout (with --json, also the summary)."""
     path = Path(s.store)
-    is_adapters = (path / CONFIG).is_file() and not (path / MANIFEST).exists()
+    is_adapters = AdapterFolder(path).exists() and not (path / MANIFEST).exists()
     summary = verify_adapters(path, log=print) if is_adapters else verify_store(path, log=print)
     if s.json:
         print(json.dumps(summary), flush=True)

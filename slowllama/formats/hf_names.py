@@ -1,10 +1,7 @@
 """Hugging Face Llama / Mistral <-> Meta: key names, the q/k rotary layout, config.json <-> ModelArgs. No I/O.
 
 Names: tables, dict in / dict out, an error naming any key they don't know.
-Rotary layout: Meta rotates consecutive pairs (x0, x1), (x2, x3)... of each head; Hugging Face's
-rotate_half pairs x_i with x_{i + head_dim/2}. Its conversion script therefore reorders the rows of
-wq and wk within each head: the first elements of Meta's pairs first, then the second elements.
-Rows of head h: Meta [a0, b0, a1, b1, ...] <-> HF [a0, a1, ..., b0, b1, ...].
+Rotary layout: the rows of wq and wk are reordered within each head (model/rotary_rows.py).
 """
 
 from __future__ import annotations
@@ -18,6 +15,7 @@ from slowllama.errors import SlowllamaError
 from slowllama.model.args import ModelArgs
 from slowllama.model.families import ARCHITECTURES, LLAMA, HFArchitecture
 from slowllama.model.layers import rope_scaling_of
+from slowllama.model.rotary_rows import rotary_to_hf, rotary_to_meta  # noqa: F401 (also this module's API)
 
 ROPE_TYPES = ("default", "llama3")  # rope scaling types the model implements
 
@@ -76,18 +74,6 @@ def _rotary_heads(meta: str, args: ModelArgs) -> Optional[int]:
     if meta.endswith("attention.wk.weight"):
         return args.kv_heads
     return None
-
-
-def rotary_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved rows -> HF's halves. w: (n_heads * head_dim, in)."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
-
-
-def rotary_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF's halves -> Meta's interleaved rows. w: (n_heads * head_dim, in)."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
 
 
 def tensor_to_meta(meta: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:

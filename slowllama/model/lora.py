@@ -17,6 +17,9 @@ from slowllama.model.args import ModelArgs
 from slowllama.model.shapes import LINEARS, linear_shape
 
 TARGETS = LINEARS  # any linear layer of a block: short name -> its path in the block
+# Hugging Face's names of the same linears (--lora-targets takes either; PEFT's target_modules use these)
+HF_TARGETS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+              "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
 
 @dataclass
@@ -40,7 +43,7 @@ class LoRAConfig:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise SlowllamaError(f"--lora-targets: unknown target {unknown[0] if unknown else '(none)'!r} "
-                                 f"(choose from {','.join(TARGETS)})")
+                                 f"(choose from {','.join(TARGETS)} or {','.join(HF_TARGETS)})")
         return self
 
 
@@ -54,7 +57,10 @@ class LoRAState:
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in str(text).split(",") if t.strip())
+    """--lora-targets: Meta's names, Hugging Face's (q_proj -> wq...) or both mixed; each once, in Meta's names
+    (an unknown name is kept for LoRAConfig.validate to refuse)."""
+    names = [HF_TARGETS.get(t.strip(), t.strip()) for t in str(text).split(",") if t.strip()]
+    return tuple(dict.fromkeys(names))
 
 
 class LoRALinear(nn.Module):

@@ -21,7 +21,7 @@ from slowllama.store.atomic import remove_dead_partials
 KIND_MARKS = {
     "store": ("manifest.json",),
     "checkpoint": ("params.json", "config.json"),  # export and fuse: a Meta or Hugging Face folder
-    "adapters": ("adapter_config.json",),
+    "adapters": ("adapter_config.json", "slowllama_adapter.json"),  # (PEFT's, slowllama's own config)
     "model": ("params.json",),  # init-tiny
 }
 KIND_NAMES = {"store": "a slowllama store", "checkpoint": "a checkpoint folder (params.json or config.json)",
@@ -74,7 +74,7 @@ def refuse_held(out: Path, inside: bool) -> None:
         seen += len(dirs) + len(files)
         if "lock" in files and held_by(Path(root) / "lock"):
             raise SlowllamaError(f"{out}: holds {root}, which a running slowllama holds")
-        if Path(root) != out and ("manifest.json" in files or "adapter_config.json" in files):
+        if Path(root) != out and {"manifest.json", *KIND_MARKS["adapters"]} & set(files):
             raise SlowllamaError(f"{out}: holds {root}, a slowllama store or adapter folder")
         if seen > WALK_LIMIT:
             raise SlowllamaError(f"{out}: a large folder that slowllama did not write; choose another destination")
@@ -84,9 +84,9 @@ def is_kind(path: Path, kind: str) -> bool:
     if kind == "store":
         return (path / "manifest.json").is_file()
     if kind == "adapters":
-        return (path / "adapter_config.json").is_file()
+        return any((path / m).is_file() for m in KIND_MARKS["adapters"])
     marks = any((path / m).is_file() for m in KIND_MARKS[kind])
-    return marks and not (path / "manifest.json").exists() and not (path / "adapter_config.json").exists()
+    return marks and not any((path / m).exists() for m in ("manifest.json", *KIND_MARKS["adapters"]))
 
 
 def check_destination(out, kind: str, force: bool = False, protected: Iterable = (), reuse: bool = False) -> Path:

@@ -84,17 +84,31 @@ class AdapterCheckpoint:
             self.save_every, self.steps = save_every, steps
             args = store.args
             state = None if new_run else self.folder.state()
-            if state is not None:
-                self.folder.load_config(args)  # refuses an adapter of another model
+            if state is not None:  # the folder's adapters define rank and targets: its config wins over the flags
+                cfg = self._folder_config(cfg, self.folder.load_config(args), log)  # refuses another model's
                 self.done, params, optim, run = self.folder.load_training_state(device)
                 self.run = RunRecord(run.get("start_step", 0), run.get("settings", {}), run.get("grad_norm"))
+            elif self.folder.starts_from_peft():  # PEFT's adapters: step 0 of a new run (the folder is left as it
+                cfg = self._folder_config(cfg, self.folder.load_config(args), log)  # is until the first save)
+                self.done, params, optim, self.run = 0, self.folder.load_params(args, cfg, device), {}, None
+                log(f"{self.folder.path}: training on from the PEFT adapters it holds")
             else:
                 self.done, params, optim, self.run = 0, init_params(args, cfg, seed, device), {}, None
-                self.folder.write_config(cfg, args)
+                self.folder.write_config(cfg, args, str(store.path.resolve()))
+            self.config = AdapterFolder.config_dict(cfg, args, str(store.path.resolve()))
             self.lora = LoRAState(cfg, {k: nn.Parameter(v) for k, v in params.items()}, optim)
         except BaseException:
             self.folder.close()
             raise
+
+    @staticmethod
+    def _folder_config(flags: LoRAConfig, folder: LoRAConfig, log) -> LoRAConfig:
+        if (folder.rank, folder.alpha, folder.dropout, set(folder.targets)) != \
+                (flags.rank, flags.alpha, flags.dropout, set(flags.targets)):
+            log(f"LoRA of the adapter folder: rank {folder.rank}, alpha {folder.alpha:g}, dropout {folder.dropout:g}, "
+                f"targets {','.join(folder.targets)} (the --lora-* flags ask rank {flags.rank}, alpha "
+                f"{flags.alpha:g}, dropout {flags.dropout:g}, targets {','.join(flags.targets)})")
+        return folder
 
     def resume(self, wanted: dict, new_run: bool, log) -> tuple[RunRecord, int]:
         if self.run is None:
@@ -107,7 +121,8 @@ class AdapterCheckpoint:
 
     def commit(self, number: int, run: Optional[RunRecord]) -> None:
         snapshot = number % self.save_every == 0 or number == self.steps
-        self.folder.save(number, self.lora.params, self.lora.optim_state, run.to_json() if run else {}, snapshot)
+        self.folder.save(number, self.lora.params, self.lora.optim_state, run.to_json() if run else {}, snapshot,
+                         self.config)
 
     def rollback(self) -> None:
         pass
