@@ -93,7 +93,8 @@ class OffloadedModel:
                                 cfg.lookahead, cfg.write_queue, store.state_part_elements, cfg.unit)
         self.pipe = Pipeline(store, cfg.device, self.device_budget, self.host_budget, cfg.lookahead, cfg.write_queue,
                              staging, cfg.read_ahead_bytes, cfg.write_bytes)
-        self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device)
+        self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device,
+                                 [(n, store.module_bytes(n)) for n in self.names])
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         wanted = wants_compile(cfg.compile, cfg.device)
         self.compile_note = compile_reason(wanted, cfg.dropout, lora is not None, cfg.unit == "weight")
@@ -105,11 +106,13 @@ class OffloadedModel:
 
     # ---- residency ------------------------------------------------------------------------
     def fits_in_memory(self) -> bool:
-        """Whether every module, with its optimizer state and master weights, fits the resident budgets."""
+        """Whether every module, with its optimizer state and master weights, fits the resident budgets. Several
+        ranks: and every module fits the device, so that the ranks keep copies of the modules they do not own and
+        rank 0's eval between commits sees every module's latest version."""
         room = self.device_budget.limit + (self.host_budget.limit if self.host_budget is not self.device_budget else 0)
         return fits_in_memory(self._module_bytes(),
                               model_param_count(self.args)["total"], self.optimizer if self.lora is None else None,
-                              self.updater.master, room)
+                              self.updater.master, room) and (not self.fleet.active or self.fits_on_device())
 
     def fits_on_device(self) -> bool:
         """Whether every module's weights fit the device budget (ranks > 0 then keep them all)."""
@@ -124,7 +127,8 @@ class OffloadedModel:
         self.updater.deferred = True
 
     def choose_replication(self) -> str:
-        """Several ranks: whether ranks > 0 keep a copy of every module (a collective); the line that says so."""
+        """Several ranks: whether each keeps a copy of the modules it does not own (a collective); the line that says
+        so."""
         return self.replicas.choose(self.fits_on_device())
 
     def write_back(self) -> None:
@@ -135,6 +139,7 @@ class OffloadedModel:
     def discard_step(self) -> None:
         """After a failed step: forget resident weights that may hold its uncommitted updates."""
         self.pipe.discard()
+        self.replicas.discard()
         if self.lora is not None:
             for p in self.lora.params.values():
                 p.grad = None
@@ -263,10 +268,11 @@ class OffloadedModel:
 
     def _train_step(self, step: Step, batches, acts: Activations) -> StepResult:
         tally = Tally(step.number)
-        self.pipe.set_plan(train_plan(self.args, self.store.state_parts,
-                                      self.updater.state_kinds if self.lora is None else [],
-                                      embeddings_backward=self.lora is None, unit=self.cfg.unit,
-                                      microbatches=len(batches)))
+        self.pipe.set_plan(self.replicas.plan(train_plan(self.args, self.store.state_parts,
+                                                         self.updater.state_kinds if self.lora is None else [],
+                                                         embeddings_backward=self.lora is None, unit=self.cfg.unit,
+                                                         microbatches=len(batches),
+                                                         deferred_updates=self.fleet.active and self.lora is None)))
         n_targets = int(self.fleet.sum(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)))
         if n_targets == 0:
             raise SlowllamaError(f"step {step.number}: no targets carry loss in this batch")
@@ -293,7 +299,7 @@ class OffloadedModel:
         loss = self.fleet.sum(loss.item())
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"step {step.number}: the loss is {loss}; nothing of this step was written "
-                                "(try a lower --lr)", untouched=not tally.touched)
+                                "(try a lower --lr)", untouched=not tally.touched, everywhere=True)
         # a tied output projection's gradient joins the embeddings' own at their update
         tied_grad = tied.grad if tied is not None else None
         del tied
@@ -322,7 +328,8 @@ class OffloadedModel:
         else:
             fault_point("backward.module")
             self._embeddings_backward(batches, grads, tied_grad, step, tally)
-        return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=tally.grad_norm())
+        grad_norm = tally.grad_norm() if self.lora is not None else self.replicas.finish(tally)
+        return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=grad_norm)
 
     def _finish(self, name: str, module: nn.Module, step: Step, tally: Tally) -> None:
         """A module's backward is done: update it (full fine-tuning) or leave it (LoRA: frozen base). A block
@@ -342,10 +349,9 @@ class OffloadedModel:
         self.updater.weight(name, key, grad, step, tally)
 
     def _update_module(self, name: str, grads: dict[str, torch.Tensor], step: Step, tally: Tally) -> None:
-        """Sum the module's gradient over ranks; rank 0 updates it, and the replicas follow."""
-        grads = self.replicas.reduce(grads)
-        new = self.updater.module(name, grads, step, tally) if self.fleet.main else None
-        self.replicas.updated(name, new, step)
+        """Sum the module's gradient over ranks onto its owner, which updates it, and the copies follow (several
+        ranks: overlapped with the next module's backward, replicas.py)."""
+        self.replicas.reduce(name, grads, step, lambda summed: self.updater.module(name, summed, step, tally))
 
     def _embeddings_backward(self, batches, grads, tied_grad, step: Step, tally: Tally) -> None:
         """The embeddings' gradient, only in the rows the step used; SGD updates and writes only those rows.

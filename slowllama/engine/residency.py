@@ -229,12 +229,15 @@ def eval_plan(args: ModelArgs, unit: str = "block", microbatches: int = 1) -> li
 
 
 def train_plan(args: ModelArgs, parts: Callable[[str], list[StatePart]], state_kinds: list[str],
-               embeddings_backward: bool, unit: str = "block", microbatches: int = 1) -> list[Key]:
+               embeddings_backward: bool, unit: str = "block", microbatches: int = 1,
+               deferred_updates: bool = False) -> list[Key]:
     """The order of use of a training step: the forward pass, then the backward from the head down, each module
     followed by the parts of its state of each kind in `state_kinds` (the order its update reads them);
     embeddings_backward: the embeddings are updated last (not with LoRA: the frozen base ends at the blocks).
     A block streamed by weight: its recompute and backward per microbatch, each weight's state after its
-    last backward, then its norms' updates."""
+    last backward, then its norms' updates.
+    deferred_updates (several ranks, whole blocks): each module's update (its weights asked for again, then its
+    state) comes after the next module's weights, as its gradient's reduce overlaps that module's backward."""
     blocks = [f"layers.{i}" for i in range(args.n_layers)]
 
     def state(name: str, key: Optional[str] = None) -> list[Key]:
@@ -255,12 +258,23 @@ def train_plan(args: ModelArgs, parts: Callable[[str], list[StatePart]], state_k
             keys += [("modules", piece_name(name, w))] + state(name, w)
         return keys
 
-    backward = with_state("head")
-    if args.tie_word_embeddings:
-        backward.append(("modules", "tok_embeddings"))
-    for name in reversed(blocks):
-        backward += block_backward(name)
-    if embeddings_backward:
-        backward += with_state("tok_embeddings")
+    if deferred_updates:
+        backward, prev = [], None
+        fetches = [("head", [("modules", "head")] + ([("modules", "tok_embeddings")] if args.tie_word_embeddings
+                                                     else []))]
+        fetches += [(name, [("modules", name)]) for name in reversed(blocks)]
+        fetches += [("tok_embeddings", [("modules", "tok_embeddings")])] if embeddings_backward else []
+        for name, keys in fetches:
+            backward += keys + (with_state(prev) if prev else [])
+            prev = name
+        backward += with_state(prev)
+    else:
+        backward = with_state("head")
+        if args.tie_word_embeddings:
+            backward.append(("modules", "tok_embeddings"))
+        for name in reversed(blocks):
+            backward += block_backward(name)
+        if embeddings_backward:
+            backward += with_state("tok_embeddings")
     forward = [key for name in blocks for key in _block_forward(name, unit, microbatches)]
     return [("modules", "tok_embeddings")] + forward + backward

@@ -30,11 +30,13 @@ class StepResult:
 
 
 class NonFiniteLoss(SlowllamaError):
-    """A NaN or infinite loss or gradient. `untouched`: no weight had been updated yet in this step."""
+    """A NaN or infinite loss or gradient. `untouched`: no weight had been updated yet in this step;
+    `everywhere`: every rank found it at the same point (the loss, summed over ranks; not a gradient, which only
+    its module's owner sees)."""
 
-    def __init__(self, message: str, untouched: bool):
+    def __init__(self, message: str, untouched: bool, everywhere: bool = False):
         super().__init__(message)
-        self.untouched = untouched
+        self.untouched, self.everywhere = untouched, everywhere
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Tally:
 
     number: int
     norms: list[torch.Tensor] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # where each norm was recorded (several ranks merge them)
     touched: bool = False
 
     def record(self, where: str, grads: dict[str, torch.Tensor]) -> None:
@@ -57,6 +60,7 @@ class Tally:
             raise NonFiniteLoss(f"step {self.number}: non-finite gradient in {where}{bad}; nothing of this step "
                                 "was committed (try a lower --lr)", untouched=not self.touched)
         self.norms.extend(norms)
+        self.labels.extend([where] * len(norms))
 
     def grad_norm(self) -> float:
         return torch.linalg.vector_norm(torch.stack(self.norms)).item() if self.norms else 0.0

@@ -79,7 +79,8 @@ class Trainer:
             if number % self.commit_every == 0 or number == self.steps or stop:
                 self._commit(number)
         except NonFiniteLoss as e:
-            if e.untouched and self.committed < number - 1 and fleet.main:  # resident weights: the last good step's
+            # resident weights are the last good step's (on every rank: the loss is the same everywhere)
+            if e.untouched and self.committed < number - 1 and (e.everywhere or not fleet.active):
                 self._commit(number - 1)
             else:
                 self._roll_back()
@@ -97,8 +98,7 @@ class Trainer:
             self._roll_back()
 
     def _commit(self, number: int) -> None:
-        if self.engine.fleet.main:
-            self.engine.write_back()
+        self.engine.write_back()  # every rank its own modules
         self.checkpoint.commit(number, self.run)
         self.committed, self._begun = number, False
 
