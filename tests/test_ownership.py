@@ -64,14 +64,30 @@ def test_deferred_updates_put_each_update_after_the_next_modules_weights():
         return [("modules", name)] + [("optim", p.name) for p in parts(name)]
 
     plain = train_plan(args, parts, ["optim"], embeddings_backward=True)
-    deferred = train_plan(args, parts, ["optim"], embeddings_backward=True, deferred_updates=True)
+    next_one = train_plan(args, parts, ["optim"], embeddings_backward=True, deferred_updates=1)
+    ahead = train_plan(args, parts, ["optim"], embeddings_backward=True, deferred_updates=2)
     forward = [("modules", n) for n in ("tok_embeddings", "layers.0", "layers.1")]
-    assert plain[:3] == deferred[:3] == forward
-    # head, block 1, block 0, embeddings: each module's update once the next module's weights are in
-    assert deferred[3:] == ([("modules", "head"), ("modules", "layers.1")] + update("head") + [("modules", "layers.0")]
-                            + update("layers.1") + [("modules", "tok_embeddings")] + update("layers.0")
-                            + update("tok_embeddings"))
+    assert plain[:3] == next_one[:3] == ahead[:3] == forward
     assert plain[3:] == update("head") + update("layers.1") + update("layers.0") + update("tok_embeddings")
+    # head, block 1, block 0, embeddings: each module's update once the next module's weights are asked for
+    head, l1, l0, emb = (("modules", n) for n in ("head", "layers.1", "layers.0", "tok_embeddings"))
+    assert next_one[3:] == ([head, l1] + update("head") + [l0] + update("layers.1") + [emb] + update("layers.0")
+                            + update("tok_embeddings"))
+    # ... and the one after it too, which is asked for (and broadcast) while the next one computes
+    assert ahead[3:] == [head, l1, l0] + update("head") + [emb] + update("layers.1") + update("layers.0") + update(
+        "tok_embeddings")
+
+
+def test_a_steps_uses_are_the_modules_of_its_plan_in_order():
+    from slowllama.engine.residency import step_uses, train_plan
+    from slowllama.model.args import ModelArgs
+    from slowllama.model.families import PRESETS
+
+    for tied in (False, True):
+        args = ModelArgs(**{**PRESETS["tiny"], "n_layers": 3, "dim": 64, "tie_word_embeddings": tied})
+        for full in (True, False):  # full fine-tuning, LoRA
+            plan = train_plan(args, lambda n: [], [], embeddings_backward=full)
+            assert step_uses(args, full) == [name for kind, name in plan]
 
 
 def test_each_ranks_plan_holds_the_reads_and_writes_of_its_own_modules_only():

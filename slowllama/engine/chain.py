@@ -31,7 +31,7 @@ from slowllama.engine.compiled import CompiledBlocks, CompiledUpdates, compile_r
 from slowllama.engine.fleet import Fleet
 from slowllama.engine.pipeline import Pipeline
 from slowllama.engine.replicas import Replicas
-from slowllama.engine.residency import eval_plan, fits_in_memory, staging_bytes, train_plan
+from slowllama.engine.residency import eval_plan, fits_in_memory, staging_bytes, step_uses, train_plan
 from slowllama.engine.step import NonFiniteLoss, Step, StepResult, Tally, module_seed
 from slowllama.engine.streamed import NORMS, BlockGradients, stream_linears
 from slowllama.engine.updates import Updater
@@ -263,7 +263,7 @@ class OffloadedModel:
         chain) are not even re-run. With several ranks, `batches` are this rank's share of the step's
         windows (the first of them microbatch number step.micro_offset); the result is the whole step's.
         """
-        with self.replicas.step():
+        with self.replicas.step(step_uses(self.args, embeddings_backward=self.lora is None)):
             return self._train_step(step, batches, acts)
 
     def _train_step(self, step: Step, batches, acts: Activations) -> StepResult:
@@ -272,7 +272,8 @@ class OffloadedModel:
                                                          self.updater.state_kinds if self.lora is None else [],
                                                          embeddings_backward=self.lora is None, unit=self.cfg.unit,
                                                          microbatches=len(batches),
-                                                         deferred_updates=self.fleet.active and self.lora is None)))
+                                                         deferred_updates=self.replicas.update_lag
+                                                         if self.lora is None else 0)))
         n_targets = int(self.fleet.sum(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)))
         if n_targets == 0:
             raise SlowllamaError(f"step {step.number}: no targets carry loss in this batch")

@@ -3,13 +3,21 @@
 Every module (tok_embeddings, each block, head) belongs to one rank (owners.py, balanced by bytes). Its
 owner alone reads it (its pipeline's plan holds only its own modules' reads and writes, read ahead as on
 one rank), keeps its optimizer state, applies its update and writes its files. Inside a training step
-every rank asks for the same modules at the same points, in the same order (each ask is a collective):
+every rank asks for the same modules in the same order (residency.step_uses; each ask is a collective):
 the owner broadcasts the module from itself, the others receive it into fresh tensors. A module's
-gradient is reduced onto its owner. When the whole model fits a rank's device budget, the others keep
-their copy of every module they do not own (replicas): the owner sends each module once, then again
-after each update. The store's commit (rank 0, once every rank's files are durable): train/checkpoints.py.
-Outside a step (eval, generation on rank 0 alone) modules come from rank 0's pipeline, or for modules
-another rank owns, from the copy kept here (replicas) or from the store (committed at every step then).
+gradient is reduced onto its owner. When the whole model fits a rank's device budget, every rank keeps a
+copy of each module it does not own: the owner sends each module once, then again after each update.
+
+The collectives overlap the compute (async work handles: gloo's threads, NCCL's own stream): the
+broadcast of the module asked for next starts when the one before it is asked for, and a module's
+gradient reduce runs while the next module's backward computes, its owner updating it only after that
+(the owner's plan of use puts the update there: residency.train_plan's deferred_updates). Updated
+weights go to the copies in the background, waited for at the end of the step.
+
+The store's commit (rank 0, once every rank's files are durable): train/checkpoints.py. Outside a step
+(eval, generation on rank 0 alone) modules come from rank 0's pipeline, or for modules another rank owns,
+from the copy kept here or from the store (which then holds every step: a model that stays resident
+between commits is one that fits the device, and so is copied).
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ class Replicas:
         self.copies_bytes = 0  # held against the pipeline's device budget
         self.sent: set[str] = set()  # own modules the other ranks hold in their current version
         self._in_step = False  # inside a training step: modules come from their owners
+        self._uses: list[str] = []  # the modules the step asks for, in order (residency.step_uses)
+        self._cursor = 0  # ... and how many it has asked for
+        self._ahead: dict[str, tuple[dict[str, torch.Tensor], Optional[Callable[[], None]]]] = {}  # broadcasts begun
         self._pending: Optional[tuple] = None  # the last module's update, waiting for its gradient's reduce
         self._sending: list[Callable[[], None]] = []  # broadcasts of updated modules in flight
 
@@ -66,44 +77,68 @@ class Replicas:
         return (f"{self.fleet.world} ranks, each owning a share of the modules (it reads, updates and writes them); "
                 f"every rank {how} the others' modules")
 
+    @property
+    def update_lag(self) -> int:
+        """Where a module's update comes in its owner's plan of use (train_plan's deferred_updates): after the next
+        updated module and the one asked for ahead of it; 0 on one rank (at once)."""
+        return 2 if self.fleet.active else 0
+
     @contextmanager
-    def step(self):
-        """The modules asked for inside come from their owners on every rank."""
+    def step(self, uses: list[str]):
+        """The modules asked for inside come from their owners on every rank; uses: the modules the step asks for,
+        in order (each is broadcast while the one before it computes)."""
         self._in_step = self.fleet.active
+        self._uses, self._cursor = uses, 0
         if self._in_step:
             for key in [k for k in [*self.pipe.entries, *self.pipe.loading] if not self.mine(k[1])]:
                 self.pipe.forget(key)  # read outside a step (eval on rank 0): another rank updates it
         try:
             yield
         finally:
-            self._in_step, self._pending, self._sending = False, None, []
+            self._in_step, self._pending, self._sending, self._ahead = False, None, [], {}
 
     # ---- weights and gradients ---------------------------------------------------------------
     def weights(self, name: str) -> dict[str, torch.Tensor]:
-        """A module's weights to compute with: inside a step its owner's (read there, broadcast from there)."""
+        """A module's weights to compute with: inside a step its owner's (read there, broadcast from there).
+
+        The broadcast of the module the step asks for next starts here, in the background (its owner asks its
+        pipeline for it now), and is waited for when it is asked for."""
         if not self._in_step:
             if self.fleet.active and not self.mine(name) and name in self.copies:
                 return self.copies[name]
             return self.pipe.get(("modules", name))
+        follows = None
+        if self._cursor < len(self._uses) and self._uses[self._cursor] == name:
+            self._cursor += 1
+            follows = self._uses[self._cursor] if self._cursor < len(self._uses) else None
+        tensors, wait = self._ahead.pop(name, None) or self._send(name)
+        if follows is not None and follows not in self._ahead:
+            self._ahead[follows] = self._send(follows)
+        if wait is not None:
+            wait()
+        return tensors
+
+    def _send(self, name: str) -> tuple[dict[str, torch.Tensor], Optional[Callable[[], None]]]:
+        """Start a module's broadcast from its owner: (its tensors, the wait for them; None: nothing to wait for)."""
         owner = self.owner(name)
         if owner == self.fleet.rank:
             tensors = self.pipe.get(("modules", name))
-            if not (self.replicate and name in self.sent):
-                self.fleet.broadcast(tensors, src=owner)
-                if self.replicate:
-                    self.sent.add(name)
-            return tensors
+            if self.replicate and name in self.sent:
+                return tensors, None
+            if self.replicate:
+                self.sent.add(name)
+            return tensors, self.fleet.broadcast_async(tensors, src=owner)
         if name in self.copies:
-            return self.copies[name]
+            return self.copies[name], None
         tensors = {k: torch.empty(shape, dtype=self.dtype, device=self.device)
                    for k, shape in self.shapes[name].items()}
-        self.fleet.broadcast(tensors, src=owner)
-        if self.replicate:
+        wait = self.fleet.broadcast_async(tensors, src=owner)
+        if self.replicate:  # (asked for in this step only through _ahead, which waits first)
             self.copies[name] = tensors
             size = sum(nbytes(t) for t in tensors.values())
             self.copies_bytes += size
             self.pipe.device_budget.take(size)  # the pipeline keeps fewer of its own modules resident
-        return tensors
+        return tensors, wait
 
     def reduce(self, name: str, grads: dict[str, torch.Tensor], step: Step,
                update: Callable[[dict[str, torch.Tensor]], Optional[dict[str, torch.Tensor]]]) -> None:

@@ -228,16 +228,25 @@ def eval_plan(args: ModelArgs, unit: str = "block", microbatches: int = 1) -> li
     return [("modules", "tok_embeddings")] + blocks + [("modules", "head")] + tied
 
 
+def step_uses(args: ModelArgs, embeddings_backward: bool) -> list[str]:
+    """The modules a training step of whole blocks asks for, in order: the forward pass, then the backward's (the
+    head, with a tied output projection the embeddings, the blocks down, the embeddings unless LoRA)."""
+    blocks = [f"layers.{i}" for i in range(args.n_layers)]
+    return (["tok_embeddings"] + blocks + ["head"] + (["tok_embeddings"] if args.tie_word_embeddings else [])
+            + blocks[::-1] + (["tok_embeddings"] if embeddings_backward else []))
+
+
 def train_plan(args: ModelArgs, parts: Callable[[str], list[StatePart]], state_kinds: list[str],
                embeddings_backward: bool, unit: str = "block", microbatches: int = 1,
-               deferred_updates: bool = False) -> list[Key]:
+               deferred_updates: int = 0) -> list[Key]:
     """The order of use of a training step: the forward pass, then the backward from the head down, each module
     followed by the parts of its state of each kind in `state_kinds` (the order its update reads them);
     embeddings_backward: the embeddings are updated last (not with LoRA: the frozen base ends at the blocks).
     A block streamed by weight: its recompute and backward per microbatch, each weight's state after its
     last backward, then its norms' updates.
-    deferred_updates (several ranks, whole blocks): each module's update (its weights asked for again, then its
-    state) comes after the next module's weights, as its gradient's reduce overlaps that module's backward."""
+    deferred_updates d > 0 (several ranks, whole blocks, replicas.py): each module's update (its weights asked for
+    again, then its state) comes once the next updated module has been asked for and d - 1 modules after it
+    (its gradient's reduce overlaps that module's backward; each module is asked for one use ahead, d = 2)."""
     blocks = [f"layers.{i}" for i in range(args.n_layers)]
 
     def state(name: str, key: Optional[str] = None) -> list[Key]:
@@ -259,15 +268,16 @@ def train_plan(args: ModelArgs, parts: Callable[[str], list[StatePart]], state_k
         return keys
 
     if deferred_updates:
-        backward, prev = [], None
-        fetches = [("head", [("modules", "head")] + ([("modules", "tok_embeddings")] if args.tie_word_embeddings
-                                                     else []))]
-        fetches += [(name, [("modules", name)]) for name in reversed(blocks)]
-        fetches += [("tok_embeddings", [("modules", "tok_embeddings")])] if embeddings_backward else []
-        for name, keys in fetches:
-            backward += keys + (with_state(prev) if prev else [])
-            prev = name
-        backward += with_state(prev)
+        uses = step_uses(args, embeddings_backward)
+        updated = ["head"] + blocks[::-1] + (["tok_embeddings"] if embeddings_backward else [])
+        last_use = {name: i for i, name in enumerate(uses)}  # a module's backward: its last use
+        after: dict[int, list[str]] = {}  # index in uses -> the updates that come right after that use
+        for name, following in zip(updated, updated[1:] + [None]):
+            at = len(uses) - 1 if following is None else min(last_use[following] + deferred_updates - 1,
+                                                               len(uses) - 1)
+            after.setdefault(at, []).append(name)
+        return [key for i, name in enumerate(uses)
+                for key in [("modules", name)] + [k for done in after.get(i, []) for k in with_state(done)]]
     else:
         backward = with_state("head")
         if args.tie_word_embeddings:
