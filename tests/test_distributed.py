@@ -57,27 +57,29 @@ def assert_close_states(actual: dict, expected: dict) -> None:
         torch.testing.assert_close(actual[key], t, rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
 
 
-def owned_files(store: Path, world: int = 2) -> list[dict[str, int]]:
-    """For each rank, {file: bytes} of the files the manifest names for the modules it owns (weights, state)."""
+def owned_files(store: Path, gen: int, world: int = 2) -> list[list[dict[str, int]]]:
+    """For each rank, for each entry the manifest has of the modules it owns (weights, state): {file: bytes} of its
+    files of generation `gen` (its module file, or the row patch of an SGD step's embeddings)."""
     s = Store.open(store)
     owners = assign_owners([(n, s.module_bytes(n)) for n in module_names(s.args)], world)
-    out = [{} for _ in range(world)]
+    out = [[] for _ in range(world)]
     for kind in KINDS:
         for name, info in s.manifest.files.get(kind, {}).items():
             if part_module(name) in owners:
-                out[owners[part_module(name)]][info.file] = info.bytes
+                out[owners[part_module(name)]].append({f.file: f.bytes for f in (info, *info.rows)
+                                                       if f.file.split("@")[1].split(".")[0] == str(gen)})
     return out
 
 
 def assert_each_rank_wrote_its_own_modules(store: Path, gen: int) -> None:
-    """Every file is new (written by the last commit, whose files are of generation `gen`), and rank 0 wrote exactly
-    its own: the bytes it wrote in the last step are those of its modules' files (metrics.jsonl counts rank 0's),
-    so rank 1 wrote the rest."""
-    shares = owned_files(store)
+    """Every entry is new (written by the last commit, whose files are of generation `gen`), and rank 0 wrote
+    exactly its own: the bytes it wrote in the last step are those of its modules' new files (metrics.jsonl counts
+    rank 0's), so rank 1 wrote the rest."""
+    shares = owned_files(store, gen)
     assert all(shares), shares  # both ranks own modules
-    assert all(f.endswith(f"@{gen}.safetensors") for share in shares for f in share), shares
+    assert all(entry for share in shares for entry in share), shares  # each with a file of the last commit
     metrics = [json.loads(line) for line in (store / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["bytes_written"] == sum(shares[0].values())
+    assert metrics[-1]["bytes_written"] == sum(b for entry in shares[0] for b in entry.values())
 
 
 _two_ranks: dict[str, dict] = {}

@@ -360,10 +360,14 @@ class OffloadedModel:
         The rows are gathered once (ids sorted), and each microbatch's lookup and dropout are re-run on
         them: the same values and masks as the forward pass, and a gradient of (used rows, dim)
         instead of (vocab, dim). A stateful optimizer (whose moments move every row), master weights
-        and a tied output projection (a gradient in every row) take the dense path.
+        and a tied output projection (a gradient in every row) take the dense path. Several ranks take the
+        rows of the whole step (the union of theirs), so that their gradients sum row by row onto the owner.
         """
+        sparse = not self.optimizer.stateful and tied_grad is None and not self.updater.master
         weight = self.replicas.weights("tok_embeddings")["weight"]
         ids = torch.unique(torch.cat([x.reshape(-1) for x, _ in batches]).to(self.device))
+        if sparse:
+            ids = self.replicas.union(ids)
         rows = weight[ids].to(self.cfg.compute_dtype).requires_grad_(True)
         p = self.cfg.dropout
         for k, (x, _) in enumerate(batches):
@@ -372,11 +376,10 @@ class OffloadedModel:
                 index = torch.searchsorted(ids, x.to(self.device).contiguous())
                 out = F.dropout(F.embedding(index, rows), p, training=p > 0)
             out.backward(grads[k])
-        # (ranks use different rows: their gradients are summed dense)
-        sparse = (not self.optimizer.stateful and tied_grad is None and not self.fleet.active
-                  and not self.updater.master)
-        if sparse:
-            self.updater.rows("tok_embeddings", "weight", ids, rows.grad, step, tally)
+        if sparse:  # (summed over ranks in fp32, as the dense gradient is)
+            self.replicas.reduce("tok_embeddings", {"weight": rows.grad.float()}, step,
+                                 lambda summed: self.updater.rows("tok_embeddings", "weight", ids, summed["weight"],
+                                                                  step, tally))
             return
         dense = torch.zeros(weight.shape, dtype=torch.float32, device=self.device)
         dense.index_add_(0, ids, rows.grad.float())

@@ -166,6 +166,13 @@ class Replicas:
             self._sending.append(self.fleet.broadcast_async(new if self.mine(name) else self.copies[name],
                                                             src=self.owner(name)))
 
+    def union(self, ids: torch.Tensor) -> torch.Tensor:
+        """The sorted union over ranks of some sorted unique ids (the embedding rows a step uses; a collective)."""
+        if not self.fleet.active:
+            return ids
+        everyone = self.fleet.gather_objects(ids.tolist())
+        return torch.unique(torch.tensor([i for part in everyone for i in part], dtype=ids.dtype)).to(ids.device)
+
     def finish(self, tally: Tally) -> float:
         """The end of a step's backward: the last module's update made, every copy current; returns the step's
         global gradient norm, from every rank's tally of its own modules, taken in the order of the
