@@ -30,11 +30,13 @@ COMMON = ["--device", "cpu", "--steps", "3", "--batch-size", "2", "--accumulate"
 RUNS = {
     # streaming: every module read, reduced, updated and written at every step; dropout masks match
     # the single process's because each rank's microbatches are whole microbatches of its step
-    "sgd-streaming": COMMON + ["--lr", "0.05", "--dropout", "0.1", "--max-memory", streaming_budget(False)],
+    "sgd-streaming": COMMON + ["--lr", "0.05", "--dropout", "0.1",
+                               "--max-memory", streaming_budget(False, ranks=2)],
     # resident: the model stays in memory, the other rank keeps a copy updated by broadcast
     "adamw-resident": COMMON + ["--optimizer", "adamw", "--lr", "1e-3", "--grad-clip", "0.05", "--clip-norm",
                                 "exact", "--weight-decay", "0.01"],
-    "adamw-streaming": COMMON + ["--optimizer", "adamw", "--lr", "1e-3", "--max-memory", streaming_budget(True)],
+    "adamw-streaming": COMMON + ["--optimizer", "adamw", "--lr", "1e-3",
+                                 "--max-memory", streaming_budget(True, ranks=2)],
 }
 
 

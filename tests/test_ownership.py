@@ -122,7 +122,8 @@ def test_a_rank_sees_rank_0s_store_folder_by_its_lock_and_a_copy_is_not_it(store
     from slowllama.store.store import Store
 
     def locked_by(path, pid: int) -> bool:  # asked from another process, as another rank asks
-        code = f"from slowllama.store.store import Store; print(Store.open({str(path)!r}, follower=True).locked_by({pid}))"
+        code = ("from slowllama.store.store import Store; "
+                f"print(Store.open({str(path)!r}, follower=True).locked_by({pid}))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         return out.strip() == "True"
 
@@ -138,3 +139,19 @@ def test_a_rank_sees_rank_0s_store_folder_by_its_lock_and_a_copy_is_not_it(store
         assert not Store.open(copy, follower=True).holds_every_file()
     finally:
         store.close()
+
+
+def test_the_working_set_of_several_ranks_counts_the_module_sent_ahead_and_the_gradient_awaiting_its_reduce():
+    import torch
+
+    from slowllama.engine.residency import largest_unit_elements, working_bytes
+    from slowllama.model.args import ModelArgs
+    from slowllama.model.families import PRESETS
+
+    args = ModelArgs(**{**PRESETS["tiny"], "n_layers": 2, "dim": 64})
+    kw = dict(train=True, batch_size=2, seq_len=16, microbatches=2)
+    p = largest_unit_elements(args)
+    one, two = (working_bytes(args, torch.bfloat16, torch.bfloat16, ranks=r, **kw) for r in (1, 2))
+    assert two - one == pytest.approx(1.2 * p * (2 + 4), abs=2)  # bf16 weights ahead, the fp32-or-wider gradient
+    lora_one, lora_two = (working_bytes(args, torch.bfloat16, torch.bfloat16, lora=True, ranks=r, **kw) for r in (1, 2))
+    assert lora_two - lora_one == pytest.approx(1.2 * p * 2, abs=2)  # LoRA: the frozen base's weights only

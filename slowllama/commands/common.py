@@ -53,7 +53,7 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
     needs = step_needs(store.args, store.dtype, dtype, device.type, train=train, optimizer=optimizer,
                        master=config.get("master_weights", False), lora=lora is not None, batch_size=batch_size,
                        seq_len=seq_len, microbatches=microbatches, part_elements=store.state_part_elements,
-                       activations=activations)
+                       activations=activations, ranks=fleet.world if fleet is not None and fleet.active else 1)
     unit = getattr(settings, "stream_unit", "auto")
     if fleet is not None and fleet.active:
         if unit == "weight":
@@ -75,15 +75,15 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
 def step_needs(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, device_type: str, *,
                train: bool, optimizer: Optional[Optimizer], master: bool, lora: bool, batch_size: int, seq_len: int,
                microbatches: int, part_elements: int = DEFAULT_PART_ELEMENTS,
-               activations: int = 0) -> Callable[[str, int, int], Need]:
+               activations: int = 0, ranks: int = 1) -> Callable[[str, int, int], Need]:
     """needs(unit, lookahead, write_queue) -> the Need of a pass with these settings (residency.choose_need's
     argument): one function for the engine of a run and for `slowllama plan`, so that both agree. optimizer: the
-    run's (with LoRA its adapters', counted as if the store kept their state)."""
+    run's (with LoRA its adapters', counted as if the store kept their state); ranks: of a torchrun."""
     def needs(unit: str, lookahead: int, write_queue: int) -> Need:
         return memory_need(args, store_dtype, compute_dtype, device_type, train=train, optimizer=optimizer,
                            master=master, lora=lora, batch_size=batch_size, seq_len=seq_len,
                            microbatches=microbatches, lookahead=lookahead, write_queue=write_queue,
-                           part_elements=part_elements, unit=unit, activations=activations)
+                           part_elements=part_elements, unit=unit, activations=activations, ranks=ranks)
     return needs
 
 

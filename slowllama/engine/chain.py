@@ -115,7 +115,8 @@ class OffloadedModel:
                               self.updater.master, room) and (not self.fleet.active or self.fits_on_device())
 
     def fits_on_device(self) -> bool:
-        """Whether every module's weights fit the device budget (ranks > 0 then keep them all)."""
+        """Whether every module's weights fit the device budget (several ranks then keep copies of the modules they
+        do not own)."""
         return self._module_bytes() * 1.1 <= self.device_budget.limit
 
     def _module_bytes(self) -> int:

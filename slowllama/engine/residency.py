@@ -77,10 +77,11 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
                   optimizer: Optional[Optimizer] = None, master: bool = False, lora: bool = False,
                   batch_size: int = 1, seq_len: int = 1, microbatches: int = 1, lookahead: int = 2,
                   write_queue: int = 2, head_chunk: int = 256 << 20,
-                  part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block") -> int:
+                  part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block", ranks: int = 1) -> int:
     """An upper estimate of the memory what is in flight needs, beyond what stays resident: the unit in use (a
     module, or one weight of a block), its gradient and new version, the reads ahead, the update of one part.
-    optimizer: the one whose state the store keeps (None: none, as with SGD or LoRA's resident adapters)."""
+    optimizer: the one whose state the store keeps (None: none, as with SGD or LoRA's resident adapters).
+    ranks > 1 (replicas.py): the module broadcast ahead of its use, and a gradient waiting for its reduce."""
     es, ec = store_dtype.itemsize, compute_dtype.itemsize
     p = largest_unit_elements(args, unit)
     per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit)
@@ -96,6 +97,8 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
         total += write_queue * per_file
     if unit == "weight":  # the norms of the block in use stay with it
         total += 2 * args.dim * (es + ec)
+    if ranks > 1:
+        total += p * es + (p * max(ec, 4) if train and not lora else 0)  # (gradients reduce in fp32 or ec)
     tokens = batch_size * seq_len
     total += microbatches * tokens * args.dim * ec  # gradients w.r.t. the module's inputs
     # one block run (and backward) on one microbatch: projections, FFN, attention probabilities
@@ -125,14 +128,14 @@ def memory_need(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.
                 train: bool, optimizer: Optional[Optimizer] = None, master: bool = False, lora: bool = False,
                 batch_size: int = 1, seq_len: int = 1, microbatches: int = 1, lookahead: int = 2,
                 write_queue: int = 2, part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block",
-                activations: int = 0) -> Need:
+                activations: int = 0, ranks: int = 1) -> Need:
     """The need of a pass at one streaming unit ("block" or "weight") with `lookahead` reads ahead and
     `write_queue` writes in flight, each of at most the largest file. activations: bytes the pass would keep
     (default: a training step's block inputs). optimizer: the one whose state the store keeps (LoRA's adapters
     keep theirs resident, counted here as if streamed: a margin)."""
     work = working_bytes(args, store_dtype, compute_dtype, train=train, optimizer=optimizer, master=master, lora=lora,
                          batch_size=batch_size, seq_len=seq_len, microbatches=microbatches, lookahead=lookahead,
-                         write_queue=write_queue, part_elements=part_elements, unit=unit)
+                         write_queue=write_queue, part_elements=part_elements, unit=unit, ranks=ranks)
     staging = staging_bytes(args, store_dtype, optimizer, master, lookahead, write_queue, part_elements, unit) \
         if device_type == "cuda" else 0  # pinned buffers buy nothing on cpu and mps: reads land in plain memory
     if not activations and train:
