@@ -27,14 +27,17 @@ from crashes import (ONE_THREAD, assert_bit_identical, assert_clean, fresh_store
 
 COMMON = ["--device", "cpu", "--steps", "3", "--batch-size", "2", "--accumulate", "2", "--seq-len", "16",
           "--seed", "3", "--log-every", "0", "--eval-every", "0", "--data", str(ALICE)]
+# rank 0 evaluates at step 2 and 3: the modules rank 1 owns from the store (streaming: committed at every step) or
+# from rank 0's copies of them (resident: the store is written at the end only)
+EVAL = ["--val-split", "0.2", "--eval-every", "2"]
 RUNS = {
     # streaming: every module read, reduced, updated and written at every step; dropout masks match
     # the single process's because each rank's microbatches are whole microbatches of its step
-    "sgd-streaming": COMMON + ["--lr", "0.05", "--dropout", "0.1",
-                               "--max-memory", streaming_budget(False, ranks=2)],
+    "sgd-streaming": COMMON + EVAL + ["--lr", "0.05", "--dropout", "0.1",
+                                      "--max-memory", streaming_budget(False, ranks=2)],
     # resident: the model stays in memory, the other rank keeps a copy updated by broadcast
-    "adamw-resident": COMMON + ["--optimizer", "adamw", "--lr", "1e-3", "--grad-clip", "0.05", "--clip-norm",
-                                "exact", "--weight-decay", "0.01"],
+    "adamw-resident": COMMON + EVAL + ["--optimizer", "adamw", "--lr", "1e-3", "--grad-clip", "0.05", "--clip-norm",
+                                       "exact", "--weight-decay", "0.01"],
     "adamw-streaming": COMMON + ["--optimizer", "adamw", "--lr", "1e-3",
                                  "--max-memory", streaming_budget(True, ranks=2)],
 }
@@ -84,7 +87,12 @@ def assert_each_rank_wrote_its_own_modules(store: Path, gen: int) -> None:
     assert metrics[-1]["bytes_written"] == sum(b for entry in shares[0] for b in entry.values())
 
 
+def metrics(store: Path) -> list[dict]:
+    return [json.loads(line) for line in (store / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
 _two_ranks: dict[str, dict] = {}
+_two_ranks_metrics: dict[str, list[dict]] = {}
 
 
 def two_ranks(run: str, tmp_path_factory) -> dict:
@@ -101,7 +109,7 @@ def two_ranks(run: str, tmp_path_factory) -> dict:
         assert_clean(store)  # the old files each rank replaced are gone
         # (a resident model is written once, at the run's end: files of generation 1)
         assert_each_rank_wrote_its_own_modules(store, 1 if "resident" in run else 3)
-        _two_ranks[run] = state(store)
+        _two_ranks[run], _two_ranks_metrics[run] = state(store), metrics(store)
     return _two_ranks[run]
 
 
@@ -112,6 +120,12 @@ def test_two_ranks_give_the_weights_of_one_process(run, tmp_path, tmp_path_facto
     two = two_ranks(run, tmp_path_factory)
     assert any(kind == "optim" for kind, _, _ in two) == ("adamw" in run)  # AdamW's moments are compared too
     assert_close_states(two, state(one))  # weights and AdamW state, every tensor
+    for ours, theirs in zip(_two_ranks_metrics[run], metrics(one), strict=True):  # loss, norm, rank 0's eval
+        for key in ("loss", "grad_norm", "eval_loss"):
+            assert (key in ours) == (key in theirs), key
+            if key in ours:
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (ours["step"], key)
+    assert [m["step"] for m in metrics(one) if "eval_loss" in m] == ([2, 3] if "--val-split" in RUNS[run] else [])
 
 
 def test_two_ranks_train_lora_adapters_like_one_process(tmp_path, tmp_path_factory):

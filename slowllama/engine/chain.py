@@ -238,7 +238,7 @@ class OffloadedModel:
 
     def loss_sum(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
         """Summed cross-entropy and number of targets over microbatches (no gradients): eval's core."""
-        self.pipe.set_plan(eval_plan(self.args, self.cfg.unit, len(batches)))
+        self.pipe.set_plan(self.replicas.outside(eval_plan(self.args, self.cfg.unit, len(batches))))
         hs = self.forward_hidden([x for x, _ in batches], None)
         head, weight = self.head()
         total, count = 0.0, 0

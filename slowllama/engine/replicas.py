@@ -65,9 +65,9 @@ class Replicas:
         """This rank's part of a step's plan of use: the reads and writes of the modules it owns."""
         return [key for key in keys if self.mine(key[1])]
 
-    def share(self) -> list[str]:
-        """The modules this rank owns, in forward order."""
-        return [name for name in self.names if self.mine(name)]
+    def outside(self, keys: list[Key]) -> list[Key]:
+        """A plan of use outside a step (eval on rank 0): without the modules whose copies are kept here."""
+        return [key for key in keys if self.mine(key[1]) or part_module(split_piece(key[1])[0]) not in self.copies]
 
     def choose(self, fits_on_device: bool) -> str:
         """Whether every rank keeps a copy of the modules it does not own, as rank 0 decides (a collective); the
