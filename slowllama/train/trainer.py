@@ -2,7 +2,8 @@
 
 A step: begin (the store's journal, at the start of each commit period), the engine's forward,
 backward and updates (twice with exact clipping: a norm pass, then the real step), then at a
-commit point the resident updates written back and the step committed atomically; on any failure
+commit point the resident updates written back (several ranks: each its own modules) and the step
+committed atomically (by rank 0, once every rank's files are durable: checkpoints.py); on any failure
 the step rolled back, the resident weights that may hold its updates dropped. Commit points: every
 step while the model streams; with a model that stays resident, every `save_every` steps, at the
 run's last step and when a stop is asked for (the store is then written only there).
