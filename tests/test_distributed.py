@@ -166,6 +166,19 @@ def error_lines(proc) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("slowllama finetune: error")]
 
 
+def test_a_nan_loss_on_every_rank_commits_the_last_good_step_of_a_resident_model(tmp_path, tmp_path_factory):
+    store = fresh_store(tmp_path_factory, tmp_path / "store")
+    # resident, written every 10 steps: step 1 stays in memory; a huge lr makes step 2's loss NaN on both ranks,
+    # which commit step 1 together (each rank its own modules) before they stop
+    proc = torchrun(store, COMMON + ["--lr", "1e30", "--save-every", "10"])
+    assert proc.returncode != 0
+    assert error_lines(proc) == ["slowllama finetune: error: step 2: the loss is nan; nothing of this step was "
+                                 "written (try a lower --lr)"], proc.stderr
+    assert Store.open(store).step == 1
+    assert_clean(store)
+    assert all(entry for share in owned_files(store, 1) for entry in share)  # every module of step 1 is in
+
+
 def test_a_global_batch_that_does_not_divide_among_the_ranks_is_refused(tmp_path, tmp_path_factory):
     store = fresh_store(tmp_path_factory, tmp_path / "store")
     proc = torchrun(store, COMMON + ["--batch-size", "3", "--accumulate", "1"])
