@@ -26,9 +26,10 @@ COMMON = ["--device", "cpu", "--steps", "3", "--batch-size", "2", "--accumulate"
           "--dropout", "0.1", "--seed", "3", "--log-every", "0", "--eval-every", "0", "--data", str(ALICE)]
 
 
-def streaming_budget(stateful: bool) -> str:
-    """--max-memory just above the working set of the module in flight: no module stays resident, so
-    every step reads and writes every module and commits (the path of models larger than memory)."""
+def streaming_budget(stateful: bool, ranks: int = 1) -> str:
+    """--max-memory just above the working set of the module in flight (of `ranks` ranks of a torchrun): no module
+    stays resident, so every step reads and writes every module and commits (the path of models larger than
+    memory)."""
     from slowllama.engine.residency import working_bytes
     from slowllama.model.args import ModelArgs
     from slowllama.model.families import PRESETS
@@ -36,7 +37,7 @@ def streaming_budget(stateful: bool) -> str:
 
     args = ModelArgs(**{**PRESETS["tiny"], "n_layers": 2, "dim": 64})
     return str(working_bytes(args, torch.float32, torch.float32, train=True, optimizer=AdamW() if stateful else None,
-                             batch_size=2, seq_len=16, microbatches=2) + 300_000)
+                             batch_size=2, seq_len=16, microbatches=2, ranks=ranks) + 300_000)
 
 
 RUNS = {

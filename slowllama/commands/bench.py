@@ -297,7 +297,8 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
         if fleet.active:
             machine = dataclasses.replace(machine, matmul=machine.matmul * fleet.world)
             machine_record = {**machine_record, "ranks": fleet.world}
-        with (Store.open(path, writable=True, log=log) if fleet.main else Store.open(path, follower=True)) as store:
+        with (Store.open(path, writable=True, log=log) if fleet.main
+              else Store.open(path, follower=True, co_writer=not s.lora_rank)) as store:
             store.drop_cache = s.drop_cache
             optimizer = make_optimizer("adamw" if s.lora_rank else s.optimizer)
             lora = lora_state(args, s, device) if s.lora_rank else None
@@ -313,7 +314,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
             kept = log_kept_graphs(engine, batch_size, s.seq_len, micro, log)
             if fleet.active:
                 log(engine.choose_replication())
-            checkpoint = StoreCheckpoint(store) if lora is None and fleet.main else NoCheckpoint()
+            checkpoint = StoreCheckpoint(store, fleet) if lora is None else NoCheckpoint()
             trainer = Trainer(engine, checkpoint, save_every=s.save_every, log=log)  # commits as finetune does
             if lora is None and trainer.commit_every <= s.steps and fleet.main:
                 check_disk_for_steps(store, engine, s.batch_size * s.accumulate, s.seq_len)

@@ -57,7 +57,8 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
     needs = step_needs(store.args, store.dtype, dtype, device.type, train=train, optimizer=optimizer,
                        master=master, lora=lora is not None, batch_size=batch_size,
                        seq_len=seq_len, microbatches=microbatches, part_elements=store.state_part_elements,
-                       activations=activations, dropout=config.get("dropout", 0.0), quant=store.quantization)
+                       activations=activations, dropout=config.get("dropout", 0.0), quant=store.quantization,
+                       ranks=fleet.world if fleet is not None and fleet.active else 1)
     unit = getattr(settings, "stream_unit", "auto")
     if fleet is not None and fleet.active:
         if unit == "weight":
@@ -68,7 +69,7 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
         whole = sum(minimum_budgets(device.type, needs("block", 2, 2)))
         log(f"streaming each weight of a block: whole blocks would need {format_size(whole)} of the budgets")
     resident = None  # the whole model's bytes, where room left beside it may keep blocks' graphs (no recompute)
-    if train and config.get("keep_graphs", True):
+    if train and config.get("keep_graphs", True) and not (fleet is not None and fleet.active):
         resident = resident_bytes(sum(store.module_bytes(n) for n in module_names(store.args)),
                                   model_param_count(store.args)["total"], optimizer if lora is None else None,
                                   master and store.dtype != torch.float32 and lora is None)
@@ -94,17 +95,17 @@ def log_kept_graphs(engine: OffloadedModel, batch_size: int, seq_len: int, micro
 def step_needs(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.dtype, device_type: str, *,
                train: bool, optimizer: Optional[Optimizer], master: bool, lora: bool, batch_size: int, seq_len: int,
                microbatches: int, part_elements: int = DEFAULT_PART_ELEMENTS,
-               activations: int = 0, dropout: float = 0.0,
-               quant: Optional[Quantization] = None) -> Callable[[str, int, int], Need]:
+               activations: int = 0, dropout: float = 0.0, quant: Optional[Quantization] = None,
+               ranks: int = 1) -> Callable[[str, int, int], Need]:
     """needs(unit, lookahead, write_queue) -> the Need of a pass with these settings (residency.choose_need's
     argument): one function for the engine of a run and for `slowllama plan`, so that both agree. optimizer: the
-    run's (with LoRA its adapters', counted as if the store kept their state)."""
+    run's (with LoRA its adapters', counted as if the store kept their state); ranks: of a torchrun."""
     def needs(unit: str, lookahead: int, write_queue: int) -> Need:
         return memory_need(args, store_dtype, compute_dtype, device_type, train=train, optimizer=optimizer,
                            master=master, lora=lora, batch_size=batch_size, seq_len=seq_len,
                            microbatches=microbatches, lookahead=lookahead, write_queue=write_queue,
                            part_elements=part_elements, unit=unit, activations=activations, dropout=dropout,
-                           quant=quant)
+                           quant=quant, ranks=ranks)
     return needs
 
 

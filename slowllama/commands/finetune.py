@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -103,8 +104,8 @@ def run(s: FinetuneSettings, log: Callable[[str], None]) -> None:
 def finetune(s: FinetuneSettings, log: Callable[[str], None], emit: Callable[[dict], None]) -> dict:
     """Fine-tune: the store in place, or LoRA adapters on it (--lora-rank); returns the last step's metrics.
 
-    emit() receives each step's metrics. Under torchrun every rank runs this; rank 0 alone reads and
-    writes the store, logs and emits (engine/replicas.py).
+    emit() receives each step's metrics. Under torchrun every rank runs this; each reads and writes the
+    modules it owns (engine/replicas.py), rank 0 commits, logs and emits.
     """
     validate_finetune(s)
     if s.optimizer == "auto":  # recorded as what it resolves to
@@ -139,7 +140,7 @@ def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:
     checkpoint = None
     try:
         checkpoint = (AdapterCheckpoint(store, s.adapter_path, lora_config(s), s.seed, s.new_run, s.save_every,
-                                        s.steps, resolve_device(s)[0], log) if lora else StoreCheckpoint(store))
+                                        s.steps, resolve_device(s)[0], log) if lora else StoreCheckpoint(store, fleet))
         return _finetune(store, checkpoint, s, log, emit, fleet)
     except KeyboardInterrupt as e:  # a second Ctrl-C: the steps since the last commit were rolled back
         log(f"interrupted: {kept_by(checkpoint, store)}; run the same command again to resume")
@@ -151,14 +152,20 @@ def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:
 
 
 def _finetune_follower(fleet: Fleet, s: FinetuneSettings, emit) -> dict:
-    """A rank > 0: computes its share of every step; rank 0 reports every error the ranks share."""
+    """A rank > 0: computes its share of every step, reads and writes the modules it owns; rank 0 reports every
+    error the ranks share."""
     quiet = lambda message: None  # noqa: E731 (rank 0 says everything once)
     try:
         check_fleet(fleet, s)
         fleet.barrier()
-        store = Store.open(store_path(s.store)[0], follower=True)
-        return _finetune(store, None, s, quiet, lambda m: None, fleet)
-    except (NonFiniteLoss, SameOnEveryRank):
+        lora = s.lora_rank > 0
+        store = Store.open(store_path(s.store)[0], follower=True, co_writer=not lora)
+        return _finetune(store, None if lora else StoreCheckpoint(store, fleet), s, quiet, lambda m: None, fleet)
+    except NonFiniteLoss as e:
+        if not e.everywhere:  # a gradient of a module this rank owns: only this rank saw it
+            raise SlowllamaError(f"rank {fleet.rank}: {e}") from None
+        raise SystemExit(2) from None
+    except SameOnEveryRank:
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
         raise StoppedBySignal(getattr(e, "code", 130)) from None
@@ -221,6 +228,19 @@ def check_fleet(fleet: Fleet, s: FinetuneSettings) -> None:
         raise SameOnEveryRank("--device mps: several ranks need cuda (NCCL) or cpu (gloo)")
 
 
+def share_store(fleet: Fleet, store: Store, lora: bool, log) -> None:
+    """Whether every rank can own a share of the modules: it sees rank 0's store folder itself (full fine-tuning:
+    rank 0 commits the files the others write there), or for LoRA, which only reads, the same files. If not (the
+    ranks of other hosts without the folder), rank 0 reads, updates and writes every module, as the others only
+    compute (a collective)."""
+    pid = fleet.broadcast_object(os.getpid() if fleet.main else None)
+    sees = fleet.main or (store.holds_every_file() if lora else store.locked_by(pid))
+    fleet.shared_store = all(fleet.gather_objects(sees))
+    if not fleet.shared_store:
+        log(f"{store.path}: not every rank sees this store folder, so rank 0 reads, updates and writes every "
+            "module and the other ranks compute")
+
+
 def lora_config(s: FinetuneSettings) -> LoRAConfig:
     alpha = s.lora_alpha if s.lora_alpha is not None else 2.0 * s.lora_rank
     return LoRAConfig(s.lora_rank, alpha, s.lora_dropout, parse_targets(s.lora_targets)).validate()
@@ -254,6 +274,8 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
             fleet.check_same(asdict(s), data_digest([data.tokens, data.labels] + ([val.tokens] if val else [])))
         except SlowllamaError as e:
             raise SameOnEveryRank(str(e)) from None
+    if fleet.active:
+        share_store(fleet, store, s.lora_rank > 0, log)
     if fleet.main:
         run, done = checkpoint.resume(run_settings(s), s.new_run, log)
     run, done = fleet.broadcast_object((run, done) if fleet.main else None)
@@ -263,7 +285,7 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
         if fleet.active:
             share_adapters(fleet, lora, device)
     else:
-        checkpoint, lora = NoCheckpoint(), share_adapters(fleet, None, device)
+        checkpoint, lora = checkpoint or NoCheckpoint(), share_adapters(fleet, None, device)
     if fleet.main:
         n_windows = count_windows(data, s.seq_len)
         epochs = s.steps * s.batch_size * s.accumulate / n_windows

@@ -31,7 +31,8 @@ from slowllama.engine.compiled import CompiledBlocks, CompiledUpdates, compile_r
 from slowllama.engine.fleet import Fleet
 from slowllama.engine.pipeline import Pipeline
 from slowllama.engine.replicas import Replicas
-from slowllama.engine.residency import eval_plan, fits_in_memory, kept_block_bytes, staging_bytes, train_plan
+from slowllama.engine.residency import (eval_plan, fits_in_memory, kept_block_bytes, staging_bytes, step_uses,
+                                        train_plan)
 from slowllama.engine.step import NonFiniteLoss, Step, StepResult, Tally, module_seed
 from slowllama.engine.streamed import NORMS, BlockGradients, stream_linears
 from slowllama.engine.updates import Updater
@@ -96,7 +97,8 @@ class OffloadedModel:
                                 store.quantization)
         self.pipe = Pipeline(store, cfg.device, self.device_budget, self.host_budget, cfg.lookahead, cfg.write_queue,
                              staging, cfg.read_ahead_bytes, cfg.write_bytes)
-        self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device)
+        self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device,
+                                 [(n, store.module_bytes(n)) for n in self.names])
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         wanted = wants_compile(cfg.compile, cfg.device)
         self.compile_note = compile_reason(wanted, cfg.dropout, lora.cfg.dropout if lora is not None else 0.0,
@@ -110,14 +112,17 @@ class OffloadedModel:
 
     # ---- residency ------------------------------------------------------------------------
     def fits_in_memory(self) -> bool:
-        """Whether every module, with its optimizer state and master weights, fits the resident budgets."""
+        """Whether every module, with its optimizer state and master weights, fits the resident budgets. Several
+        ranks: and every module fits the device, so that the ranks keep copies of the modules they do not own and
+        rank 0's eval between commits sees every module's latest version."""
         room = self.device_budget.limit + (self.host_budget.limit if self.host_budget is not self.device_budget else 0)
         return fits_in_memory(self._module_bytes(),
                               model_param_count(self.args)["total"], self.optimizer if self.lora is None else None,
-                              self.updater.master, room)
+                              self.updater.master, room) and (not self.fleet.active or self.fits_on_device())
 
     def fits_on_device(self) -> bool:
-        """Whether every module's weights fit the device budget (ranks > 0 then keep them all)."""
+        """Whether every module's weights fit the device budget (several ranks then keep copies of the modules they
+        do not own)."""
         return self._module_bytes() * 1.1 <= self.device_budget.limit
 
     def _module_bytes(self) -> int:
@@ -129,7 +134,8 @@ class OffloadedModel:
         self.updater.deferred = True
 
     def choose_replication(self) -> str:
-        """Several ranks: whether ranks > 0 keep a copy of every module (a collective); the line that says so."""
+        """Several ranks: whether each keeps a copy of the modules it does not own (a collective); the line that says
+        so."""
         return self.replicas.choose(self.fits_on_device())
 
     def write_back(self) -> None:
@@ -141,6 +147,7 @@ class OffloadedModel:
         """After a failed step: forget resident weights that may hold its uncommitted updates."""
         self.pipe.discard()
         self.updater.forget()
+        self.replicas.discard()
         if self.lora is not None:
             for p in self.lora.params.values():
                 p.grad = None
@@ -258,7 +265,7 @@ class OffloadedModel:
 
     def loss_sum(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
         """Summed cross-entropy and number of targets over microbatches (no gradients): eval's core."""
-        self.pipe.set_plan(eval_plan(self.args, self.cfg.unit, len(batches)))
+        self.pipe.set_plan(self.replicas.outside(eval_plan(self.args, self.cfg.unit, len(batches))))
         hs = self.forward_hidden([x for x, _ in batches], None)
         head, weight = self.head()
         total, count = 0.0, 0
@@ -284,19 +291,19 @@ class OffloadedModel:
         chain) are not even re-run. With several ranks, `batches` are this rank's share of the step's
         windows (the first of them microbatch number step.micro_offset); the result is the whole step's.
         """
-        with self.replicas.step():
+        with self.replicas.step(step_uses(self.args, embeddings_backward=self.lora is None)):
             return self._train_step(step, batches, acts)
 
     def kept_graph_count(self, batch_size: int, seq_len: int, microbatches: int) -> int:
         """How many of the last blocks keep their forward graph in a step of these shapes: as many as the activation
-        budget holds beside the other blocks' cached inputs (the same on every rank)."""
-        if not self.cfg.keep_graphs or self.cfg.unit == "weight":
+        budget holds beside the other blocks' cached inputs. Not with several ranks: their modules come as the
+        step's plan of uses says (replicas.py), which has every block's backward ask for it."""
+        if not self.cfg.keep_graphs or self.cfg.unit == "weight" or self.fleet.active:
             return 0
         per_input = microbatches * batch_size * seq_len * self.args.dim * self.cfg.compute_dtype.itemsize
         room = self.activation_budget.free - self.args.n_layers * per_input
         extra = self._kept_block_bytes(batch_size, seq_len, microbatches) - per_input
-        count = max(0, min(self.args.n_layers, room // max(1, extra)))
-        return -self.fleet.max(-count)
+        return max(0, min(self.args.n_layers, room // max(1, extra)))
 
     def _kept_block_bytes(self, batch_size: int, seq_len: int, microbatches: int) -> int:
         return kept_block_bytes(self.args, self.store.dtype, self.cfg.compute_dtype, batch_size, seq_len, microbatches,
@@ -314,10 +321,12 @@ class OffloadedModel:
 
     def _train_step_with(self, step: Step, batches, acts: Activations, graphs: KeptGraphs) -> StepResult:
         tally = Tally(step.number)
-        self.pipe.set_plan(train_plan(self.args, self.store.state_parts,
-                                      self.updater.state_kinds if self.lora is None else [],
-                                      embeddings_backward=self.lora is None, unit=self.cfg.unit,
-                                      microbatches=len(batches), graphs=graphs.count))
+        self.pipe.set_plan(self.replicas.plan(train_plan(self.args, self.store.state_parts,
+                                                         self.updater.state_kinds if self.lora is None else [],
+                                                         embeddings_backward=self.lora is None, unit=self.cfg.unit,
+                                                         microbatches=len(batches), graphs=graphs.count,
+                                                         deferred_updates=self.replicas.update_lag
+                                                         if self.lora is None else 0)))
         n_targets = int(self.fleet.sum(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)))
         if n_targets == 0:
             raise SlowllamaError(f"step {step.number}: no targets carry loss in this batch")
@@ -344,7 +353,7 @@ class OffloadedModel:
         loss = self.fleet.sum(loss.item())
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"step {step.number}: the loss is {loss}; nothing of this step was written "
-                                "(try a lower --lr)", untouched=not tally.touched)
+                                "(try a lower --lr)", untouched=not tally.touched, everywhere=True)
         # a tied output projection's gradient joins the embeddings' own at their update
         tied_grad = tied.grad if tied is not None else None
         del tied
@@ -382,7 +391,8 @@ class OffloadedModel:
         else:
             fault_point("backward.module")
             self._embeddings_backward(batches, grads, tied_grad, step, tally)
-        return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=tally.grad_norm())
+        grad_norm = tally.grad_norm() if self.lora is not None else self.replicas.finish(tally)
+        return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=grad_norm)
 
     def _finish(self, name: str, module: nn.Module, step: Step, tally: Tally) -> None:
         """A module's backward is done: update it (full fine-tuning) or leave it (LoRA: frozen base). A block
@@ -402,10 +412,9 @@ class OffloadedModel:
         self.updater.weight(name, key, grad, step, tally)
 
     def _update_module(self, name: str, grads: dict[str, torch.Tensor], step: Step, tally: Tally) -> None:
-        """Sum the module's gradient over ranks; rank 0 updates it, and the replicas follow."""
-        grads = self.replicas.reduce(grads)
-        new = self.updater.module(name, grads, step, tally) if self.fleet.main else None
-        self.replicas.updated(name, new, step)
+        """Sum the module's gradient over ranks onto its owner, which updates it, and the copies follow (several
+        ranks: overlapped with the next module's backward, replicas.py)."""
+        self.replicas.reduce(name, grads, step, lambda summed: self.updater.module(name, summed, step, tally))
 
     def _embeddings_backward(self, batches, grads, tied_grad, step: Step, tally: Tally) -> None:
         """The embeddings' gradient, only in the rows the step used; SGD updates and writes only those rows.
@@ -413,10 +422,14 @@ class OffloadedModel:
         The rows are gathered once (ids sorted), and each microbatch's lookup and dropout are re-run on
         them: the same values and masks as the forward pass, and a gradient of (used rows, dim)
         instead of (vocab, dim). A stateful optimizer (whose moments move every row), master weights
-        and a tied output projection (a gradient in every row) take the dense path.
+        and a tied output projection (a gradient in every row) take the dense path. Several ranks take the
+        rows of the whole step (the union of theirs), so that their gradients sum row by row onto the owner.
         """
+        sparse = not self.optimizer.stateful and tied_grad is None and not self.updater.master
         weight = self.replicas.weights("tok_embeddings")["weight"]
         ids = torch.unique(torch.cat([x.reshape(-1) for x, _ in batches]).to(self.device))
+        if sparse:
+            ids = self.replicas.union(ids)
         rows = weight[ids].to(self.cfg.compute_dtype).requires_grad_(True)
         p = self.cfg.dropout
         for k, (x, _) in enumerate(batches):
@@ -425,11 +438,10 @@ class OffloadedModel:
                 index = torch.searchsorted(ids, x.to(self.device).contiguous())
                 out = F.dropout(F.embedding(index, rows), p, training=p > 0)
             out.backward(grads[k])
-        # (ranks use different rows: their gradients are summed dense)
-        sparse = (not self.optimizer.stateful and tied_grad is None and not self.fleet.active
-                  and not self.updater.master)
-        if sparse:
-            self.updater.rows("tok_embeddings", "weight", ids, rows.grad, step, tally)
+        if sparse:  # (summed over ranks in fp32, as the dense gradient is)
+            self.replicas.reduce("tok_embeddings", {"weight": rows.grad.float()}, step,
+                                 lambda summed: self.updater.rows("tok_embeddings", "weight", ids, summed["weight"],
+                                                                  step, tally))
             return
         dense = torch.zeros(weight.shape, dtype=torch.float32, device=self.device)
         dense.index_add_(0, ids, rows.grad.float())

@@ -1,12 +1,15 @@
 """Several processes, launched by torchrun: data parallelism over the windows of each step.
 
-Every rank runs its share of a step's windows through the same module at the same time. Rank 0
-alone owns the store: it reads each module and broadcasts it to the other ranks, receives the
-module's gradient summed over all ranks, applies the optimizer once, writes the result and commits
-the step. The other ranks never read or write module files, so they need no shared filesystem:
-only the store's manifest and tokenizer, and the data. When the whole model fits in a rank's
-device budget, the other ranks keep their copy of every module and rank 0 broadcasts each module
-only once and then after each update; otherwise every use of a module is a broadcast.
+Every rank runs its share of a step's windows through the same module at the same time. Each module has
+an owner rank (owners.py, replicas.py): it alone reads the module from the store and broadcasts it to the
+other ranks, receives the module's gradient summed over all ranks, applies the optimizer, keeps the
+optimizer state and writes the module's files. Rank 0 commits each step once every rank's files are
+durable (train/checkpoints.py). A rank reads and writes only the files of the modules it owns, in the one
+store folder that every rank sees (one host, or a filesystem shared between hosts). Ranks that do not see
+rank 0's folder (other hosts with only its manifest and tokenizer) own nothing: then rank 0 owns every
+module and the others only compute (commands/finetune.py checks at start). When the whole model fits in a
+rank's device budget, the ranks keep a copy of every module they do not own, sent once and then after
+each update; otherwise every use of a module is a broadcast from its owner.
 
 torch.distributed does the communication: NCCL between GPUs, gloo on CPUs.
 """
@@ -42,6 +45,8 @@ class Fleet:
     rank: int = 0
     world: int = 1
     device: Optional[torch.device] = None  # where collectives put their tensors (the compute device)
+    # every rank sees rank 0's store folder, so each can own a share of the modules; if not, rank 0 owns them all
+    shared_store: bool = True
 
     @property
     def main(self) -> bool:
@@ -103,23 +108,44 @@ class Fleet:
         if self.active:
             torch.distributed.barrier()
 
-    def broadcast(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Rank 0's tensors into the same-shaped tensors of the other ranks, in place (key order)."""
+    def broadcast(self, tensors: dict[str, torch.Tensor], src: int = 0) -> None:
+        """Rank src's tensors into the same-shaped tensors of the other ranks, in place (key order)."""
         if not self.active:
             return
         for key in sorted(tensors):
-            torch.distributed.broadcast(tensors[key], src=0)
+            torch.distributed.broadcast(tensors[key], src=src)
 
-    def reduce(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The sum over ranks of each gradient, on rank 0 (other ranks get their own back, unused).
+    def reduce(self, grads: dict[str, torch.Tensor], dst: int = 0) -> dict[str, torch.Tensor]:
+        """The sum over ranks of each gradient, on rank dst (other ranks get their own back, unused).
 
         One flat buffer per dtype: one collective per module instead of one per tensor. The sum is
         taken in the gradients' dtype, as their accumulation over microbatches is.
         """
         if not self.active:
             return grads
-        summed = _summed(grads, lambda flat: torch.distributed.reduce(flat, dst=0))
-        return summed if self.main else grads  # only rank 0's buffers hold the sums
+        summed = _summed(grads, lambda flat: torch.distributed.reduce(flat, dst=dst))
+        return summed if self.rank == dst else grads  # only dst's buffers hold the sums
+
+    def broadcast_async(self, tensors: dict[str, torch.Tensor], src: int) -> Callable[[], None]:
+        """Start broadcast(); returns the wait for it (until then the tensors must be left alone)."""
+        if not self.active:
+            return lambda: None
+        works = [torch.distributed.broadcast(tensors[key], src=src, async_op=True) for key in sorted(tensors)]
+        return lambda: _wait(works)
+
+    def reduce_async(self, grads: dict[str, torch.Tensor], dst: int) -> Callable[[], dict[str, torch.Tensor]]:
+        """Start reduce(); returns the wait for it, which returns what reduce() does. The collectives run in the
+        background (gloo's threads; NCCL's own stream, which wait() joins to the current one)."""
+        if not self.active:
+            return lambda: grads
+        packed = _packed(grads)
+        works = [torch.distributed.reduce(flat, dst=dst, async_op=True) for _, flat in packed]
+
+        def wait() -> dict[str, torch.Tensor]:
+            _wait(works)
+            return _unpacked(grads, packed) if self.rank == dst else grads
+
+        return wait
 
     def all_reduce(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The sum over ranks of each gradient, on every rank."""
@@ -152,16 +178,31 @@ class Fleet:
 def _summed(grads: dict[str, torch.Tensor], collective) -> dict[str, torch.Tensor]:
     """Run `collective` (a sum) on the gradients packed into one flat buffer per dtype, in key order
     (one collective per module instead of one per tensor); the sums, unpacked."""
+    packed = _packed(grads)
+    for _, flat in packed:
+        collective(flat)
+    return _unpacked(grads, packed)
+
+
+def _packed(grads: dict[str, torch.Tensor]) -> list[tuple[list[str], torch.Tensor]]:
+    """The gradients in one flat buffer per dtype, in key order: (keys, buffer) each."""
     by_dtype: dict[torch.dtype, list[str]] = {}
     for key in sorted(grads):
         by_dtype.setdefault(grads[key].dtype, []).append(key)
+    return [(keys, torch.cat([grads[k].reshape(-1) for k in keys])) for keys in by_dtype.values()]
+
+
+def _unpacked(grads: dict[str, torch.Tensor], packed: list[tuple[list[str], torch.Tensor]]) -> dict[str, torch.Tensor]:
     out = {}
-    for keys in by_dtype.values():
-        flat = torch.cat([grads[k].reshape(-1) for k in keys])
-        collective(flat)
+    for keys, flat in packed:
         for k, part in zip(keys, flat.split([grads[k].numel() for k in keys])):
             out[k] = part.view_as(grads[k])
     return out
+
+
+def _wait(works) -> None:
+    for work in works:
+        work.wait()
 
 
 def start_fleet(device_name: str, backend: str, log: Callable[[str], None]) -> Fleet:

@@ -22,6 +22,7 @@ dirty, and write_dirty() queues them at a commit point.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 import threading
 import time
@@ -483,6 +484,19 @@ class Pipeline:
         self.staged.clear()
         self.in_use.clear()
         for key in list(self.entries):
+            self._release(key, self.entries.pop(key))
+
+    def forget(self, key: Key) -> None:
+        """Drop a resident module that is no newer than the store (another process may change the store's)."""
+        future = self.loading.pop(key, None)
+        if future is not None:  # a read ahead of it: admitted, then dropped like a resident one
+            with contextlib.suppress(Exception):
+                self._admit(key, *future.result())
+        entry = self.entries.get(key)
+        if entry is not None and not entry.dirty:
+            staged = self.staged.pop(key, None)
+            if staged is not None and staged[1] is not None:
+                staged[1].synchronize()  # a copy from its host buffer is in flight
             self._release(key, self.entries.pop(key))
 
     def resident(self) -> dict[str, int]:

@@ -93,10 +93,11 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
                   batch_size: int = 1, seq_len: int = 1, microbatches: int = 1, lookahead: int = 2,
                   write_queue: int = 2, head_chunk: int = 256 << 20,
                   part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block",
-                  quant: Optional[Quantization] = None) -> int:
+                  quant: Optional[Quantization] = None, ranks: int = 1) -> int:
     """An upper estimate of the memory what is in flight needs, beyond what stays resident: the unit in use (a
     module, or one weight of a block), its gradient and new version, the reads ahead, the update of one part.
-    optimizer: the one whose state the store keeps (None: none, as with SGD or LoRA's resident adapters)."""
+    optimizer: the one whose state the store keeps (None: none, as with SGD or LoRA's resident adapters).
+    ranks > 1 (replicas.py): the module broadcast ahead of its use, and a gradient waiting for its reduce."""
     es, ec = store_dtype.itemsize, compute_dtype.itemsize
     p = largest_unit_elements(args, unit)
     per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit, quant)
@@ -116,6 +117,8 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
         total += write_queue * per_file
     if unit == "weight":  # the norms of the block in use stay with it
         total += 2 * args.dim * (es + ec)
+    if ranks > 1:
+        total += p * es + (p * max(ec, 4) if train and not lora else 0)  # (gradients reduce in fp32 or ec)
     tokens = batch_size * seq_len
     total += microbatches * tokens * args.dim * ec  # gradients w.r.t. the module's inputs
     # one block run (and backward) on one microbatch: projections, FFN, attention probabilities
@@ -172,14 +175,15 @@ def memory_need(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.
                 train: bool, optimizer: Optional[Optimizer] = None, master: bool = False, lora: bool = False,
                 batch_size: int = 1, seq_len: int = 1, microbatches: int = 1, lookahead: int = 2,
                 write_queue: int = 2, part_elements: int = DEFAULT_PART_ELEMENTS, unit: str = "block",
-                activations: int = 0, dropout: float = 0.0, quant: Optional[Quantization] = None) -> Need:
+                activations: int = 0, dropout: float = 0.0, quant: Optional[Quantization] = None,
+                ranks: int = 1) -> Need:
     """The need of a pass at one streaming unit ("block" or "weight") with `lookahead` reads ahead and
     `write_queue` writes in flight, each of at most the largest file. activations: bytes the pass would keep
     (default: a training step's block inputs). optimizer: the one whose state the store keeps (LoRA's adapters
     keep theirs resident, counted here as if streamed: a margin)."""
     work = working_bytes(args, store_dtype, compute_dtype, train=train, optimizer=optimizer, master=master, lora=lora,
                          batch_size=batch_size, seq_len=seq_len, microbatches=microbatches, lookahead=lookahead,
-                         write_queue=write_queue, part_elements=part_elements, unit=unit, quant=quant)
+                         write_queue=write_queue, part_elements=part_elements, unit=unit, quant=quant, ranks=ranks)
     staging = staging_bytes(args, store_dtype, optimizer, master, lookahead, write_queue, part_elements, unit, quant) \
         if device_type == "cuda" else 0  # pinned buffers buy nothing on cpu and mps: reads land in plain memory
     if not activations and train:
@@ -292,15 +296,26 @@ def eval_plan(args: ModelArgs, unit: str = "block", microbatches: int = 1) -> li
     return [("modules", "tok_embeddings")] + blocks + [("modules", "head")] + tied
 
 
+def step_uses(args: ModelArgs, embeddings_backward: bool) -> list[str]:
+    """The modules a training step of whole blocks asks for, in order: the forward pass, then the backward's (the
+    head, with a tied output projection the embeddings, the blocks down, the embeddings unless LoRA)."""
+    blocks = [f"layers.{i}" for i in range(args.n_layers)]
+    return (["tok_embeddings"] + blocks + ["head"] + (["tok_embeddings"] if args.tie_word_embeddings else [])
+            + blocks[::-1] + (["tok_embeddings"] if embeddings_backward else []))
+
+
 def train_plan(args: ModelArgs, parts: Callable[[str], list[StatePart]], state_kinds: list[str],
                embeddings_backward: bool, unit: str = "block", microbatches: int = 1,
-               graphs: int = 0) -> list[Key]:
+               graphs: int = 0, deferred_updates: int = 0) -> list[Key]:
     """The order of use of a training step: the forward pass, then the backward from the head down, each module
     followed by the parts of its state of each kind in `state_kinds` (the order its update reads them);
     embeddings_backward: the embeddings are updated last (not with LoRA: the frozen base ends at the blocks).
     A block streamed by weight: its recompute and backward per microbatch, each weight's state after its
     last backward, then its norms' updates. graphs: the last blocks that keep their forward graph, so
-    re-read nothing for their backward (with state_kinds, their update still asks for the weights)."""
+    re-read nothing for their backward (with state_kinds, their update still asks for the weights; one rank).
+    deferred_updates d > 0 (several ranks, whole blocks, replicas.py): each module's update (its weights asked for
+    again, then its state) comes once the next updated module has been asked for and d - 1 modules after it
+    (its gradient's reduce overlaps that module's backward; each module is asked for one use ahead, d = 2)."""
     blocks = [f"layers.{i}" for i in range(args.n_layers)]
 
     def state(name: str, key: Optional[str] = None) -> list[Key]:
@@ -323,12 +338,24 @@ def train_plan(args: ModelArgs, parts: Callable[[str], list[StatePart]], state_k
             keys += [("modules", piece_name(name, w))] + state(name, w)
         return keys
 
-    backward = with_state("head")
-    if args.tie_word_embeddings:
-        backward.append(("modules", "tok_embeddings"))
-    for name in reversed(blocks):
-        backward += block_backward(name)
-    if embeddings_backward:
-        backward += with_state("tok_embeddings")
+    if deferred_updates:
+        uses = step_uses(args, embeddings_backward)
+        updated = ["head"] + blocks[::-1] + (["tok_embeddings"] if embeddings_backward else [])
+        last_use = {name: i for i, name in enumerate(uses)}  # a module's backward: its last use
+        after: dict[int, list[str]] = {}  # index in uses -> the updates that come right after that use
+        for name, following in zip(updated, updated[1:] + [None]):
+            at = len(uses) - 1 if following is None else min(last_use[following] + deferred_updates - 1,
+                                                               len(uses) - 1)
+            after.setdefault(at, []).append(name)
+        return [key for i, name in enumerate(uses)
+                for key in [("modules", name)] + [k for done in after.get(i, []) for k in with_state(done)]]
+    else:
+        backward = with_state("head")
+        if args.tie_word_embeddings:
+            backward.append(("modules", "tok_embeddings"))
+        for name in reversed(blocks):
+            backward += block_backward(name)
+        if embeddings_backward:
+            backward += with_state("tok_embeddings")
     forward = [key for name in blocks for key in _block_forward(name, unit, microbatches)]
     return [("modules", "tok_embeddings")] + forward + backward

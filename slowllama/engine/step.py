@@ -31,11 +31,13 @@ class StepResult:
 
 
 class NonFiniteLoss(SlowllamaError):
-    """A NaN or infinite loss or gradient. `untouched`: no weight had been updated yet in this step."""
+    """A NaN or infinite loss or gradient. `untouched`: no weight had been updated yet in this step;
+    `everywhere`: every rank found it at the same point (the loss, summed over ranks; not a gradient, which only
+    its module's owner sees)."""
 
-    def __init__(self, message: str, untouched: bool):
+    def __init__(self, message: str, untouched: bool, everywhere: bool = False):
         super().__init__(message)
-        self.untouched = untouched
+        self.untouched, self.everywhere = untouched, everywhere
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Tally:
 
     number: int
     norms: list[torch.Tensor] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # where each norm was recorded (several ranks merge them)
     touched: bool = False
     _pending: Optional[tuple] = None  # (flag on the host, its copy's event, where, keys, norms): not yet checked
 
@@ -61,6 +64,7 @@ class Tally:
         """
         norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads.values()])
         self.norms.append(norms)
+        self.labels.extend([where] * len(grads))
         finite = torch.isfinite(norms).all()
         self.check()
         if norms.device.type != "cuda" or not self.touched:

@@ -150,13 +150,15 @@ class Updater:
         return (torch.tensor(step.clip_coef, dtype=torch.float32, device=self.device),
                 self.optimizer.scalars(step.lr, number, self.device))
 
-    def rows(self, name: str, key: str, ids: torch.Tensor, grad: torch.Tensor, step: Step, tally: Tally) -> None:
+    def rows(self, name: str, key: str, ids: torch.Tensor, grad: torch.Tensor, step: Step,
+             tally: Tally) -> Optional[dict[str, torch.Tensor]]:
         """SGD on some rows of one weight: w[ids] -= lr * grad, the other rows untouched (their gradient is 0);
-        only those rows are handed to the pipeline as changed."""
+        only those rows are handed to the pipeline as changed. Returns the module's weights, updated in place
+        (None in a norm pass)."""
         grad = grad.float()
         tally.record(f"{name}.", {key: grad})
         if not step.update:
-            return
+            return None
         if step.clip_coef != 1.0:
             grad.mul_(step.clip_coef)
         tally.touched = True
@@ -165,6 +167,7 @@ class Updater:
         self.optimizer.update({key: rows}, {key: grad}, {}, step.lr)
         tensors[key][ids] = round_to(rows, self.store.dtype, self._rounding_generator(name, key, step.number))
         self.keep(name, "modules", tensors, rows={key: ids})
+        return tensors
 
     def adapters(self, params: dict[str, nn.Parameter], optim_state: dict[str, torch.Tensor],
                  grads: dict[str, torch.Tensor], step: Step, tally: Tally) -> dict[str, torch.Tensor]:

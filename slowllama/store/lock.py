@@ -48,6 +48,25 @@ class StoreLock:
             os.close(self.fd)
             self.fd = None
 
+    def held_by(self, pid: int) -> bool:
+        """Whether the lock is held, by the process `pid` says it is (another rank of a finetune asks whether it sees
+        the very store folder that rank `pid` locked, not a copy of it)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False  # nobody holds it
+        except BlockingIOError:
+            return owner == str(pid)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
     def refuse_if_written(self) -> None:
         """Readers: refuse a store that another process is writing (its files change at every step)."""
         try:

@@ -55,7 +55,8 @@ from slowllama.store.manifest import (COPIED, KINDS, MANIFEST, STATE_KINDS, File
                                       SourceRecord)
 from slowllama.store.quantized import Quantization, dequantized, stored_specs, weight_bytes
 from slowllama.store.safe_files import check_regular
-from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS, StatePart, piece_name, split_piece, state_parts
+from slowllama.store.state_parts import (DEFAULT_PART_ELEMENTS, StatePart, part_module, piece_name, split_piece,
+                                        state_parts)
 
 JOURNAL = "journal.json"
 # paths a writer creates or writes through: none may be a symbolic link (it would lead the writes outside)
@@ -65,10 +66,11 @@ OWN_PATHS = (MANIFEST, JOURNAL, "lock", *KINDS, "scratch", "run", "run/settings.
 class Store:
     """A store folder, opened read-only or for writing (then locked, and recovered if a step was cut off)."""
 
-    def __init__(self, path: Path, manifest: Manifest, writable: bool):
+    def __init__(self, path: Path, manifest: Manifest, writable: bool, co_writer: bool = False):
         self.path = Path(path)
         self.manifest = manifest
         self.writable = writable
+        self.co_writer = co_writer  # a rank > 0: writes its own modules' files, which rank 0 commits
         self.lock: Optional[StoreLock] = None
         self.scratch_elsewhere: Optional[Path] = None  # spilled activations of a store opened read-only
         self.verify = True  # check size + checksum of every file read
@@ -90,11 +92,13 @@ class Store:
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, path, writable: bool = False, log: Callable[[str], None] = print,
-             follower: bool = False) -> "Store":
+             follower: bool = False, co_writer: bool = False) -> "Store":
         """Open a store; writable: lock it (one writer) and clean up after an interrupted step.
 
         A read-only open refuses a store that a finetune is writing (its files change at every step),
-        unless it is a `follower`: a rank > 0 of that finetune, which reads only the manifest.
+        unless it is a `follower`: a rank > 0 of that finetune, which rank 0 opened (locked and recovered)
+        first. A co_writer follower also writes the files of the modules it owns, never the manifest: at each
+        commit it hands their entries to rank 0 (durable()) and takes rank 0's new manifest (adopt()).
         """
         path = Path(path)
         if not path.is_dir():
@@ -102,7 +106,8 @@ class Store:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise SlowllamaError(f"{path}: not a slowllama store (no {MANIFEST}; run `slowllama prepare` first)")
-        store = cls(path, Manifest.read(path), writable)
+        store = cls(path, Manifest.read(path), writable or co_writer, co_writer)
+        follower = follower or co_writer
         if writable:
             store._refuse_symlinks()
             store.lock = StoreLock(path)
@@ -583,22 +588,40 @@ class Store:
             self.bytes_written += size
         return FileEntry(rel, size, digest)
 
-    def commit(self, step: int, run: Optional[RunRecord] = None, remove: tuple = ()) -> None:
-        """Make every file written since the last commit part of the store, at step `step`, atomically.
-
-        run: the run record, committed in the same atomic write (None: the store's stays as it is);
-        remove: (kind, name) entries that leave the store, their files deleted once committed.
-        """
+    def durable(self) -> list[tuple[str, str, dict]]:
+        """Make every file written since the last commit durable (the files and their folders fsynced); their
+        entries, (kind, name, entry as JSON), which a commit adds to the manifest (a co-writer's, by rank 0)."""
         self._require_writable()
         self._complete_piece_files()
         self.sync()
         with self._pending_lock:
-            pending = dict(self._pending)  # they stay pending (rollback removes them) until the rename
+            pending = dict(self._pending)
             dirs, self._fsync_dirs = self._fsync_dirs, set()
         for d in dirs:
             fsync_dir(d)
+        return [(kind, name, info.to_json()) for (kind, name), info in pending.items()]
+
+    def commit(self, step: int, run: Optional[RunRecord] = None, remove: tuple = (),
+               shared: tuple = ()) -> None:
+        """Make every file written since the last commit part of the store, at step `step`, atomically.
+
+        run: the run record, committed in the same atomic write (None: the store's stays as it is);
+        remove: (kind, name) entries that leave the store, their files deleted once committed;
+        shared: the durable() entries of the co-writers (other ranks), committed too; each co-writer deletes the
+        files its entries replace once it has adopted the new manifest.
+        """
+        self._require_writable()
+        if self.co_writer:
+            raise SlowllamaError(f"{self.path}: a co-writer hands its files to rank 0, which commits")
+        self.durable()
+        with self._pending_lock:
+            pending = dict(self._pending)  # they stay pending (rollback removes them) until the rename
         old_files = []
         files = {kind: dict(entries) for kind, entries in self.manifest.files.items()}
+        for kind, name, entry in shared:
+            if (kind, name) in pending or kind not in KINDS or part_module(name) not in self.expected_shapes:
+                raise SlowllamaError(f"{self.path}: a rank wrote {kind}/{name}, which is not its to write")
+            files.setdefault(kind, {})[name] = FileEntry.from_json(entry)
         for (kind, name), info in pending.items():
             prev = files.setdefault(kind, {}).get(name)
             if prev:
@@ -624,6 +647,26 @@ class Store:
                     (self.path / rel).unlink()
             with contextlib.suppress(FileNotFoundError):
                 (self.path / JOURNAL).unlink()
+
+    def adopt(self, manifest_json: dict) -> None:
+        """A co-writer: rank 0 committed the manifest `manifest_json`, with this process's files in it; take it,
+        and delete the files it no longer names that this process's entries replaced."""
+        fault_point("store.adopt")
+        manifest = Manifest.from_json(manifest_json, str(self.path / MANIFEST))
+        with self._pending_lock:
+            pending = dict(self._pending)
+        old_files = []
+        for (kind, name), info in pending.items():
+            prev = self.manifest.files.get(kind, {}).get(name)
+            committed = manifest.files.get(kind, {}).get(name)
+            if committed is None or committed.files() != info.files():
+                raise SlowllamaError(f"{self.path}: rank 0 committed another {kind}/{name} than this rank wrote")
+            if prev:
+                old_files += [f for f in prev.files() if f not in info.files()]
+        self._committed(manifest, pending)
+        for rel in old_files:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / rel).unlink()
 
     def _committed(self, manifest: Manifest, pending: dict[tuple[str, str], FileEntry]) -> None:
         self.manifest = manifest
@@ -655,8 +698,9 @@ class Store:
         for rel in written:
             with contextlib.suppress(FileNotFoundError):
                 (self.path / rel).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self.path / JOURNAL).unlink()
+        if not self.co_writer:  # the journal is rank 0's
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / JOURNAL).unlink()
 
     def update_manifest(self, updates: dict) -> None:
         """Change manifest fields (not the file table) atomically: updates = {JSON field: value}."""
@@ -682,6 +726,18 @@ class Store:
                  "master weights": weights * master_bytes_per_weight, "spilled activations": spill_bytes}
         detail = ", ".join(f"{what} {format_size(n)}" for what, n in parts.items() if n)
         check_free_space(self.path, sum(parts.values()) + (1 << 20), "a training step", detail)
+
+    def locked_by(self, pid: int) -> bool:
+        """Whether process `pid` holds this store folder's lock (it is this very folder, not a copy of it)."""
+        return StoreLock(self.path).held_by(pid)
+
+    def holds_every_file(self) -> bool:
+        """Whether every file the manifest names is here at its size (a copy of the store will do for reading)."""
+        try:
+            return all((self.path / f.file).stat().st_size == f.bytes for entries in self.manifest.files.values()
+                       for entry in entries.values() for f in (entry, *entry.rows))
+        except OSError:
+            return False
 
     def evict_from_page_cache(self) -> None:
         """Evict every file the manifest names from the page cache: the next reads come from the disk."""

@@ -33,10 +33,17 @@ def report_changes(recorded: dict, wanted: dict, log: Callable[[str], None]) -> 
 
 
 class StoreCheckpoint:
-    """Full fine-tuning: the store is the working copy, and every step is committed to it."""
+    """Full fine-tuning: the store is the working copy, and every step is committed to it.
 
-    def __init__(self, store: Store):
-        self.store = store
+    With several ranks (a fleet), every rank has one over the same store: each writes the files of the modules it
+    owns, and a commit is a collective: every rank makes its files durable and hands their entries to rank 0, which
+    alone holds the journal and the lock and commits the manifest once all are in; the others then take the new
+    manifest. A rank that fails before (or rank 0 failing the commit) leaves the store at its last step: every
+    rank rolls back its own files, and the next start removes whatever a killed rank left.
+    """
+
+    def __init__(self, store: Store, fleet: Optional[Fleet] = None):
+        self.store, self.fleet = store, fleet or Fleet()
 
     @property
     def run_dir(self) -> Path:
@@ -51,12 +58,41 @@ class StoreCheckpoint:
         return replace(run, settings=wanted), self.store.step - run.start_step
 
     def begin(self) -> None:
-        self.store.begin_step(self.store.step + 1)
+        if self.fleet.main:
+            self.store.begin_step(self.store.step + 1)
 
     def commit(self, number: int, run: Optional[RunRecord]) -> None:
         """Commit step `number` of the run, the store's step start_step + number; without a run record (a
         benchmark's steps, the tests') the numbers are the store's own steps."""
-        self.store.commit(number if run is None else run.start_step + number, run)
+        step = number if run is None else run.start_step + number
+        fleet = self.fleet
+        if not fleet.active:
+            self.store.commit(step, run)
+            return
+        error: Optional[BaseException] = None
+        try:
+            mine = ("ok", self.store.durable())
+        except Exception as e:  # told to the others, so that no rank commits without this rank's files
+            error, mine = e, ("failed", f"rank {fleet.rank}: {e}")
+        everyone = fleet.gather_objects(mine)
+        failed = [what for status, what in everyone if status == "failed"]
+        if failed:
+            raise error or SlowllamaError(f"step {step} not committed: {failed[0]}")
+        if fleet.main:
+            before = self.store.manifest
+            try:
+                self.store.commit(step, run, shared=tuple(e for _, entries in everyone[1:] for e in entries))
+            except BaseException as e:
+                error = e
+            # renamed, even if a later fsync failed: the others keep their files
+            fleet.broadcast_object(self.store.manifest.to_json() if self.store.manifest is not before else None)
+            if error is not None:
+                raise error
+        else:
+            manifest = fleet.broadcast_object(None)
+            if manifest is None:
+                raise SlowllamaError(f"step {step} not committed: rank 0 failed to commit it")
+            self.store.adopt(manifest)
 
     def rollback(self) -> None:
         self.store.rollback()

@@ -2,7 +2,8 @@
 
 A step: begin (the store's journal, at the start of each commit period), the engine's forward,
 backward and updates (twice with exact clipping: a norm pass, then the real step), then at a
-commit point the resident updates written back and the step committed atomically; on any failure
+commit point the resident updates written back (several ranks: each its own modules) and the step
+committed atomically (by rank 0, once every rank's files are durable: checkpoints.py); on any failure
 the step rolled back, the resident weights that may hold its updates dropped. Commit points: every
 step while the model streams; with a model that stays resident, every `save_every` steps, at the
 run's last step and when a stop is asked for (the store is then written only there).
@@ -79,7 +80,8 @@ class Trainer:
             if number % self.commit_every == 0 or number == self.steps or stop:
                 self._commit(number)
         except NonFiniteLoss as e:
-            if e.untouched and self.committed < number - 1 and fleet.main:  # resident weights: the last good step's
+            # resident weights are the last good step's (on every rank: the loss is the same everywhere)
+            if e.untouched and self.committed < number - 1 and (e.everywhere or not fleet.active):
                 self._commit(number - 1)
             else:
                 self._roll_back()
@@ -97,8 +99,7 @@ class Trainer:
             self._roll_back()
 
     def _commit(self, number: int) -> None:
-        if self.engine.fleet.main:
-            self.engine.write_back()
+        self.engine.write_back()  # every rank its own modules
         self.checkpoint.commit(number, self.run)
         self.committed, self._begun = number, False
 
