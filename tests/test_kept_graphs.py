@@ -1,6 +1,5 @@
 """Blocks that keep their forward graph (no recompute in the backward) train exactly as recomputed ones do."""
 
-
 import pytest
 import torch
 from safetensors.torch import load_file
