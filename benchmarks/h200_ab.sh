@@ -84,10 +84,20 @@ issue16)  # the references and the new code's resident rows side by side (6 step
     bench new adamw_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 6 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 64M
     bench old adamw_resident --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 4 --optimizer adamw --save-every 100 --max-memory 100G --probe-size 64M
     ;;
+qlora)  # issue 16: LoRA r8 B4xT256 SSD-bound (page cache dropped, host 4 GiB, GPU 8 GiB) on a bf16 7B, the same on an
+    # NF4 7B, a 70B cut to 4 layers on NF4 within 4 + 4 GiB; then the SGD SSD-bound pair (no regression)
+    S7Q=/tmp/bench-7b-nf4; S70Q=/tmp/bench-70b4-nf4
+    SSD="--batch-size 4 --seq-len 256 --steps 3 --lora-rank 8 --drop-cache --probe-size 1G"
+    bench new lora8_ssd_bf16 --preset 7b --store-dir $S7 $SSD --max-memory 4G --max-gpu-memory 8G
+    bench new qlora8_ssd_nf4 --preset 7b --store-dir $S7Q --quantize nf4 $SSD --max-memory 4G --max-gpu-memory 8G
+    bench new qlora8_70b4_nf4 --preset 70b --layers 4 --store-dir $S70Q --quantize nf4 $SSD --max-memory 4G --max-gpu-memory 4G
+    bench old sgd_ssd --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    bench new sgd_ssd --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    ;;
 cuda)  # the CUDA tests at the new commit
     (cd "$NEW" && PYTHONPATH=$NEW python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 5)
     ;;
 *)
-    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|cuda" >&2; exit 2
+    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|qlora|cuda" >&2; exit 2
     ;;
 esac

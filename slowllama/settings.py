@@ -291,6 +291,9 @@ class BenchSettings(DeviceSettings):
     optimizer: str = opt("sgd", f"{optimizers_help()} (the state in the store, fp32)", choices=optimizer_names())
     lr: float = opt(1e-5, "learning rate")
     lora_rank: int = opt(0, "LoRA rank (0: full fine-tuning); the adapters train with AdamW")
+    quantize: Optional[str] = opt(None, "a random store whose blocks' linear weights are quantized: nf4 (QLoRA's "
+                                  "base; with --lora-rank only)")
+    double_quant: bool = opt(False, "with --quantize nf4: the absmax scales quantized too")
     lora_targets: str = opt("wq,wv", "comma-separated linears to adapt: wq,wk,wv,wo,w1,w2,w3 (or q_proj...)")
     save_every: int = opt(1, "when the model fits in memory (it then stays resident), commit the store every N steps")
     store_dir: Optional[str] = opt(None, "the random store's folder: reused if it holds one of this shape and dtype, "

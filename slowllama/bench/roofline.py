@@ -45,13 +45,15 @@ class StepFlops:
     hardware: int  # what this engine computes, the forward recompute of every block included
 
 
-def step_flops(args: ModelArgs, windows: int, seq_len: int) -> StepFlops:
-    """FLOPs of one training step over `windows` windows of seq_len tokens (module docstring)."""
+def step_flops(args: ModelArgs, windows: int, seq_len: int, recomputed: Optional[int] = None) -> StepFlops:
+    """FLOPs of one training step over `windows` windows of seq_len tokens (module docstring); recomputed: how many
+    blocks are re-run in the backward (default all; the others kept their forward graph)."""
     n = matmul_params(args)
     tokens = windows * seq_len
     a = attention_flops(args, windows, seq_len)
+    share = 1.0 if recomputed is None else recomputed / args.n_layers
     model = 6 * n["total"] * tokens + 3 * a
-    hardware = 8 * n["blocks"] * tokens + 6 * n["head"] * tokens + 4 * a
+    hardware = int((6 + 2 * share) * n["blocks"] * tokens + 6 * n["head"] * tokens + (3 + share) * a)
     return StepFlops(model=model, hardware=hardware)
 
 

@@ -20,6 +20,7 @@ from slowllama.model.shapes import module_names, module_shapes
 from slowllama.store.builder import StoreBuilder
 from slowllama.store.guards import check_free_space
 from slowllama.store.manifest import Manifest
+from slowllama.store.quantized import Quantization
 from slowllama.store.safetensors_io import element_size
 from slowllama.store.store import Store
 
@@ -51,14 +52,20 @@ def random_module(args: ModelArgs, name: str, dtype: torch.dtype, generator: tor
 
 
 def write_random_store(path: Path, args: ModelArgs, dtype: torch.dtype, seed: int = 0, preset: str = "",
-                       log: Callable[[str], None] = print) -> Path:
-    """A new store of random weights at `path` (built aside and renamed into place when complete)."""
+                       log: Callable[[str], None] = print, quantization: Optional[Quantization] = None,
+                       device: str = "cpu") -> Path:
+    """A new store of random weights at `path` (built aside and renamed into place when complete); with
+    `quantization`, the blocks' linear weights quantized (on `device`: a GPU quantizes a 7B in seconds)."""
     check_free_space(Path(path).parent, store_bytes(args, dtype) + (64 << 20), str(path))
-    builder = StoreBuilder(Path(path))
+    builder = StoreBuilder(Path(path), quantization=quantization, packed=True)
     try:
         g = torch.Generator().manual_seed(seed)
         for name in tqdm(module_names(args), desc="random store", unit="module", disable=None, leave=False):
-            builder.write_module(name, random_module(args, name, dtype, g))
+            tensors = random_module(args, name, dtype, g)
+            if quantization is not None:
+                tensors = {k: quantization.quantize(t.to(device)).cpu() if quantization.covers(name, k) else t
+                           for k, t in sorted(tensors.items(), key=lambda kv: quantization.covers(name, kv[0]))}
+            builder.write_module(name, tensors)
         return builder.finish(Manifest.new(args, dtype, {"format": SOURCE_FORMAT, "preset": preset, "seed": seed}))
     except BaseException:
         builder.abort()
@@ -66,7 +73,8 @@ def write_random_store(path: Path, args: ModelArgs, dtype: torch.dtype, seed: in
 
 
 def open_or_build(path: Path, args: ModelArgs, dtype: torch.dtype, seed: int = 0, preset: str = "",
-                  log: Callable[[str], None] = print) -> tuple[Path, bool]:
+                  log: Callable[[str], None] = print, quantization: Optional[Quantization] = None,
+                  device: str = "cpu") -> tuple[Path, bool]:
     """A random store of this shape and dtype at `path`: reused if one is there, else written.
 
     Returns (path, built). A folder that holds anything else is refused rather than replaced.
@@ -76,16 +84,17 @@ def open_or_build(path: Path, args: ModelArgs, dtype: torch.dtype, seed: int = 0
         if not (path / "manifest.json").is_file():
             raise SlowllamaError(f"{path}: exists and is not a store; remove it or choose another --store-dir")
         store = Store.open(path)
-        if store.args != args or store.dtype != dtype:
+        if store.args != args or store.dtype != dtype or store.quantization != quantization:
             raise SlowllamaError(f"{path}: holds a store of another shape or dtype "
-                                 f"({store.args.n_layers} layers, dim {store.args.dim}, {store.manifest.dtype}); "
+                                 f"({store.args.n_layers} layers, dim {store.args.dim}, {store.manifest.dtype}, "
+                                 f"{'quantized' if store.quantization else 'not quantized'}); "
                                  "remove it or choose another --store-dir")
         log(f"reusing the store {path} (at step {store.step})")
         return path, False
     n = matmul_params(args)["total"]
     count = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
     log(f"writing a random {dtype_name(dtype)} store of {count} matmul weights to {path}")
-    return write_random_store(path, args, dtype, seed, preset, log), True
+    return write_random_store(path, args, dtype, seed, preset, log, quantization, device), True
 
 
 def random_batches(args: ModelArgs, step: int, batch_size: int, accumulate: int, seq_len: int,

@@ -43,6 +43,7 @@ from slowllama.optim.registry import make_optimizer
 from slowllama.settings import BenchSettings
 from slowllama.sizes import parse_size
 from slowllama.store.guards import check_free_space
+from slowllama.store.quantized import parse_scheme
 from slowllama.store.store import Store
 from slowllama.train.checkpoints import NoCheckpoint, StoreCheckpoint
 from slowllama.train.trainer import Trainer
@@ -197,7 +198,8 @@ def format_summary(summary: dict) -> list[str]:
         f"{summary['seq_len']}), {summary['optimizer']}, compute {summary['compute_dtype']} on {mach['device']}"
         + (f" x {summary['ranks']} ranks" if summary.get("ranks", 1) > 1 else ""),
         f"FLOPs/step: model {summary['model_flops'] / 1e12:.4g} T (6·N·T + 3·attention), hardware "
-        f"{summary['hardware_flops'] / 1e12:.4g} T (8·N_blocks·T + 6·N_head·T + 4·attention: blocks recomputed)",
+        f"{summary['hardware_flops'] / 1e12:.4g} T (8·N_blocks·T + 6·N_head·T + 4·attention where blocks are "
+        f"recomputed; {summary.get('blocks_keeping_graphs') or 0} of {summary['layers']} kept their graph)",
         machine_line(mach),
         f"median of steps {summary['median_steps']}: {m['seconds']:.3f} s/step, {m['tokens_per_second']:.0f} tok/s, "
         f"{m['model_tflops']:.3g} TFLOP/s model (MFU {100 * m['mfu']:.1f}% of the measured peak), "
@@ -273,6 +275,9 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
     check_seq_len(s.seq_len, args)
     device, compute_dtype = resolve_device(s)
     dtype = dtype_from_name(s.dtype, "--dtype")
+    quantization = parse_scheme(s.quantize, s.double_quant)
+    if quantization is not None and not s.lora_rank:
+        raise SlowllamaError(f"--quantize {s.quantize}: a quantized base trains LoRA adapters only (add --lora-rank)")
     probe = probe_bytes(s.probe_size, args, dtype)
     temp = None
     if s.store_dir:
@@ -290,7 +295,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
         if fleet.main:
             check_free_space(path.parent, needed_disk(args, dtype, not path.exists(), probe),
                              f"{path} (--layers cuts the model)")
-            path, _ = open_or_build(path, args, dtype, s.seed, s.preset, log)
+            path, _ = open_or_build(path, args, dtype, s.seed, s.preset, log, quantization, device.type)
             machine, machine_record = measure_machine(path, device, compute_dtype, probe, log)
         # the other ranks take rank 0's store and machine; the FLOPs of a step spread over every rank's GPU
         path, machine, machine_record = fleet.broadcast_object((path, machine, machine_record) if fleet.main else None)
@@ -318,7 +323,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
             trainer = Trainer(engine, checkpoint, save_every=s.save_every, log=log)  # commits as finetune does
             if lora is None and trainer.commit_every <= s.steps and fleet.main:
                 check_disk_for_steps(store, engine, s.batch_size * s.accumulate, s.seq_len)
-            flops = step_flops(args, s.batch_size * s.accumulate, s.seq_len)
+            flops = step_flops(args, s.batch_size * s.accumulate, s.seq_len, args.n_layers - kept)
             if s.drop_cache and fleet.main:
                 store.evict_from_page_cache()  # the store was just written or read: start from the disk
             show = (lambda r: out(json.dumps(r))) if s.json else (lambda r: out(format_step(r, s.steps)))
@@ -329,6 +334,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                       "matmul_params": matmul_params(args)["total"], "store_bytes": store_bytes(args, dtype),
                       "store_dtype": s.dtype, "compute_dtype": dtype_name(compute_dtype),
                       "optimizer": "adamw" if s.lora_rank else s.optimizer, "ranks": fleet.world,
+                      "quantize": s.quantize, "double_quant": s.double_quant,
                       "batch_size": s.batch_size, "accumulate": s.accumulate, "seq_len": s.seq_len,
                       "prefetch": s.prefetch, "async_writes": s.async_writes, "compile": s.compile,
                       "blocks_compiled": engine.compiled_blocks is not None, "blocks_keeping_graphs": kept,

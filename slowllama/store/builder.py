@@ -29,12 +29,13 @@ class StoreBuilder:
     """A new store, built in a hidden temporary folder and renamed into place only when complete.
 
     quantization: the blocks' linear weights are written in the store's dtype, then quantized at finish() (a
-    checkpoint's slices of one weight come from several shards: a weight is whole only once all are placed).
+    checkpoint's slices of one weight come from several shards: a weight is whole only once all are placed);
+    packed: they are written quantized already (a benchmark's random store, quantized on its device).
     """
 
-    def __init__(self, path, force: bool = False, quantization: Optional[Quantization] = None):
+    def __init__(self, path, force: bool = False, quantization: Optional[Quantization] = None, packed: bool = False):
         self.path = Path(path)
-        self.quantization = quantization
+        self.quantization, self.packed = quantization, packed
         if self.path.exists() and not force:
             raise SlowllamaError(f"{self.path}: already exists (use --force to replace it)")
         self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
@@ -91,7 +92,8 @@ class StoreBuilder:
         extra = {k: v for k, v in manifest.extra.items() if k != QUANTIZATION}  # (fuse: of the store it read)
         extra[COPIED] = self.copied
         if self.quantization is not None:
-            self._quantize_blocks(self.quantization)
+            if not self.packed:
+                self._quantize_blocks(self.quantization)
             extra[QUANTIZATION] = self.quantization.to_json()
         manifest = dataclasses.replace(manifest, files=self.files, step=0, run=None, json_order=(), extra=extra,
                                        state_part_elements=manifest.state_part_elements or DEFAULT_PART_ELEMENTS)
