@@ -91,8 +91,9 @@ qlora)  # issue 16: LoRA r8 B4xT256 SSD-bound (page cache dropped, host 4 GiB, G
     bench new lora8_ssd_bf16 --preset 7b --store-dir $S7 $SSD --max-memory 4G --max-gpu-memory 8G
     bench new qlora8_ssd_nf4 --preset 7b --store-dir $S7Q --quantize nf4 $SSD --max-memory 4G --max-gpu-memory 8G
     bench new qlora8_70b4_nf4 --preset 70b --layers 4 --store-dir $S70Q --quantize nf4 $SSD --max-memory 4G --max-gpu-memory 4G
-    bench old sgd_ssd --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
-    bench new sgd_ssd --preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    # the pair on a store the old code builds (the new code reads older stores; not necessarily the reverse)
+    bench old sgd_ssd --preset 7b --store-dir /tmp/bench-7b-ab --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
+    bench new sgd_ssd --preset 7b --store-dir /tmp/bench-7b-ab --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
     ;;
 cuda)  # the CUDA tests at the new commit
     (cd "$NEW" && PYTHONPATH=$NEW python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 5)
