@@ -38,3 +38,19 @@ def assert_state_close(actual: dict, expected: dict, rtol=1e-5, atol=1e-7):
     assert set(actual) == set(expected), set(actual) ^ set(expected)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key].float(), rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def train_adapters_clipped(model, params: dict, data, steps: int, batch_size: int, accumulate: int, seq_len: int,
+                           lr: float, max_norm: float) -> None:
+    """In-memory AdamW on LoRA adapters (no weight decay), clipped as slowllama clips them: to the exact global norm
+    of the adapters' gradient, after the whole backward."""
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+
+    class Clipped:
+        def zero_grad(self):
+            opt.zero_grad()
+
+        def step(self):
+            torch.nn.utils.clip_grad_norm_(params.values(), max_norm)
+            opt.step()
+    train_in_memory(model, data, steps, batch_size, accumulate, seq_len, lr, optimizer=Clipped())

@@ -15,7 +15,7 @@ from slowllama.settings import FinetuneSettings
 from slowllama.store import safetensors_io as st
 
 from conftest import ALICE, assert_one_line_error, run_cli
-from reference import meta_model, store_state_dict, train_in_memory
+from reference import meta_model, store_state_dict, train_adapters_clipped, train_in_memory
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
 TARGET_LIST = "wq,wk,wv,wo,w1,w2,w3"
@@ -79,16 +79,7 @@ def test_three_adamw_steps_equal_in_memory_and_base_is_untouched(tiny_fp32, stor
     assert folder_digest(store_fp32) == digest  # the base store: byte-identical
     assert result["bytes_written"] == 0 and result["adapter_bytes_written"] > 0
     model, params = in_memory_lora(tiny_fp32, cfg, seed=0)
-    opt = torch.optim.AdamW(params.values(), lr=1e-2, weight_decay=0.0)
-
-    class Clipped:  # LoRA clips with the exact global norm of the adapters' gradient
-        def zero_grad(self):
-            opt.zero_grad()
-
-        def step(self):
-            torch.nn.utils.clip_grad_norm_(params.values(), 0.5)
-            opt.step()
-    train_in_memory(model, load_text(ALICE, load_tokenizer(store_fp32)), 3, 2, 2, 32, 1e-2, optimizer=Clipped())
+    train_adapters_clipped(model, params, load_text(ALICE, load_tokenizer(store_fp32)), 3, 2, 2, 32, 1e-2, 0.5)
     after = st.read_file(str(tmp_path / "ad" / "adapters.safetensors"))
     for key, p in params.items():
         torch.testing.assert_close(after[key], p.detach(), rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")

@@ -25,7 +25,7 @@ from slowllama.testing.reference import load_transformer
 
 from conftest import ALICE, FAULTS_RUNNER, assert_one_line_error, run_cli
 from crashes import ONE_THREAD, in_one_thread
-from reference import meta_state_dict, store_state_dict, train_in_memory
+from reference import meta_state_dict, store_state_dict, train_adapters_clipped, train_in_memory
 
 quiet = dict(log=lambda m: None, emit=lambda m: None)
 
@@ -196,16 +196,7 @@ def test_three_adamw_steps_equal_in_memory_and_the_base_is_read_only(nf4_stores,
     assert {p.name: p.read_bytes() for p in (store / "modules").iterdir()} == files
     assert (store / "manifest.json").read_bytes() == manifest and result["bytes_written"] == 0
     model, params = dequantized_lora(store, LoRAConfig(4, 8.0, 0.0, tuple(TARGETS.split(","))), seed=0)
-    opt = torch.optim.AdamW(params.values(), lr=1e-2, weight_decay=0.0)
-
-    class Clipped:  # LoRA clips with the exact global norm of the adapters' gradient
-        def zero_grad(self):
-            opt.zero_grad()
-
-        def step(self):
-            torch.nn.utils.clip_grad_norm_(params.values(), 0.5)
-            opt.step()
-    train_in_memory(model, load_text(ALICE, load_tokenizer(store)), 3, 2, 2, 32, 1e-2, optimizer=Clipped())
+    train_adapters_clipped(model, params, load_text(ALICE, load_tokenizer(store)), 3, 2, 2, 32, 1e-2, 0.5)
     after = st.read_file(str(tmp_path / "ad" / "adapters.safetensors"))
     for key, p in params.items():
         torch.testing.assert_close(after[key], p.detach(), rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
