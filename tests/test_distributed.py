@@ -17,6 +17,8 @@ from slowllama.engine.owners import assign_owners
 from slowllama.model.shapes import module_names
 from slowllama.store.adapters import AdapterFolder
 from slowllama.store.manifest import KINDS
+from slowllama.formats.convert import prepare
+from slowllama.store.quantized import Quantization
 from slowllama.store.safetensors_io import read_file
 from slowllama.store.state_parts import part_module
 from slowllama.store.store import Store
@@ -138,6 +140,25 @@ def test_two_ranks_train_lora_adapters_like_one_process(tmp_path, tmp_path_facto
     one, two = (read_file(AdapterFolder(tmp_path / name).path / "adapters.safetensors") for name in ("one", "two"))
     assert_close_states(two, one)
     assert_bit_identical(state(base), before)  # the base is only read
+
+
+@pytest.mark.parametrize("budget", ["resident", "streaming"])
+def test_two_ranks_train_lora_on_an_nf4_base_like_one_process(tiny_fp32, tmp_path, budget):
+    # the packed weights go from their owner to the other rank as the store holds them (uint8), each time they are
+    # used when streaming, once when resident
+    base = prepare(tiny_fp32, tmp_path / "nf4", quantization=Quantization(double_quant=True), log=lambda m: None)
+    before = state(base)
+    args = COMMON + ["--lora-rank", "4", "--lr", "1e-3", "--lora-targets", "wq,wk,w2"]
+    if budget == "streaming":  # just above what two ranks need in flight: their modules stream
+        args += ["--max-memory", "5000000"]
+    single_process(base, args + ["--adapter-path", str(tmp_path / "one")])
+    proc = torchrun(base, args + ["--adapter-path", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stderr
+    how = "keeps a copy of" if budget == "resident" else "gets, as they are used,"
+    assert f"every rank {how} the others' modules" in proc.stderr
+    one, two = (read_file(AdapterFolder(tmp_path / name).path / "adapters.safetensors") for name in ("one", "two"))
+    assert_close_states(two, one)
+    assert_bit_identical(state(base), before)
 
 
 @pytest.mark.parametrize("rank, fault", [

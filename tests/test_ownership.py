@@ -105,7 +105,7 @@ def test_each_ranks_plan_holds_the_reads_and_writes_of_its_own_modules_only():
     sizes = [(n, 4 * sum(torch.Size(s).numel() for s in module_shapes(args, n).values())) for n in module_names(args)]
     plan = train_plan(args, lambda n: state_parts(n, module_shapes(args, n), 1 << 12), ["optim", "master"],
                       embeddings_backward=True, deferred_updates=True)
-    plans = [Replicas(Fleet(rank, 2), None, torch.float32, {}, torch.device("cpu"), sizes).plan(plan)
+    plans = [Replicas(Fleet(rank, 2), None, {}, torch.device("cpu"), sizes).plan(plan)
              for rank in (0, 1)]
     owners = assign_owners(sizes, 2)
     for rank, mine in enumerate(plans):

@@ -265,8 +265,6 @@ def refuse_quantized(path: Path) -> None:
 
 def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: Fleet) -> dict:
     check_seq_len(s.seq_len, store.args)
-    if fleet.active and store.quantization is not None:  # (ranks > 0 receive weights by the store's dtype)
-        raise SlowllamaError(f"{store.path}: an NF4 store trains on one rank for now (run without torchrun)")
     tokenizer = load_tokenizer(store.path)
     data, val = load_train_val(s, tokenizer, log)
     if fleet.active:

@@ -97,7 +97,7 @@ class OffloadedModel:
                                 store.quantization)
         self.pipe = Pipeline(store, cfg.device, self.device_budget, self.host_budget, cfg.lookahead, cfg.write_queue,
                              staging, cfg.read_ahead_bytes, cfg.write_bytes)
-        self.replicas = Replicas(self.fleet, self.pipe, store.dtype, store.expected_shapes, cfg.device,
+        self.replicas = Replicas(self.fleet, self.pipe, store.stored_specs, cfg.device,
                                  [(n, store.module_bytes(n)) for n in self.names])
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         wanted = wants_compile(cfg.compile, cfg.device)

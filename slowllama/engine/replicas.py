@@ -36,10 +36,11 @@ from slowllama.store.state_parts import part_module, split_piece
 
 
 class Replicas:
-    def __init__(self, fleet: Fleet, pipe: Pipeline, dtype: torch.dtype, shapes: dict[str, dict[str, tuple]],
+    def __init__(self, fleet: Fleet, pipe: Pipeline, specs: dict[str, dict[str, tuple[torch.dtype, tuple]]],
                  device: torch.device, sizes: list[tuple[str, int]]):
-        """sizes: (module, bytes) in forward order, for the owners' table."""
-        self.fleet, self.pipe, self.dtype, self.shapes, self.device = fleet, pipe, dtype, shapes, device
+        """specs: {module: {key: (dtype, shape)}} as the store keeps them (a quantized weight: its packed bytes), what
+        the other ranks receive; sizes: (module, bytes) in forward order, for the owners' table."""
+        self.fleet, self.pipe, self.specs, self.device = fleet, pipe, specs, device
         self.names = [name for name, _ in sizes]
         self.owners = assign_owners(sizes, fleet.world if fleet.shared_store else 1)
         self.replicate = False  # every rank keeps a copy of the modules it does not own (the model fits the device)
@@ -130,8 +131,7 @@ class Replicas:
             return tensors, self.fleet.broadcast_async(tensors, src=owner)
         if name in self.copies:
             return self.copies[name], None
-        tensors = {k: torch.empty(shape, dtype=self.dtype, device=self.device)
-                   for k, shape in self.shapes[name].items()}
+        tensors = {k: torch.empty(shape, dtype=dtype, device=self.device) for k, (dtype, shape) in self.specs[name].items()}
         wait = self.fleet.broadcast_async(tensors, src=owner)
         if self.replicate:  # (asked for in this step only through _ahead, which waits first)
             self.copies[name] = tensors
