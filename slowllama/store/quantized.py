@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -100,13 +100,19 @@ def weight_bytes(args: ModelArgs, name: str, key: Optional[str], dtype: torch.dt
     return sum(math.prod(shape) * d.itemsize for d, shape in chosen)
 
 
+Dequantize = Callable[[torch.Tensor, tuple, bool, torch.dtype], torch.Tensor]  # nf4.dequantize's signature
+
+
 def dequantized(quant: Optional[Quantization], name: str, tensors: dict[str, torch.Tensor],
-                shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                run: Optional[Dequantize] = None) -> dict[str, torch.Tensor]:
     """A module's tensors as read (some of them packed) -> its weights, the packed ones dequantized in `dtype` (the
-    store's) on the device they are on; the others as they are."""
+    store's) on the device they are on; the others as they are. run: nf4.dequantize or the same compiled."""
     if quant is None:
         return tensors
-    return {k: quant.dequantize(t, shapes[k], dtype) if quant.covers(name, k) else t for k, t in tensors.items()}
+    run = run or nf4.dequantize
+    return {k: run(t, shapes[k], quant.double_quant, dtype) if quant.covers(name, k) else t
+            for k, t in tensors.items()}
 
 
 def packed_problems(quant: Optional[Quantization], name: str, tensors: dict[str, torch.Tensor],
