@@ -8,10 +8,10 @@ from typing import Callable, Optional
 
 import torch
 
-from slowllama.engine.chain import EngineConfig, OffloadedModel
+from slowllama.engine.chain import EngineConfig, OffloadedModel, keeps_master
 from slowllama.engine.fleet import Fleet
-from slowllama.engine.residency import (Need, choose_need, is_unified, memory_need, minimum_budgets, resident_bytes,
-                                        split_budgets)
+from slowllama.engine.residency import (Need, block_input_bytes, choose_need, is_unified, memory_need, minimum_budgets,
+                                        resident_bytes, split_budgets)
 from slowllama.errors import SlowllamaError
 from slowllama.model.args import ModelArgs, dtype_from_name
 from slowllama.model.lora import LoRAState
@@ -72,7 +72,7 @@ def make_engine(store: Store, settings, optimizer: Optional[Optimizer] = None, l
     if train and config.get("keep_graphs", True) and not (fleet is not None and fleet.active):
         resident = resident_bytes(sum(store.module_bytes(n) for n in module_names(store.args)),
                                   model_param_count(store.args)["total"], optimizer if lora is None else None,
-                                  master and store.dtype != torch.float32 and lora is None)
+                                  keeps_master(store, master, lora))
     budgets = split_budgets(device.type, host, gpu, need, resident)
     cfg = EngineConfig(device=device, compute_dtype=dtype, device_budget=budgets.device,
                        activation_budget=budgets.activations, host_budget=budgets.host,
@@ -166,7 +166,7 @@ def check_seq_len(seq_len: int, engine_or_args) -> None:
 def check_disk_for_steps(store: Store, engine: OffloadedModel, windows: int, seq_len: int) -> None:
     """Refuse to start when the disk cannot hold one step's new files (weights, optimizer state, master weights)
     and the activations of `windows` windows of seq_len tokens that the memory budgets leave to spill."""
-    acts = store.args.n_layers * windows * seq_len * store.args.dim * engine.cfg.compute_dtype.itemsize
+    acts = store.args.n_layers * block_input_bytes(store.args, engine.cfg.compute_dtype, windows * seq_len)
     room = engine.activation_budget.limit + engine.host_activation_budget.limit
     optimizer = engine.optimizer
     store.check_step_space(optimizer.state_bytes_per_weight if optimizer.stateful else 0,

@@ -32,8 +32,8 @@ from slowllama.engine.compiled import (CompiledBlocks, CompiledDequantize, Compi
 from slowllama.engine.fleet import Fleet
 from slowllama.engine.pipeline import Pipeline
 from slowllama.engine.replicas import Replicas
-from slowllama.engine.residency import (eval_plan, fits_in_memory, kept_block_bytes, staging_bytes, step_uses,
-                                        train_plan)
+from slowllama.engine.residency import (block_input_bytes, eval_plan, fits_in_memory, kept_block_bytes,
+                                        staging_bytes, step_uses, train_plan)
 from slowllama.engine.step import NonFiniteLoss, Step, StepResult, Tally, module_seed
 from slowllama.engine.streamed import NORMS, BlockGradients, stream_linears
 from slowllama.engine.updates import Updater
@@ -72,6 +72,11 @@ class EngineConfig:
     keep_graphs: bool = True  # blocks keep their forward graph (no recompute) where the activation budget holds it
 
 
+def keeps_master(store: Store, master_weights: bool, lora: Optional[LoRAState]) -> bool:
+    """Whether a run keeps fp32 master weights: asked for, on a 16-bit store, in full fine-tuning."""
+    return master_weights and store.dtype != torch.float32 and lora is None
+
+
 class OffloadedModel:
     """Forward, eval and training steps of a model whose modules are streamed from a store.
 
@@ -92,7 +97,7 @@ class OffloadedModel:
         self.activation_budget = Budget(cfg.activation_budget, "activations")
         self.host_activation_budget = Budget(cfg.host_activation_budget, "host activations")
         self.optimizer = optimizer or SGD()
-        master = cfg.master_weights and store.dtype != torch.float32 and lora is None
+        master = keeps_master(store, cfg.master_weights, lora)
         staging = staging_bytes(self.args, store.dtype, self.optimizer if lora is None else None, master,
                                 cfg.lookahead, cfg.write_queue, store.state_part_elements, cfg.unit,
                                 store.quantization)
@@ -303,7 +308,7 @@ class OffloadedModel:
         step's plan of uses says (replicas.py), which has every block's backward ask for it."""
         if not self.cfg.keep_graphs or self.cfg.unit == "weight" or self.fleet.active:
             return 0
-        per_input = microbatches * batch_size * seq_len * self.args.dim * self.cfg.compute_dtype.itemsize
+        per_input = block_input_bytes(self.args, self.cfg.compute_dtype, microbatches * batch_size * seq_len)
         room = self.activation_budget.free - self.args.n_layers * per_input
         extra = self._kept_block_bytes(batch_size, seq_len, microbatches) - per_input
         return max(0, min(self.args.n_layers, room // max(1, extra)))

@@ -23,9 +23,9 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from slowllama.errors import SlowllamaError
+from slowllama.model import nf4
 from slowllama.model.args import ModelArgs
 from slowllama.model.layers import build_module
-from slowllama.model import nf4
 from slowllama.model.lora import LoRAConfig, inject, meta_params
 from slowllama.optim.base import Optimizer
 
@@ -137,12 +137,9 @@ class CompiledDequantize(_Compiled):
         self.run = torch.compile(nf4.expand, dynamic=False)  # a block has a few weight shapes, each one graph
 
     def __call__(self, packed: torch.Tensor, shape: tuple, double_quant: bool, dtype: torch.dtype) -> torch.Tensor:
-        if self.failed:
-            return nf4.dequantize(packed, shape, double_quant, dtype)
-        nf4.check_packed(packed, shape, double_quant)
-        codes, absmax = nf4.codes_of(packed, shape), nf4.dequantize_absmax(packed, shape, double_quant)
-        try:
-            return self.run(codes, absmax, nf4.pair_table(packed.device), tuple(shape), dtype)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            self._failed(e)
-            return nf4.dequantize(packed, shape, double_quant, dtype)
+        if not self.failed:
+            try:
+                return nf4.dequantize(packed, shape, double_quant, dtype, expand_with=self.run)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                self._failed(e)
+        return nf4.dequantize(packed, shape, double_quant, dtype)

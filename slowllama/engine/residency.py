@@ -128,6 +128,11 @@ def working_bytes(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torc
     return int(total * 1.2)
 
 
+def block_input_bytes(args: ModelArgs, compute_dtype: torch.dtype, tokens: int) -> int:
+    """Bytes of one block's input over `tokens` tokens: what the activation cache keeps per block."""
+    return tokens * args.dim * compute_dtype.itemsize
+
+
 def graph_bytes(args: ModelArgs, compute_dtype: torch.dtype, batch_size: int, seq_len: int, dropout: float = 0.0) -> int:
     """An upper estimate of what one block's autograd graph holds for one microbatch (beyond its input, which it
     replaces in the cache): the tensors eager autograd saves, with a fifth to spare (compiled blocks save fewer)."""
@@ -186,12 +191,13 @@ def memory_need(args: ModelArgs, store_dtype: torch.dtype, compute_dtype: torch.
                          write_queue=write_queue, part_elements=part_elements, unit=unit, quant=quant, ranks=ranks)
     staging = staging_bytes(args, store_dtype, optimizer, master, lookahead, write_queue, part_elements, unit, quant) \
         if device_type == "cuda" else 0  # pinned buffers buy nothing on cpu and mps: reads land in plain memory
+    inputs = block_input_bytes(args, compute_dtype, microbatches * batch_size * seq_len)  # one block's, cached
     if not activations and train:
-        activations = args.n_layers * microbatches * batch_size * seq_len * args.dim * compute_dtype.itemsize
+        activations = args.n_layers * inputs
     graphs = 0
     if train and unit == "block":  # a kept block holds its graph instead of its cached input
         kept = kept_block_bytes(args, store_dtype, compute_dtype, batch_size, seq_len, microbatches, dropout, quant)
-        graphs = args.n_layers * max(0, kept - microbatches * batch_size * seq_len * args.dim * compute_dtype.itemsize)
+        graphs = args.n_layers * max(0, kept - inputs)
     per_file = largest_file_bytes(args, store_dtype, optimizer, master, part_elements, unit, quant)
     return Need(work, staging, activations, unit, lookahead, write_queue, max(1, lookahead) * per_file,
                 max(1, write_queue) * per_file, graphs)
@@ -349,13 +355,12 @@ def train_plan(args: ModelArgs, parts: Callable[[str], list[StatePart]], state_k
             after.setdefault(at, []).append(name)
         return [key for i, name in enumerate(uses)
                 for key in [("modules", name)] + [k for done in after.get(i, []) for k in with_state(done)]]
-    else:
-        backward = with_state("head")
-        if args.tie_word_embeddings:
-            backward.append(("modules", "tok_embeddings"))
-        for name in reversed(blocks):
-            backward += block_backward(name)
-        if embeddings_backward:
-            backward += with_state("tok_embeddings")
+    backward = with_state("head")
+    if args.tie_word_embeddings:
+        backward.append(("modules", "tok_embeddings"))
+    for name in reversed(blocks):
+        backward += block_backward(name)
+    if embeddings_backward:
+        backward += with_state("tok_embeddings")
     forward = [key for name in blocks for key in _block_forward(name, unit, microbatches)]
     return [("modules", "tok_embeddings")] + forward + backward

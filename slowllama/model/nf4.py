@@ -120,12 +120,12 @@ def dequantize_absmax(packed: torch.Tensor, shape: tuple[int, ...], double_quant
 
 
 def dequantize(packed: torch.Tensor, shape: tuple[int, ...], double_quant: bool = False,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, expand_with=None) -> torch.Tensor:
     """The weight of `shape` a packed tensor holds, in `dtype`, on the packed tensor's device: the NF4 value of
-    each code times its block's absmax, computed in fp32."""
+    each code times its block's absmax, computed in fp32. expand_with: `expand` or the same compiled."""
     check_packed(packed, shape, double_quant)
-    return expand(codes_of(packed, shape), dequantize_absmax(packed, shape, double_quant), pair_table(packed.device),
-                  shape, dtype)
+    return (expand_with or expand)(codes_of(packed, shape), dequantize_absmax(packed, shape, double_quant),
+                                   pair_table(packed.device), tuple(shape), dtype)
 
 
 def check_packed(packed: torch.Tensor, shape: tuple[int, ...], double_quant: bool) -> None:
