@@ -95,10 +95,28 @@ qlora)  # issue 16: LoRA r8 B4xT256 SSD-bound (page cache dropped, host 4 GiB, G
     bench old sgd_ssd --preset 7b --store-dir /tmp/bench-7b-ab --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
     bench new sgd_ssd --preset 7b --store-dir /tmp/bench-7b-ab --batch-size 16 --seq-len 256 --steps 2 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G
     ;;
+profile)  # where the resident full-FT step's time goes (8 layers of 7B): ours and plain PyTorch's, then QLoRA rows
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    for run in "sgd" "sgd --rounding nearest" "adamw" "adamw --optim-dtype bf16 --rounding nearest"; do
+        echo "== profile_step.py --layers 8 --optimizer $run"
+        (cd "$NEW" && PYTHONPATH=$NEW timeout 150 python3 benchmarks/profile_step.py --layers 8 --optimizer $run) \
+            > "$OUT/profile-${run// /_}.txt" 2>&1; echo "exit $?"; grep "s/step" "$OUT/profile-${run// /_}.txt"
+    done
+    for mode in sgd adamw; do
+        echo "== reference_inmemory.py $mode --layers 8 --profile"
+        timeout 120 python3 benchmarks/reference_inmemory.py $mode --layers 8 --profile > "$OUT/profile-ref-$mode.txt" 2>&1
+        echo "exit $?"; grep "s/step" "$OUT/profile-ref-$mode.txt"
+    done
+    ;&
+qlora2)  # QLoRA 7B SSD-bound (4 + 8 GiB) with the dequantization compiled, and 70B cut to 4 layers within 3 + 5 GiB
+    SSD="--batch-size 4 --seq-len 256 --steps 3 --lora-rank 8 --drop-cache --probe-size 1G"
+    bench new qlora8_ssd_nf4 --preset 7b --store-dir /tmp/bench-7b-nf4 --quantize nf4 $SSD --max-memory 4G --max-gpu-memory 8G
+    bench new qlora8_70b4_nf4 --preset 70b --layers 4 --store-dir /tmp/bench-70b4-nf4 --quantize nf4 $SSD --max-memory 3G --max-gpu-memory 5G
+    ;;
 cuda)  # the CUDA tests at the new commit
     (cd "$NEW" && PYTHONPATH=$NEW python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 5)
     ;;
 *)
-    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|qlora|cuda" >&2; exit 2
+    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|qlora|profile|qlora2|cuda" >&2; exit 2
     ;;
 esac

@@ -1,7 +1,8 @@
 """Profile resident training steps of a random Llama-2-7B-shaped model cut to a few layers (torch.profiler).
 
-    python benchmarks/profile_step.py [--layers 8] [--optimizer sgd|adamw] [--steps 3] [--gpu-budget GB] [--compile]
-                                      [--out DIR]
+    python benchmarks/profile_step.py [--layers 8] [--optimizer sgd|adamw] [--steps 3] [--gpu-budget GB]
+                                      [--compile auto|on|off] [--rounding stochastic|nearest] [--optim-dtype fp32|bf16]
+                                      [--recompute auto|always] [--out DIR]
 
 Prints the top operators by GPU time and by CPU time, and the share of the step the GPU was busy,
 so that the largest costs of a step can be found and fixed. Needs a CUDA GPU.
@@ -32,7 +33,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--gpu-budget", type=float, default=None,
                    help="GB of GPU memory for resident modules (default: all); the rest stay in host RAM")
-    p.add_argument("--compile", action="store_true", help="blocks through torch.compile (finetune's --compile)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="blocks and updates through torch.compile (finetune's --compile; auto: on, on cuda)")
+    p.add_argument("--rounding", default="stochastic", choices=["stochastic", "nearest"],
+                   help="rounding of the updated bf16 weights (finetune's default: stochastic)")
+    p.add_argument("--optim-dtype", default="fp32", choices=["fp32", "bf16"], help="AdamW's moments")
+    p.add_argument("--recompute", default="auto", choices=["auto", "always"],
+                   help="auto: blocks keep their forward graph where it fits (finetune's default)")
     p.add_argument("--out", default=None, help="folder for the Chrome trace")
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -45,9 +52,10 @@ def main() -> int:
         budgets = {}
         if a.gpu_budget is not None:  # modules beyond it in host RAM; activations on the GPU
             budgets = dict(device_budget=int(a.gpu_budget * 1e9), host_budget=1 << 40)
-        cfg = EngineConfig(torch.device("cuda"), torch.bfloat16, stochastic_rounding=True,
-                           compile="on" if a.compile else "off", **budgets)
-        engine = OffloadedModel(store, cfg, optimizer=make_optimizer(a.optimizer))
+        cfg = EngineConfig(torch.device("cuda"), torch.bfloat16, stochastic_rounding=a.rounding == "stochastic",
+                           compile=a.compile, keep_graphs=a.recompute == "auto", **budgets)
+        optimizer = make_optimizer(a.optimizer, state_dtype=torch.bfloat16 if a.optim_dtype == "bf16" else None)
+        engine = OffloadedModel(store, cfg, optimizer=optimizer)
         # resident (the model fits these budgets) and never committed: the compute path alone
         trainer = Trainer(engine, NoCheckpoint(), save_every=1 << 30, log=lambda m: None)
 
@@ -69,10 +77,11 @@ def main() -> int:
         seconds = (time.perf_counter() - t0) / a.steps
         events = prof.key_averages()
         gpu = sum(e.self_device_time_total for e in events) / 1e6 / a.steps
-        print(f"{a.layers} layers, {a.optimizer}, {a.batch_size}x{a.seq_len}, compile {a.compile}, GPU budget "
+        print(f"{a.layers} layers, {a.optimizer} ({a.optim_dtype} state), {a.batch_size}x{a.seq_len}, compile "
+              f"{a.compile}, rounding {a.rounding}, recompute {a.recompute}, GPU budget "
               f"{a.gpu_budget} GB: {seconds:.3f} s/step under the profiler,"
               f" GPU busy {gpu:.3f} s/step ({100 * gpu / seconds:.0f}%)")
-        print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+        print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90))
         print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
         # where the host waits for the GPU: each place that synchronizes, by its Python stack
         syncs = [e for e in prof.key_averages(group_by_stack_n=4)

@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--profile", action="store_true", help="then 2 more steps under torch.profiler: the top kernels")
     return p.parse_args(argv)
 
 
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     loss_of, opt = build(a, args)
     times = []
-    for i in range(a.warmup + a.steps):
+
+    def step(i):
         (x, y), = random_batches(args, i, a.batch_size, 1, seq_len)
         x, y = x.to(a.device), y.to(a.device)
         sync()
@@ -111,11 +113,23 @@ def main(argv=None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        seconds = time.perf_counter() - t0
+        return time.perf_counter() - t0, loss
+
+    for i in range(a.warmup + a.steps):
+        seconds, loss = step(i)
         if i >= a.warmup:
             times.append(seconds)
         print(f"{'step' if i >= a.warmup else 'warm-up'} {i + 1}: {seconds:.4f} s, loss {loss.item():.4f}",
               file=sys.stderr)
+    if a.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            seconds = sum(step(a.warmup + a.steps + i)[0] for i in range(2)) / 2
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events) / 1e6 / 2
+        print(f"{seconds:.3f} s/step under the profiler, GPU busy {gpu:.3f} s/step", file=sys.stderr)
+        print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30,
+                           max_name_column_width=90), file=sys.stderr)
     result = {"mode": a.mode, "impl": "hf" if a.mode == "peft-lora" else a.impl, "preset": a.preset, "layers": args.n_layers, "batch_size": a.batch_size,
               "seq_len": seq_len, "median_seconds": statistics.median(times), "steps": times,
               "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None, "torch": torch.__version__}

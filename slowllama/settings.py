@@ -288,7 +288,11 @@ class BenchSettings(DeviceSettings):
     batch_size: int = opt(16, "windows per microbatch")
     accumulate: int = opt(1, "microbatches per step")
     seq_len: int = opt(256, "tokens per window")
-    optimizer: str = opt("sgd", f"{optimizers_help()} (the state in the store, fp32)", choices=optimizer_names())
+    optimizer: str = opt("sgd", optimizers_help(), choices=optimizer_names())
+    optim_dtype: str = opt("fp32", "dtype of the optimizer's state (AdamW's moments; plain PyTorch's follow the bf16 "
+                           "weights: bf16)", choices=["fp32", "bf16"])
+    rounding: str = opt("auto", "rounding of updated bf16 weights: auto (stochastic, as finetune's default) or "
+                        "nearest (plain PyTorch's arithmetic)", choices=["auto", "stochastic", "nearest"])
     lr: float = opt(1e-5, "learning rate")
     lora_rank: int = opt(0, "LoRA rank (0: full fine-tuning); the adapters train with AdamW")
     quantize: Optional[str] = opt(None, "a random store whose blocks' linear weights are quantized: nf4 (QLoRA's "

@@ -1,6 +1,7 @@
 """AdamW with offloaded state, schedules, gradient clipping, and exact updates of 16-bit weights."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from slowllama.model.tokenizer import load_tokenizer
 from slowllama.optim.rounding import round_to
 from slowllama.optim.schedule import lr_at
 from slowllama.settings import FinetuneSettings
+from slowllama.store.state_parts import part_module
 from slowllama.store.store import Store
 
 from conftest import ALICE, assert_one_line_error, run_cli
@@ -51,6 +53,23 @@ def test_adamw_state_in_bf16(store_fp32):
     state = Store.open(store_fp32).read_state("head", "optim")
     assert state["output.weight.exp_avg"].dtype == torch.bfloat16
     assert state["output.weight.exp_avg"].abs().sum() > 0
+
+
+def test_resume_with_another_optim_dtype_casts_the_moments(store_fp32, tmp_path):
+    """--optim-dtype changed on resume takes effect: the stored fp32 moments go on in bf16 (not silently fp32)."""
+    other = tmp_path / "other"
+    shutil.copytree(store_fp32, other)
+    adamw = dict(batch_size=2, seq_len=32, lr=1e-3, optimizer="adamw")
+    run_finetune(store_fp32, steps=3, **adamw)  # fp32 moments throughout
+    run_finetune(other, steps=2, **adamw)
+    run_finetune(other, steps=3, optim_dtype="bf16", **adamw)
+    for name in {part_module(n) for n in Store.open(other).manifest.files["optim"]}:
+        expected, state = Store.open(store_fp32).read_state(name, "optim"), Store.open(other).read_state(name, "optim")
+        assert state["step"].item() == 3
+        for key, t in state.items():
+            if key != "step":
+                assert t.dtype == torch.bfloat16, (name, key)
+                torch.testing.assert_close(t.float(), expected[key], rtol=2e-2, atol=1e-2 * expected[key].abs().max().item())
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

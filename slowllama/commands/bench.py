@@ -305,12 +305,13 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
         with (Store.open(path, writable=True, log=log) if fleet.main
               else Store.open(path, follower=True, co_writer=not s.lora_rank)) as store:
             store.drop_cache = s.drop_cache
-            optimizer = make_optimizer("adamw" if s.lora_rank else s.optimizer)
+            optimizer = make_optimizer("adamw" if s.lora_rank else s.optimizer,
+                                       state_dtype=dtype_from_name(s.optim_dtype, "--optim-dtype"))
             lora = lora_state(args, s, device) if s.lora_rank else None
             batch_size, micro = fleet.rank_batch(s.batch_size, s.accumulate)
             host_budget, gpu_budget = run_budgets(s, device)
             engine = make_engine(store, s, optimizer=optimizer, lora=lora, seed=s.seed, train=True,
-                                 stochastic_rounding=dtype == torch.bfloat16, batch_size=batch_size,
+                                 stochastic_rounding=dtype == torch.bfloat16 and s.rounding != "nearest", batch_size=batch_size,
                                  seq_len=s.seq_len, microbatches=micro, lookahead=2 if s.prefetch else 0,
                                  write_queue=2 if s.async_writes else 0, fleet=fleet, compile=s.compile,
                                  keep_graphs=s.recompute == "auto", log=log)

@@ -143,7 +143,9 @@ class Updater:
             raise SlowllamaError(f"{self.store.path}: the optimizer state of {part.name} holds "
                                  f"{', '.join(sorted(state))}, not the state of --optimizer {self.optimizer.name} "
                                  "(the store was trained with another optimizer)")
-        return state
+        # a run that changed --optim-dtype: the stored moments in the dtype asked for now (written so at the update)
+        want = self.optimizer.state_dtype
+        return {k: t if k == "step" or t.dtype == want else t.to(want) for k, t in state.items()}
 
     def _scalars(self, step: Step, number: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """The device scalars of a module's fused updates (made once per module: each costs a copy)."""
