@@ -113,10 +113,25 @@ qlora2)  # QLoRA 7B SSD-bound (4 + 8 GiB) with the dequantization compiled, and 
     bench new qlora8_ssd_nf4 --preset 7b --store-dir /tmp/bench-7b-nf4 --quantize nf4 $SSD --max-memory 4G --max-gpu-memory 8G
     bench new qlora8_70b4_nf4 --preset 70b --layers 4 --store-dir /tmp/bench-70b4-nf4 --quantize nf4 $SSD --max-memory 3G --max-gpu-memory 5G
     ;;
+resident2)  # the resident full-FT rows side by side: plain PyTorch, old, new (default), new with plain PyTorch's
+    # arithmetic (round to nearest; AdamW's moments in bf16); then a profile of the QLoRA step
+    (cd "$NEW" && PYTHONPATH=$NEW python3 -m slowllama bench --preset 7b --store-dir $S7 --steps 1 --probe-size 64M --device cuda > /dev/null 2>&1)
+    R="--preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --save-every 100 --probe-size 64M"
+    ref sgd_hf_16x256 sgd --impl hf
+    bench old sgd_16x256_resident $R --steps 7
+    bench new sgd_16x256_resident $R --steps 7
+    bench new sgd_16x256_resident_nearest $R --steps 7 --rounding nearest
+    ref adamw_hf_16x256 adamw --impl hf
+    bench old adamw_resident $R --steps 6 --optimizer adamw --max-memory 100G
+    bench new adamw_resident $R --steps 6 --optimizer adamw --max-memory 100G
+    bench new adamw_resident_bf16_nearest $R --steps 6 --optimizer adamw --max-memory 100G --optim-dtype bf16 --rounding nearest
+    bench new qlora8_ssd_nf4_profile --preset 7b --store-dir /tmp/bench-7b-nf4 --quantize nf4 --batch-size 4 --seq-len 256 \
+        --steps 3 --lora-rank 8 --drop-cache --probe-size 256M --max-memory 4G --max-gpu-memory 8G --profile "$OUT/profile-qlora.txt"
+    ;;
 cuda)  # the CUDA tests at the new commit
     (cd "$NEW" && PYTHONPATH=$NEW python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 5)
     ;;
 *)
-    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|qlora|profile|qlora2|cuda" >&2; exit 2
+    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|qlora|profile|qlora2|resident2|cuda" >&2; exit 2
     ;;
 esac

@@ -311,6 +311,8 @@ class BenchSettings(DeviceSettings):
     compile: str = compile_opt()
     recompute: str = recompute_opt()
     seed: int = opt(0, "seed of the random weights and tokens")
+    profile: Optional[str] = opt(None, "write torch.profiler's tables of the steps after the first (operators and "
+                                 "kernels by device and host time) to this file; those steps run slower")
     json: bool = opt(False, "print one JSON object per step, then a summary object")
 
 

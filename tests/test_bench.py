@@ -243,6 +243,15 @@ def test_bench_text_output(tmp_path, monkeypatch):
     assert summary["steps"] == 3 and not os.listdir(tmp_path)  # the temporary store is gone
 
 
+def test_bench_profile_writes_the_steps_after_the_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    logs = []
+    bench(BenchSettings(**SMALL_RUN, steps=2, profile=str(tmp_path / "p.txt")), logs.append, lambda m: None)
+    text = (tmp_path / "p.txt").read_text()
+    assert text.startswith("1 steps profiled, ") and "by self_cpu_time_total:" in text and "aten::mm" in text
+    assert any(line.startswith(f"wrote the profile of 1 steps to {tmp_path / 'p.txt'}") for line in logs), logs
+
+
 def test_bench_json_output_through_the_cli(tmp_path):
     proc = run_cli("bench", "--preset", "tiny", "--layers", "2", "--batch-size", "2", "--accumulate", "2",
                    "--seq-len", "32", "--steps", "2", "--probe-size", "4M", "--device", "cpu",

@@ -6,7 +6,7 @@ import torch
 from slowllama.commands.finetune import finetune
 from slowllama.engine.compiled import CompiledUpdates
 from slowllama.optim.registry import make_optimizer
-from slowllama.optim.rounding import round_to
+from slowllama.optim.rounding import hashed_bits, round_with_bits
 from slowllama.settings import FinetuneSettings
 
 from conftest import ALICE
@@ -70,7 +70,7 @@ def test_a_failed_compile_falls_back_to_eager_blocks_under_auto_and_is_an_error_
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw", "lion"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_updates_do_the_arithmetic_of_the_eager_ones(optimizer, dtype):
-    """One fused pass per weight = the optimizer's eager update and round_to, with the same random bits."""
+    """One fused pass per weight = the optimizer's eager update and rounding, with the same hashed random bits."""
     torch.manual_seed(0)
     w = torch.randn(64, 48).to(dtype)
     g = torch.randn(64, 48).to(dtype) * 1e-2
@@ -83,15 +83,14 @@ def test_fused_updates_do_the_arithmetic_of_the_eager_ones(optimizer, dtype):
         state["w.exp_avg"].normal_(0, 1e-3)
         if "exp_avg_sq" in opt.state_names:
             state["w.exp_avg_sq"].uniform_(0, 1e-5)
-    noise = torch.randint(0, 1 << 16, w.shape, dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    noise = torch.tensor([0x9E3779B9, 7 * 48], dtype=torch.int64)  # a key; the part starts at row 7 of its weight
     fused = CompiledUpdates(opt)
     number = state["step"].item() + 1 if opt.counts_steps else None
-    got, new_state = fused(w, g, torch.tensor(coef), opt.scalars(lr, number, "cpu"),
+    got, new_state = fused(w, g, torch.tensor(coef), torch.tensor(opt.scalars(lr, number)),
                            tuple(state[f"w.{n}"] for n in opt.state_names), noise if dtype == torch.bfloat16 else None)
     w32 = {"w": w.float().clone()}  # (the eager update works in place)
     opt.update(w32, {"w": g.float() * coef}, state, lr)
-    gen = torch.Generator().manual_seed(1) if dtype == torch.bfloat16 else None
-    expected = round_to(w32["w"], dtype, gen)
+    expected = round_with_bits(w32["w"], dtype, hashed_bits(noise, w.shape) if dtype == torch.bfloat16 else None)
     assert got.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
@@ -121,12 +120,13 @@ def test_compiled_adamw_on_a_bf16_store_trains_like_eager(tiny_bf16, tmp_path):
     on, off = store_state_dict(stores["on"]), store_state_dict(stores["off"])
     moved = 0
     for key in off:
-        same = (on[key] == off[key]).float().mean()
-        assert same > 0.99, (key, same)  # stochastic rounding with the same bits: nearly all values equal
-        # the rest: AdamW turns fp32 rounding differences in a near-zero gradient into an update of up to
-        # about lr per step, and the rounding may then land one bf16 step away
+        # stochastic rounding from other bits (compiled: hashed in the update; eager: a generator's) lands
+        # each step on the same bf16 value or its neighbour, so the two runs stay within a bf16 step a
+        # step; beyond that AdamW turns fp32 rounding differences in a near-zero gradient into up to lr
         ulp = on[key].float().abs() * 2 ** -7
-        assert ((on[key].float() - off[key].float()).abs() <= 2 * 2e-3 + ulp).all(), key
+        assert ((on[key].float() - off[key].float()).abs() <= 2 * (2e-3 + ulp)).all(), key
+        differ = (on[key] != off[key]).float().mean()
+        assert differ < 0.7, (key, differ)  # not unrelated weights: most land on the same value
         moved += int(not torch.equal(off[key], meta_model(tiny_bf16).state_dict()[key].to(off[key].dtype)))
     assert moved > len(off) // 2
 

@@ -10,7 +10,7 @@ from slowllama.commands.finetune import finetune
 from slowllama.data.windows import load_text
 from slowllama.formats.meta import prepare_meta
 from slowllama.model.tokenizer import load_tokenizer
-from slowllama.optim.rounding import round_to
+from slowllama.optim.rounding import hashed_bits, round_to, round_with_key
 from slowllama.optim.schedule import lr_at
 from slowllama.settings import FinetuneSettings
 from slowllama.store.state_parts import part_module
@@ -153,6 +153,24 @@ def test_stochastic_rounding_is_unbiased():
     assert stochastic.mean().item() == pytest.approx(1.0 + 0.3 * step, abs=0.01 * step)
     negative = round_to(-w, torch.bfloat16, g).float()
     assert negative.mean().item() == pytest.approx(-(1.0 + 0.3 * step), abs=0.01 * step)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.9])
+def test_hashed_rounding_bits_are_unbiased_and_a_function_of_the_element(fraction):
+    """The compiled updates' bits (a hash of key and element index): unbiased rounding, the same bits for an
+    element whichever part of its weight it is updated in, other bits under another key."""
+    step = 2.0 ** -7
+    w = torch.full((500, 400), 1.0 + fraction * step)
+    key = torch.tensor([12345, 0])
+    rounded = round_with_key(w, torch.bfloat16, key).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + step}
+    assert rounded.mean().item() == pytest.approx(1.0 + fraction * step, abs=0.01 * step)
+    assert round_with_key(-w, torch.bfloat16, key).float().mean().item() == pytest.approx(-rounded.mean().item())
+    bits = hashed_bits(key, w.shape)
+    assert bits.min() >= 0 and bits.max() < 1 << 16
+    assert torch.equal(hashed_bits(torch.tensor([12345, 300 * 400]), torch.Size([200, 400])), bits[300:])
+    assert (hashed_bits(torch.tensor([12346, 0]), w.shape) == bits).float().mean() < 0.001
+    assert torch.equal(round_with_key(w, torch.bfloat16, None), round_to(w, torch.bfloat16))  # None: to nearest
 
 
 def bf16_spacing(w: torch.Tensor) -> torch.Tensor:

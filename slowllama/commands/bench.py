@@ -28,6 +28,7 @@ import torch
 
 from slowllama.bench.machine import (copy_bandwidth, machine_kind, matmul_peak, measure_disk, peak_rss, reset_peak_rss,
                                      save_machine, synchronize)
+from slowllama.bench.profile import start_profile, write_profile
 from slowllama.bench.roofline import (Machine, StepFlops, bound, efficiency, matmul_params, median_after_warmup,
                                       step_flops, tier_seconds)
 from slowllama.bench.synthetic import bench_args, open_or_build, random_batches, store_bytes
@@ -220,7 +221,7 @@ def format_summary(summary: dict) -> list[str]:
 
 
 def run_steps(trainer: Trainer, store: Store, s: BenchSettings, args, flops: StepFlops, machine: Machine,
-              show: Callable[[dict], None]) -> list[dict]:
+              show: Callable[[dict], None], log: Callable[[str], None]) -> list[dict]:
     """Time s.steps training steps, committed to the store as finetune commits them; returns the reports.
 
     Steps after the last commit point are rolled back at the end (a benchmark's store keeps its last
@@ -230,7 +231,10 @@ def run_steps(trainer: Trainer, store: Store, s: BenchSettings, args, flops: Ste
     engine = trainer.engine
     fleet = engine.fleet
     first = store.step + 1  # the step being made (no run record: the store's own numbers); it seeds dropout
+    prof, profiled = None, 0.0
     for index in range(s.steps):
+        if s.profile and index == 1:  # the steps after the warm-up
+            prof = start_profile(engine.device)
         batches = random_batches(args, index, s.batch_size, s.accumulate, s.seq_len, s.seed)
         mine, first_micro = fleet.share(s.batch_size * s.accumulate, s.batch_size)
         x, y = (torch.cat([b[i] for b in batches])[mine] for i in (0, 1))
@@ -245,6 +249,7 @@ def run_steps(trainer: Trainer, store: Store, s: BenchSettings, args, flops: Ste
         synchronize(engine.device)
         fleet.barrier()  # the step is done when every rank is
         seconds = time.perf_counter() - t0
+        profiled += seconds if prof is not None else 0.0
         after = counters(engine, store)
         gpu = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None
         raw = {"step": index + 1, "loss": outcome.result.loss, "tokens": outcome.result.tokens, "seconds": seconds,
@@ -253,6 +258,10 @@ def run_steps(trainer: Trainer, store: Store, s: BenchSettings, args, flops: Ste
         report = step_report(raw, flops, machine, s.drop_cache)
         reports.append(report)
         show(report)
+    if prof is not None and fleet.main:
+        log(write_profile(prof, Path(s.profile), s.steps - 1, profiled, engine.device))
+    elif prof is not None:
+        prof.stop()
     trainer.abandon()
     return reports
 
@@ -329,7 +338,7 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
                 store.evict_from_page_cache()  # the store was just written or read: start from the disk
             show = (lambda r: out(json.dumps(r))) if s.json else (lambda r: out(format_step(r, s.steps)))
             log(f"timing {s.steps} steps")
-            reports = run_steps(trainer, store, s, args, flops, machine, show)
+            reports = run_steps(trainer, store, s, args, flops, machine, show, log)
             engine.pipe.close()
             header = {"preset": s.preset, "layers": args.n_layers, "model": args.to_dict(),
                       "matmul_params": matmul_params(args)["total"], "store_bytes": store_bytes(args, dtype),

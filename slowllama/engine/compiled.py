@@ -99,8 +99,9 @@ class CompiledUpdates(_Compiled):
     Eager, an update is a dozen passes over each weight: upcasts, the update's ops, the stochastic
     rounding's bit operations. This compiles the optimizer's `fused` (optim/base.py), the same
     arithmetic as its eager `update` (the fused order of fp32 operations may round differently in
-    the last bit), with the same random bits: they are drawn eagerly, from the same generator in the
-    same order, so a resumed run rounds as the first one did.
+    the last bit). Stochastic rounding's bits are hashed inside the pass from a key and each element's
+    index (optim/rounding.py), not read from a tensor of drawn bits: a resumed run rounds as the first
+    one did, and a failed compile's eager fallback hashes the same bits.
     """
 
     what = "updates"

@@ -5,12 +5,13 @@ part's optimizer state and master weights are in flight at once: each is read ah
 pipeline, updated and handed back to it (written at once, or kept dirty until a commit point with
 deferred writes) while the next is read. Arithmetic in fp32, on the master copy if there is one (in
 place), else on the stored weights upcast, rounded back to the store's dtype (stochastically if so
-configured); fused into one pass per part where compiled (the optimizer's `fused`), eager otherwise,
-with the same random rounding bits either way.
+configured); fused into one pass per part where compiled (the optimizer's `fused`, its rounding bits
+hashed inside the pass), eager otherwise (bits drawn from a generator): optim/rounding.py.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -21,7 +22,7 @@ from slowllama.engine.pipeline import Pipeline
 from slowllama.engine.step import Step, Tally, module_seed
 from slowllama.errors import SlowllamaError
 from slowllama.optim.base import Optimizer
-from slowllama.optim.rounding import round_to, round_with_bits, rounding_bits
+from slowllama.optim.rounding import hashed_bits, round_to, round_with_bits, rounding_bits
 from slowllama.optim.schedule import clip_coefficient
 from slowllama.store.state_parts import StatePart, piece_name
 from slowllama.store.store import Store
@@ -85,11 +86,18 @@ class Updater:
         number = scalars = None  # the update's number (optimizers that count steps), the fused update's constants
         counts = {k: sum(p.key == k for p in parts) for k in weights}
         new: dict[str, torch.Tensor] = {}  # a weight of several parts: filled part by part (no second copy)
+        seeds = {k: self._rounding_seed(name, k, step.number) for k in counts}  # None: round to nearest
+        # compiled updates hash their rounding bits from a key and the part's first element (rounding.py): one table
+        keys = (self._on_device([[seeds[p.key] & 0xFFFFFFFF, p.start * math.prod(p.weight_shape[1:])] for p in parts],
+                                torch.int64) if self.compiled is not None and any(s is not None for s in seeds.values())
+                else None)
         gen, gen_key = None, None
-        for part in parts:
-            if part.key != gen_key:  # each weight's rounding bits are its own, whatever order weights come in
-                gen, gen_key = self._rounding_generator(name, part.key, step.number), part.key
+        for i, part in enumerate(parts):
+            seed = seeds[part.key]
+            if keys is None and part.key != gen_key:  # each weight's bits are its own, whatever order weights come in
+                gen, gen_key = self._generator(seed), part.key
             w, g = weights[part.key][part.rows], grads[part.key][part.rows]
+            noise = keys[i] if keys is not None and seed is not None else None
             bits = rounding_bits(w, gen) if gen is not None else None  # drawn in part order, however updated
             state = self._state(part, w) if self.optimizer.stateful else {}
             if number is None and self.optimizer.counts_steps:  # every part has had the same updates
@@ -98,12 +106,14 @@ class Updater:
             if self.compiled is not None:
                 scalars = scalars if scalars is not None else self._scalars(step, number)
                 out = self.compiled(w, g, *scalars, tuple(state[f"{part.key}.{n}"] for n in
-                                                          self.optimizer.state_names), bits)
+                                                          self.optimizer.state_names), noise)
             if out is not None:
                 new_w, new_state = out
                 state = ({"step": state["step"] + 1} if self.optimizer.counts_steps else {}) | {
                     f"{part.key}.{n}": t for n, t in zip(self.optimizer.state_names, new_state)}
-            else:
+            else:  # eager (or compiling failed: then the compiled path's bits, hashed here)
+                if noise is not None and self.store.dtype == torch.bfloat16:
+                    bits = hashed_bits(noise, w.shape)
                 g = g.float() * step.clip_coef if step.clip_coef != 1.0 else g.float()
                 if self.master and self.pipe.has(("master", part.name)):
                     w32 = self.pipe.get(("master", part.name))[part.key]
@@ -148,9 +158,15 @@ class Updater:
         return {k: t if k == "step" or t.dtype == want else t.to(want) for k, t in state.items()}
 
     def _scalars(self, step: Step, number: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The device scalars of a module's fused updates (made once per module: each costs a copy)."""
-        return (torch.tensor(step.clip_coef, dtype=torch.float32, device=self.device),
-                self.optimizer.scalars(step.lr, number, self.device))
+        """The device scalars of a module's fused updates, (clip coefficient, the optimizer's): one copy a module."""
+        both = self._on_device([step.clip_coef, *self.optimizer.scalars(step.lr, number)], torch.float32)
+        return both[0], both[1:]
+
+    def _on_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A small host table on the device without waiting for the device: a copy from pageable memory would
+        wait for every kernel queued before it (a GPU sync per module), one from pinned memory does not."""
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t.to(self.device)
 
     def rows(self, name: str, key: str, ids: torch.Tensor, grad: torch.Tensor, step: Step,
              tally: Tally) -> Optional[dict[str, torch.Tensor]]:
@@ -167,7 +183,8 @@ class Updater:
         tensors = self.pipe.get(("modules", name))
         rows = tensors[key][ids].float()
         self.optimizer.update({key: rows}, {key: grad}, {}, step.lr)
-        tensors[key][ids] = round_to(rows, self.store.dtype, self._rounding_generator(name, key, step.number))
+        tensors[key][ids] = round_to(rows, self.store.dtype, self._generator(self._rounding_seed(name, key,
+                                                                                                step.number)))
         self.keep(name, "modules", tensors, rows={key: ids})
         return tensors
 
@@ -194,10 +211,12 @@ class Updater:
         """Hand a module's new version to the pipeline (rows: {weight: ids} when only those rows changed)."""
         self.pipe.put((kind, name), tensors, persist=not self.deferred, rows=rows)
 
-    def _rounding_generator(self, name: str, key: str, number: int) -> Optional[torch.Generator]:
-        """The random bits of a weight's stochastic rounding in a step (None: round to nearest)."""
+    def _rounding_seed(self, name: str, key: str, number: int) -> Optional[int]:
+        """The seed of a weight's stochastic rounding bits in a step (None: round to nearest)."""
         if not (self.stochastic and not self.master and self.store.dtype == torch.bfloat16):
             return None
         weight_index = list(self.store.expected_shapes[name]).index(key)
-        seed = module_seed(self.seed, number, -1 - weight_index, self.names.index(name))
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return module_seed(self.seed, number, -1 - weight_index, self.names.index(name))
+
+    def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        return torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None

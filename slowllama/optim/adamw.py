@@ -9,7 +9,7 @@ import torch
 
 from slowllama.errors import SlowllamaError
 from slowllama.optim.base import Optimizer
-from slowllama.optim.rounding import round_with_bits
+from slowllama.optim.rounding import round_with_key
 
 
 def adamw_fused(w, g, coef, scalars, state, noise):
@@ -21,7 +21,7 @@ def adamw_fused(w, g, coef, scalars, state, noise):
     m32 = m.float().lerp(g32, one_minus_b1)
     v32 = v.float() * b2 + one_minus_b2 * g32 * g32
     w32 = w.float() * decay - step_size * (m32 / (v32.sqrt() / bc2_sqrt + eps))
-    return round_with_bits(w32, w.dtype, noise), (m32.to(m.dtype), v32.to(v.dtype))
+    return round_with_key(w32, w.dtype, noise), (m32.to(m.dtype), v32.to(v.dtype))
 
 
 @dataclass
@@ -44,10 +44,10 @@ class AdamW(Optimizer):
         if not self.weight_decay >= 0:
             raise SlowllamaError(f"--weight-decay: must be >= 0, got {self.weight_decay}")
 
-    def scalars(self, lr: float, number: Optional[float], device) -> torch.Tensor:
+    def scalars(self, lr: float, number: Optional[float]) -> list[float]:
         b1, b2 = self.betas
-        return torch.tensor([1 - lr * self.weight_decay, 1 - b1, b2, 1 - b2, (1 - b2 ** number) ** 0.5, self.eps,
-                             lr / (1 - b1 ** number)], dtype=torch.float32, device=device)
+        return [1 - lr * self.weight_decay, 1 - b1, b2, 1 - b2, (1 - b2 ** number) ** 0.5, self.eps,
+                lr / (1 - b1 ** number)]
 
     def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                lr: float, number: Optional[float] = None) -> None:

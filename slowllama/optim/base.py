@@ -59,12 +59,13 @@ class Optimizer:
         """
         raise NotImplementedError
 
-    def scalars(self, lr: float, number: Optional[float], device) -> torch.Tensor:
-        """The per-update constants `fused` takes, as one device tensor (made once per module: a copy each)."""
+    def scalars(self, lr: float, number: Optional[float]) -> list[float]:
+        """The per-update constants `fused` takes (the caller puts them on the device, once per module)."""
         raise NotImplementedError
 
     # fused(w, g, coef, scalars, state, noise) -> (new weight in w's dtype, new state tensors in their dtypes):
     # w the stored weight's rows, g their gradient, coef the clip coefficient (a device scalar), scalars
-    # scalars(lr, number), state the state tensors in the order of state_names, noise stochastic rounding's
-    # random bits for a bf16 weight (None: round to nearest). A staticmethod: torch.compile takes it as it is.
+    # scalars(lr, number) on the device, state the state tensors in the order of state_names, noise the key of
+    # stochastic rounding's hashed bits for a bf16 weight (optim/rounding.py: round_with_key; None: round to
+    # nearest). A staticmethod: torch.compile takes it as it is.
     fused: ClassVar[Callable[..., tuple]]

@@ -16,7 +16,7 @@ import torch
 
 from slowllama.errors import SlowllamaError
 from slowllama.optim.base import Optimizer
-from slowllama.optim.rounding import round_with_bits
+from slowllama.optim.rounding import round_with_key
 
 
 def lion_fused(w, g, coef, scalars, state, noise):
@@ -26,7 +26,7 @@ def lion_fused(w, g, coef, scalars, state, noise):
     g32 = g.float() * coef
     m32 = m.float()
     w32 = w.float() * decay - lr * m32.lerp(g32, one_minus_b1).sign()
-    return round_with_bits(w32, w.dtype, noise), (m32.lerp(g32, one_minus_b2).to(m.dtype),)
+    return round_with_key(w32, w.dtype, noise), (m32.lerp(g32, one_minus_b2).to(m.dtype),)
 
 
 @dataclass
@@ -46,9 +46,9 @@ class Lion(Optimizer):
         if not self.weight_decay >= 0:
             raise SlowllamaError(f"--weight-decay: must be >= 0, got {self.weight_decay}")
 
-    def scalars(self, lr: float, number: Optional[float], device) -> torch.Tensor:
+    def scalars(self, lr: float, number: Optional[float]) -> list[float]:
         b1, b2 = self.betas
-        return torch.tensor([1 - lr * self.weight_decay, 1 - b1, 1 - b2, lr], dtype=torch.float32, device=device)
+        return [1 - lr * self.weight_decay, 1 - b1, 1 - b2, lr]
 
     def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                lr: float, number: Optional[float] = None) -> None:

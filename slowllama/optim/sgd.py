@@ -8,13 +8,13 @@ from typing import Optional
 import torch
 
 from slowllama.optim.base import Optimizer
-from slowllama.optim.rounding import round_with_bits
+from slowllama.optim.rounding import round_with_key
 
 
 def sgd_fused(w, g, coef, scalars, state, noise):
     """SGD's update of one 16- or 32-bit weight, from its gradient times the clip coefficient."""
     lr = scalars[0]
-    return round_with_bits(w.float() - lr * (g.float() * coef), w.dtype, noise), ()
+    return round_with_key(w.float() - lr * (g.float() * coef), w.dtype, noise), ()
 
 
 @dataclass
@@ -27,7 +27,7 @@ class SGD(Optimizer):
         for k, p in params.items():
             p.add_(grads[k], alpha=-lr)
 
-    def scalars(self, lr: float, number: Optional[float], device) -> torch.Tensor:
-        return torch.tensor([lr], dtype=torch.float32, device=device)
+    def scalars(self, lr: float, number: Optional[float]) -> list[float]:
+        return [lr]
 
     fused = staticmethod(sgd_fused)
