@@ -128,10 +128,22 @@ resident2)  # the resident full-FT rows side by side: plain PyTorch, old, new (d
     bench new qlora8_ssd_nf4_profile --preset 7b --store-dir /tmp/bench-7b-nf4 --quantize nf4 --batch-size 4 --seq-len 256 \
         --steps 3 --lora-rank 8 --drop-cache --probe-size 256M --max-memory 4G --max-gpu-memory 8G --profile "$OUT/profile-qlora.txt"
     ;;
+final3)  # the CUDA tests, QLoRA 7B SSD-bound again, then the no-regression pairs: AdamW in host RAM, SGD SSD-bound
+    (cd "$NEW" && PYTHONPATH=$NEW timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_step_tally.py 2>&1 | tail -n 5)
+    bench new qlora8_ssd_nf4 --preset 7b --store-dir /tmp/bench-7b-nf4 --quantize nf4 --batch-size 4 --seq-len 256 \
+        --steps 4 --lora-rank 8 --drop-cache --probe-size 256M --max-memory 4G --max-gpu-memory 8G
+    (cd "$NEW" && PYTHONPATH=$NEW python3 -m slowllama bench --preset 7b --store-dir $S7 --steps 1 --probe-size 64M --device cuda > /dev/null 2>&1)
+    H="--preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --optimizer adamw --save-every 100 --max-memory 100G --max-gpu-memory 16G --probe-size 64M"
+    bench old adamw_hostram $H
+    bench new adamw_hostram $H
+    D="--preset 7b --store-dir $S7 --batch-size 16 --seq-len 256 --steps 3 --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G"
+    bench old sgd_ssd $D
+    bench new sgd_ssd $D
+    ;;
 cuda)  # the CUDA tests at the new commit
     (cd "$NEW" && PYTHONPATH=$NEW python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 5)
     ;;
 *)
-    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|qlora|profile|qlora2|resident2|cuda" >&2; exit 2
+    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|qlora|profile|qlora2|resident2|final3|cuda" >&2; exit 2
     ;;
 esac

@@ -97,3 +97,27 @@ def test_bf16_training_lora_eval_and_generation(tiny_bf16, tmp_path):
     texts = {d: run_cli("generate", store, "--prompt", "Alice", "--max-new-tokens", 12, "--device", d,
                         "--compute-dtype", "fp32", check=0).stdout for d in ("cpu", "cuda")}
     assert texts["cuda"] == texts["cpu"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_compiled_updates_on_cuda_round_with_the_bits_hashed_on_the_cpu(optimizer):
+    """Stochastic rounding's bits hashed inside a compiled update on the GPU (triton's integer arithmetic) are the
+    CPU's eager hash, bit for bit: a run rounds alike on either device, and a failed compile's fallback too."""
+    from slowllama.engine.compiled import CompiledUpdates
+    from slowllama.optim.registry import make_optimizer
+    from slowllama.optim.rounding import hashed_bits, round_with_bits
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 130).bfloat16()
+    g = torch.randn(300, 130).bfloat16() * 1e-2
+    noise = torch.tensor([0xDEADBEEF, 11 * 130], dtype=torch.int64)
+    opt = make_optimizer(optimizer)
+    state = opt.init_state({"w": w})
+    scalars = torch.tensor(opt.scalars(1e-3, 1))
+    got, _ = CompiledUpdates(opt)(w.cuda(), g.cuda(), torch.tensor(1.0).cuda(), scalars.cuda(),
+                                  tuple(state[f"w.{n}"].cuda() for n in opt.state_names), noise.cuda())
+    assert torch.equal(hashed_bits(noise.cuda(), w.shape).cpu(), hashed_bits(noise, w.shape))
+    w32 = {"w": w.float()}
+    opt.update(w32, {"w": g.float()}, state, 1e-3)
+    expected = round_with_bits(w32["w"], torch.bfloat16, hashed_bits(noise, w.shape))
+    assert (got.cpu() != expected).float().mean() < 0.01  # fp32 order of operations may differ near a boundary

@@ -102,10 +102,20 @@ class KVCache:
         return self.k[:, :end], self.v[:, :end]
 
 
+class Linear(nn.Linear):
+    """nn.Linear that skips its random init on the meta device, where there are no values to set: the engine
+    builds every module it runs there and then assigns it its weights (a 7B block's init cost about a millisecond
+    of host time, at every use of every block)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 def _linear(args: ModelArgs, name: str) -> nn.Linear:
     """A linear layer of the shape table (model/shapes.py) by short name; Llama's have no bias."""
     out_features, in_features = linear_shape(args, name)
-    return nn.Linear(in_features, out_features, bias=False)
+    return Linear(in_features, out_features, bias=False)
 
 
 class Attention(nn.Module):
