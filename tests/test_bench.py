@@ -249,7 +249,7 @@ def test_bench_profile_writes_the_steps_after_the_first(tmp_path, monkeypatch):
     bench(BenchSettings(**SMALL_RUN, steps=2, profile=str(tmp_path / "p.txt")), logs.append, lambda m: None)
     text = (tmp_path / "p.txt").read_text()
     assert text.startswith("1 steps profiled, ") and "by self_cpu_time_total:" in text and "aten::mm" in text
-    assert any(line.startswith(f"wrote the profile of 1 steps to {tmp_path / 'p.txt'}") for line in logs), logs
+    assert any(line.startswith(f"wrote the profile to {tmp_path / 'p.txt'}: 1 steps profiled, ") for line in logs), logs
 
 
 def test_bench_json_output_through_the_cli(tmp_path):
