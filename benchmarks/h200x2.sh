@@ -26,10 +26,10 @@ T=/tmp/tiny-check; rm -rf $T; mkdir -p $T
   python -m slowllama finetune $T/one $A && $TORCHRUN -m slowllama finetune $T/two $A
   python - $T/one $T/two <<'PY'
 import sys, torch
-from slowllama.store import Store
+from slowllama.store.store import Store
 a, b = (Store.open(p) for p in sys.argv[1:])
 worst = 0.0
-for kind, files in a.manifest["files"].items():
+for kind, files in a.manifest.files.items():
     for name in files:
         x, y = a.read(name, kind), b.read(name, kind)
         for k in x:
