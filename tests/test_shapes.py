@@ -7,7 +7,7 @@ import torch
 
 from slowllama.bench.roofline import matmul_params
 from slowllama.model.families import PRESETS, preset_args
-from slowllama.model.layers import Transformer, build_module
+from slowllama.model.layers import Transformer, assign_weights, build_module, rope_tables
 from slowllama.model.lora import LoRAConfig, init_params
 from slowllama.model.shapes import (LINEARS, expected_shapes, linear_shape, model_param_count, module_names,
                                     module_shapes)
@@ -57,3 +57,23 @@ def test_lora_adapts_the_tables_linear_layers():
         assert params[f"layers.0.{path}.lora_a"].shape == (3, linear.in_features)
         assert params[f"layers.0.{path}.lora_b"].shape == (linear.out_features, 3)
     assert math.prod(linear_shape(args, "output")) == args.vocab_size * args.dim
+
+
+def test_assign_weights_is_load_state_dict_with_assign():
+    """The engine's fast assignment of a module's weights: the module load_state_dict(assign=True) gives, refusing
+    what it would refuse (a missing or extra weight, a wrong shape); the linears skip their init on meta only."""
+    args = SHAPES["tiny"]
+    tensors = {k: torch.randn(v.shape) for k, v in build_module(args, "layers.0").state_dict().items()}
+    fast = assign_weights(build_module(args, "layers.0"), tensors, requires_grad=False)
+    slow = build_module(args, "layers.0")
+    slow.load_state_dict(tensors, assign=True)
+    for (k, a), (_, b) in zip(fast.named_parameters(), slow.named_parameters()):
+        assert a.data_ptr() == b.data_ptr() == tensors[k].data_ptr() and not a.requires_grad
+    x, (cos, sin) = torch.randn(1, 4, args.dim), rope_tables(args, 0, 4)
+    assert torch.equal(fast(x, cos, sin), slow(x, cos, sin))
+    with pytest.raises(ValueError, match="expected"):
+        assign_weights(build_module(args, "layers.0"), {k: v for k, v in tensors.items() if "wq" not in k}, False)
+    wrong = dict(tensors, **{"attention.wq.weight": torch.randn(3, 3)})
+    with pytest.raises(ValueError, match=r"attention.wq.weight: shape \(3, 3\)"):
+        assign_weights(build_module(args, "layers.0"), wrong, False)
+    assert not torch.equal(*(build_module(args, "layers.0", device="cpu").attention.wq.weight for _ in range(2)))

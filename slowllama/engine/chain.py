@@ -40,7 +40,7 @@ from slowllama.engine.updates import Updater
 from slowllama.errors import SlowllamaError
 from slowllama.faults import fault_point
 from slowllama.model.args import ModelArgs
-from slowllama.model.layers import IGNORE_INDEX, build_module, cross_entropy_sum, rope_tables
+from slowllama.model.layers import IGNORE_INDEX, assign_weights, build_module, cross_entropy_sum, rope_tables
 from slowllama.model.lora import LoRAState, block_params, inject
 from slowllama.model.shapes import model_param_count, module_names
 from slowllama.optim.base import Optimizer
@@ -189,8 +189,7 @@ class OffloadedModel:
             tensors = {key: self.replicas.weights(piece_name(name, key))[key] for key in NORMS}
         else:
             tensors = self._dequantized(name, self.replicas.weights(name))
-        m.load_state_dict({k: v.to(self.cfg.compute_dtype) for k, v in tensors.items()}, assign=True)
-        m.requires_grad_(grad and self.lora is None)
+        assign_weights(m, {k: v.to(self.cfg.compute_dtype) for k, v in tensors.items()}, grad and self.lora is None)
         if self.lora is not None and name.startswith("layers."):
             inject(m, block_params(self.lora.params, name), self.lora.cfg)
         return m.train(train)
