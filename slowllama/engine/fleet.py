@@ -47,6 +47,9 @@ class Fleet:
     device: Optional[torch.device] = None  # where collectives put their tensors (the compute device)
     # every rank sees rank 0's store folder, so each can own a share of the modules; if not, rank 0 owns them all
     shared_store: bool = True
+    # {module: rank} fixed by a store split across hosts (each host's share holds its ranks' modules); None: the
+    # ranks deal the modules out among themselves (owners.py)
+    owners: Optional[dict[str, int]] = None
 
     @property
     def main(self) -> bool:
