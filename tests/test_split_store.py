@@ -36,7 +36,12 @@ RUNS = {
     "adamw-streaming": TWO_RANKS["adamw-streaming"],
     # resident: each rank keeps copies of the other host's modules, so rank 0 evaluates (steps 2 and 3)
     "adamw-resident": TWO_RANKS["adamw-resident"],
+    # 2 hosts x 2 ranks: each host's second rank writes its modules' files into the share its first rank commits;
+    # one window per microbatch, so that every rank's microbatch (and dropout mask) is one of the single process's
+    "sgd-2x2": COMMON + ["--lr", "0.05", "--dropout", "0.1", "--batch-size", "1", "--accumulate", "4",
+                         "--max-memory", streaming_budget(False, ranks=2)],
 }
+PER_HOST = {"sgd-2x2": 2}  # ranks per host (else 1)
 
 
 def free_port() -> int:
@@ -45,13 +50,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_hosts(shares: Path, args: list[str], faults: tuple[str, str] = ("", ""), timeout: int = 300):
-    """Two torchruns of one rank each, as two hosts (`--nnodes 2`, a c10d rendezvous on this machine), each given
+def two_hosts(shares: Path, args: list[str], faults: tuple[str, str] = ("", ""), per_host: int = 1,
+              timeout: int = 300):
+    """Two torchruns of per_host ranks each, as two hosts (`--nnodes 2`, a c10d rendezvous on this machine), each given
     its own share (shares/host-0, shares/host-1) and its own faults; returns their CompletedProcess-like results."""
     port = free_port()
     procs = []
     for host, fault in zip(HOSTS, faults):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", str(per_host),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "-m", FAULTS_RUNNER, "finetune",
                str(shares / host), *args]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
@@ -170,8 +176,9 @@ def uninterrupted(run: str, tmp_path_factory) -> dict:
     if run not in _uninterrupted:
         root = tmp_path_factory.mktemp(f"two-hosts-{run}")
         shares = root / "shares"
-        split(fresh_store(tmp_path_factory, root / "store"), shares, 2, log=lambda m: None)
-        procs = two_hosts(shares, RUNS[run])
+        per_host = PER_HOST.get(run, 1)
+        split(fresh_store(tmp_path_factory, root / "store"), shares, 2, per_host, log=lambda m: None)
+        procs = two_hosts(shares, RUNS[run], per_host=per_host)
         assert all(p.returncode == 0 for p in procs), procs[0].stderr + procs[1].stderr
         _uninterrupted[run] = {"shares": shares, "state": shares_state(shares),
                                "stderr": procs[0].stderr + procs[1].stderr}
@@ -185,7 +192,7 @@ def test_two_hosts_on_their_shares_give_the_weights_and_moments_of_one_process(r
     done = uninterrupted(run, tmp_path_factory)
     shares = done["shares"]
     assert "each host's ranks read, update and write the modules of their share" in done["stderr"]
-    host_of = owned_by_host(one, 2)
+    host_of = owned_by_host(one, 2, PER_HOST.get(run, 1))
     for host, name in enumerate(HOSTS):
         manifest = Manifest.read(shares / name)
         assert manifest.step == 3 and not (shares / name / PREPARED).exists()
@@ -234,6 +241,34 @@ def test_a_commit_across_hosts_killed_at_its_phases_recovers_to_one_step_and_res
         assert Manifest.read(shares / h).step == 3
         assert_clean_share(shares / h)
     assert_bit_identical(shares_state(shares), uninterrupted("adamw-streaming", tmp_path_factory)["state"])
+
+
+def test_two_hosts_train_lora_adapters_on_their_shares_like_one_process(tmp_path, tmp_path_factory):
+    from slowllama.store.adapters import AdapterFolder
+    from slowllama.store.safetensors_io import read_file
+
+    base = fresh_store(tmp_path_factory, tmp_path / "base")
+    shares = tmp_path / "shares"
+    split(base, shares, 2, log=lambda m: None)
+    before = folder_hash(shares)
+    args = COMMON + ["--lora-rank", "4", "--lr", "1e-3", "--lora-targets", "wq,wv,w2"]
+    single_process(base, args + ["--adapter-path", str(tmp_path / "one")])
+    procs = two_hosts(shares, args + ["--adapter-path", str(tmp_path / "two")])  # rank 0 saves them
+    assert all(p.returncode == 0 for p in procs), procs[0].stderr + procs[1].stderr
+    one, two = (read_file(AdapterFolder(tmp_path / name).path / "adapters.safetensors") for name in ("one", "two"))
+    assert_close_states(two, one)
+    assert folder_hash(shares) == before  # the base is only read
+
+
+def test_a_share_that_lacks_a_file_of_its_own_modules_is_named(tmp_path, tmp_path_factory):
+    from slowllama.train.shares import missing_files
+
+    share = split(fresh_store(tmp_path_factory, tmp_path / "store"), tmp_path / "shares", 2, log=lambda m: None)[1]
+    store = Store.open(share, follower=True, share_ok=True)
+    assert missing_files(store) is None
+    own = next(f for f in sorted((share / "modules").iterdir()) if not f.name.startswith("extras"))
+    own.unlink()
+    assert missing_files(store).startswith(f"{own}: missing or of another size (modules {own.name.split('@')[0]}")
 
 
 def test_one_share_given_to_both_ranks_is_refused_in_one_line(tmp_path, tmp_path_factory):

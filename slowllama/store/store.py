@@ -789,10 +789,12 @@ class Store:
         """Refuse to start training when one step's new files would not fit on the store's disk.
 
         A step writes new module files (and optimizer state, master weights) beside the committed
-        ones, which go only once it commits; activations beyond the memory budget go to scratch/.
+        ones, which go only once it commits; activations beyond the memory budget go to scratch/. (A share: the
+        files of its own host's modules.)
         """
         modules = sum(info.bytes for name, info in self.manifest.files["modules"].items()
-                      if name in self.expected_shapes)
+                      if name in self.expected_shapes
+                      and (self.share is None or self.share.host_of(name) == self.share.host))
         weights = modules // st.element_size(self.dtype)
         parts = {"new module files": modules, "optimizer state": weights * optim_bytes_per_weight,
                  "master weights": weights * master_bytes_per_weight, "spilled activations": spill_bytes}
