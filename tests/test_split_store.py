@@ -271,16 +271,34 @@ def test_a_share_that_lacks_a_file_of_its_own_modules_is_named(tmp_path, tmp_pat
     assert missing_files(store).startswith(f"{own}: missing or of another size (modules {own.name.split('@')[0]}")
 
 
-def test_one_share_given_to_both_ranks_is_refused_in_one_line(tmp_path, tmp_path_factory):
+def test_shares_that_do_not_fit_the_run_are_refused_in_one_line(tmp_path, tmp_path_factory):
     shares = tmp_path / "shares"
     split(fresh_store(tmp_path_factory, tmp_path / "store"), shares, 2, log=lambda m: None)
-    before = folder_hash(shares)
+    split(tmp_path / "store", tmp_path / "again", 2, log=lambda m: None)  # what they hold, to compare
+
+    def error_lines(procs) -> list[str]:
+        assert all(p.returncode != 0 for p in procs)
+        return [line for p in procs for line in p.stderr.splitlines() if line.startswith("slowllama finetune: error")]
+
+    # host 0's share given to both ranks of one torchrun
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "slowllama",
            "finetune", str(shares / "host-0"), *RUNS["sgd-streaming"]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"})
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("slowllama finetune: error")]
-    assert proc.returncode != 0
-    assert errors == ["slowllama finetune: error: each host's share must be given to 1 rank (one host's ranks), "
-                      "and were: host 0's to 2, host 1's to 0"], proc.stderr
-    assert folder_hash(shares) == before
+    assert error_lines([proc]) == ["slowllama finetune: error: each host's share must be given to 1 rank (one host's "
+                                   "ranks), and were: host 0's to 2, host 1's to 0"], proc.stderr
+    # an eval on rank 0 of a streaming run: it would need the other host's modules (rank 0 alone says it)
+    procs = two_hosts(shares, RUNS["sgd-streaming"] + ["--val-split", "0.2"])
+    assert error_lines(procs) == ["slowllama finetune: error: --val-split: rank 0 evaluates alone, and its share lacks "
+                                  "the other hosts' modules (kept as copies only when the model fits the device); "
+                                  "evaluate the joined store instead"], procs[0].stderr + procs[1].stderr
+    assert all(folder_hash(shares / h, skip=("lock",)) == folder_hash(tmp_path / "again" / h)
+               for h in HOSTS)
+    # shares of one store at different steps (host 1's manifest made to say step 1)
+    manifest = json.loads((shares / "host-1" / MANIFEST).read_text())
+    (shares / "host-1" / MANIFEST).write_text(json.dumps({**manifest, "step": 1}))
+    procs = two_hosts(shares, RUNS["sgd-streaming"])
+    assert error_lines(procs) == ["slowllama finetune: error: a host committed step 1, and another host is at step 0 "
+                                  "without having prepared it: not shares of one store"], \
+        procs[0].stderr + procs[1].stderr
+    assert folder_hash(shares / "host-0", skip=("lock",)) == folder_hash(tmp_path / "again" / "host-0")
