@@ -120,6 +120,21 @@ def test_split_gives_each_host_its_owners_files_and_join_gives_the_store_back(tm
     assert not any((tmp_path / name).exists() for name in ("j2", "j3", "j4"))
 
 
+def test_a_trained_store_splits_its_optimizer_state_by_owner_and_joins_back(tmp_path, tmp_path_factory):
+    store = fresh_store(tmp_path_factory, tmp_path / "store")
+    single_process(store, RUNS["adamw-streaming"][:-2] + ["--steps", "1"])  # AdamW moments in parts, a run record
+    shares = split(store, tmp_path / "shares", 2, log=lambda m: None)
+    host_of = owned_by_host(store, 2)
+    whole = Manifest.read(store)
+    assert whole.files.get("optim") and whole.run is not None
+    for host, path in enumerate(shares):
+        assert files_on_disk(path) == {f for kind, entries in whole.files.items() for name, e in entries.items()
+                                       if host_of.get(part_module(name), host) == host for f in e.files()}
+        assert (path / "run" / "metrics.jsonl").read_bytes() == (store / "run" / "metrics.jsonl").read_bytes()
+    assert_bit_identical(share_state(shares[0]) | share_state(shares[1]), state(store))
+    assert_bit_identical(state(join(shares, tmp_path / "joined", log=lambda m: None)), state(store))
+
+
 def test_a_share_alone_is_refused_in_one_line(tmp_path, tmp_path_factory, cli):
     store = fresh_store(tmp_path_factory, tmp_path / "store")
     share = split(store, tmp_path / "shares", 2, log=lambda m: None)[0]

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -132,10 +132,14 @@ def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:
         check_fleet(fleet, s)
     try:
         # (a checkpoint folder or hub id: its store, prepared first if need be)
-        path = prepared_store(s.store, log)
-        if not lora:
-            refuse_quantized(path)
-        share = shares_of(fleet, path, lora, log)  # several hosts' shares of a split store: opened together
+        path, problem = None, None
+        try:
+            path = prepared_store(s.store, log)
+            if not lora:
+                refuse_quantized(path)
+        except Exception as e:  # raised once the other ranks know it (they are in shares_of's collectives)
+            problem = e
+        share = shares_of(fleet, path, lora, log, problem)  # several hosts' shares of a split store: opened together
         # (a whole store: recovers an interrupted step)
         store, hosts = share or (Store.open(path, writable=not lora, log=log), None)
     finally:
@@ -237,14 +241,19 @@ def check_fleet(fleet: Fleet, s: FinetuneSettings) -> None:
         raise SameOnEveryRank("--device mps: several ranks need cuda (NCCL) or cpu (gloo)")
 
 
-def shares_of(fleet: Fleet, path: Path, lora: bool, log):
+def shares_of(fleet: Fleet, path: Optional[Path], lora: bool, log, problem: Optional[BaseException] = None):
     """Several ranks given the shares of a split store (train/shares.py): (this rank's share, opened, and where the
-    ranks are); None for a whole store (and for one rank, whose Store.open refuses a share)."""
+    ranks are); None for a whole store (and for one rank, whose Store.open refuses a share). problem: why rank 0
+    has no store to give (raised here, on every rank)."""
     if not fleet.active:
+        if problem is not None:
+            raise problem
         return None
     try:
-        return open_share(fleet, path, lora, log)
+        return open_share(fleet, path, lora, log, problem)
     except ShareRefused as e:
+        if problem is not None:
+            raise problem
         raise SameOnEveryRank(str(e)) from None
 
 

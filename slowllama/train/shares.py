@@ -88,11 +88,15 @@ def missing_files(store: Store) -> Optional[str]:
     return None
 
 
-def open_share(fleet: Fleet, path: Path, lora: bool, log) -> Optional[tuple[Store, HostLayout]]:
+def open_share(fleet: Fleet, path: Optional[Path], lora: bool, log, problem: Optional[BaseException] = None,
+               ) -> Optional[tuple[Store, HostLayout]]:
     """Open this rank's share of a split store (a collective: every rank calls it); None when the ranks were given
     whole stores. Sets fleet.owners to the split's table. Full fine-tuning: each host's lowest rank holds its
-    share's lock and journal, the others write their modules' files into it (co-writers)."""
+    share's lock and journal, the others write their modules' files into it (co-writers). problem: why this rank
+    has no store (told to the others, and raised on every rank)."""
     try:
+        if problem is not None:
+            raise SlowllamaError(str(problem))
         record = share_of(Manifest.read(path), str(Path(path) / "manifest.json")) if (
             Path(path) / "manifest.json").is_file() else None
         mine = ("ok", None if record is None else record.to_json())
