@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from slowllama.commands.shares import join, split
 from slowllama.engine.owners import assign_owners

@@ -46,11 +46,13 @@ def split(store_path: Path, out: Path, hosts: int, ranks_per_host: int = 1, log:
         raise SlowllamaError(f"{out}: already exists (give a new folder for the shares)")
     check_destination(out, "store", protected=(store_path,))
     with Store.open(store_path) as store:  # refuses a share, and a store a finetune is writing
-        if (store.path / JOURNAL).exists() or any(name in store.expected_shapes
-                                                  for kind in ("optim", "master")
-                                                  for name in store.manifest.files.get(kind, {})):
-            raise SlowllamaError(f"{store.path}: an interrupted step or an old layout of optimizer state; open it "
-                                 "for writing first (a finetune --steps 0 does) and split it then")
+        if (store.path / JOURNAL).exists():
+            raise SlowllamaError(f"{store.path}: a step of a run was cut off ({JOURNAL}); run that finetune again "
+                                 "(it recovers the store first), then split it")
+        if any(name in store.expected_shapes for kind in ("optim", "master")
+               for name in store.manifest.files.get(kind, {})):
+            raise SlowllamaError(f"{store.path}: optimizer state in the layout before parts; a finetune on the store "
+                                 "rewrites it in parts first, then split it")
         names = module_names(store.args)
         owners = assign_owners([(n, store.module_bytes(n)) for n in names], hosts * ranks_per_host)
         manifest = store.manifest.to_json()
@@ -73,7 +75,7 @@ def split(store_path: Path, out: Path, hosts: int, ranks_per_host: int = 1, log:
                 write_json_atomic(share / MANIFEST, {**manifest, FIELD: record.to_json()})
                 paths.append(out / share.name)
     mine = {h: sum(1 for n in names if owners[n] // ranks_per_host == h) for h in range(hosts)}
-    log(f"split {store_path} into {hosts} shares for {hosts} hosts x {ranks_per_host} ranks: "
+    log(f"split {store_path} into {hosts} shares for {record.layout()}: "
         + ", ".join(f"host-{h} {mine[h]} modules" for h in range(hosts)))
     return paths
 
@@ -101,7 +103,7 @@ def join(shares: list[Path], out: Path, force: bool = False, log: Callable[[str]
         by_host[record.host] = path
     missing = [h for h in range(first.hosts) if h not in by_host]
     if missing:
-        raise SlowllamaError(f"--shares: the share of host {missing[0]} of {first.hosts} is missing")
+        raise SlowllamaError(f"SHARES: the share of host {missing[0]} of {first.hosts} is missing")
     out = check_destination(Path(out), "store", force, protected=shares)
     whole = {k: v for k, v in first_manifest.to_json().items() if k != FIELD}
     # rank 0's logs: the share whose run folder has the most metrics lines
