@@ -233,14 +233,16 @@ def assert_clean_share(share: Path) -> None:
         assert not (share / name).exists(), name
 
 
-@pytest.mark.parametrize("faults, at, committed", [
+@pytest.mark.parametrize("faults, at, committed, says", [
     # phase 1 on one host only: host 1 prepared step 2, host 0 died before: both back to step 1
-    (("store.prepare.before_rename:2", "store.prepare.after_rename:2"), [(1, None), (1, 2)], 1),
+    (("store.prepare.before_rename:2", "store.prepare.after_rename:2"), [(1, None), (1, 2)], 1,
+     "host 1's share: recovered: rolled back the interrupted step 2; the store is at step 1"),
     # between the hosts' phase 2: host 0 made step 2 current, host 1 died with it prepared: both forward to step 2
-    (("store.commit.after_rename:2", "store.commit.before_rename:2"), [(2, None), (1, 2)], 2),
+    (("store.commit.after_rename:2", "store.commit.before_rename:2"), [(2, None), (1, 2)], 2,
+     "host 1's share: recovered: every host had prepared step 2; committed it on this host too"),
 ])
 def test_a_commit_across_hosts_killed_at_its_phases_recovers_to_one_step_and_resumes(
-        faults, at, committed, tmp_path, tmp_path_factory):
+        faults, at, committed, says, tmp_path, tmp_path_factory):
     shares = tmp_path / "shares"
     split(fresh_store(tmp_path_factory, tmp_path / "store"), shares, 2, log=lambda m: None)
     killed = two_hosts(shares, RUNS["adamw-streaming"], faults)
@@ -251,6 +253,7 @@ def test_a_commit_across_hosts_killed_at_its_phases_recovers_to_one_step_and_res
     assert all(p.returncode == 0 for p in resumed), resumed[0].stderr + resumed[1].stderr
     said = resumed[0].stderr + resumed[1].stderr
     assert f"resuming the run at step {committed} of 3" in said
+    assert says in said
     for h in HOSTS:
         assert Manifest.read(shares / h).step == 3
         assert_clean_share(shares / h)

@@ -128,16 +128,20 @@ def open_share(fleet: Fleet, path: Optional[Path], lora: bool, log, problem: Opt
             how = recovery([states[leaders[h]][1] for h in sorted(leaders)])
         except SlowllamaError as e:
             raise ShareRefused(str(e)) from None
-        result = ("ok", None)
+        result, said = ("ok", None), []
         if leads:
             try:
                 if not lora:
-                    store.recover_share(how == "forward", log if fleet.main else (lambda m: None))
+                    store.recover_share(how == "forward", said.append)
                 lacking = missing_files(store)
                 result = ("failed", lacking) if lacking else ("ok", (store.step, digest(store.manifest.to_json())))
             except SlowllamaError as e:
                 result = ("failed", f"host {host}: {e}")
-        results = fleet.gather_objects(result)
+        gathered = fleet.gather_objects((result, said))
+        results = [r for r, _ in gathered]
+        for h, r in sorted(leaders.items()):  # what each host's recovery did, said once by rank 0
+            for line in gathered[r][1]:
+                log(f"host {h}'s share: {line}")
         _verdict(results, "")
         steps = {h: results[r][1] for h, r in leaders.items()}
         if len({d for _, d in steps.values()}) > 1:
