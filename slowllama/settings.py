@@ -155,6 +155,8 @@ class SplitSettings:
     out: str = opt(None, "a new folder for the shares: OUT/host-0 ... OUT/host-{H-1}", positional=True)
     hosts: int = opt(2, "the number of hosts (torchrun --nnodes) the shares are for")
     nproc_per_node: int = opt(1, "the ranks on each host (torchrun --nproc-per-node) the modules are dealt to")
+    host: Optional[int] = opt(None, "write only this host's share, OUT/host-R (e.g. onto a disk that goes to that "
+                              "host; default: every host's)")
     debug: bool = opt(False, "show tracebacks of errors")
 
 

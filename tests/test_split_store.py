@@ -117,6 +117,9 @@ def test_split_gives_each_host_its_owners_files_and_join_gives_the_store_back(tm
                                              r"2 hosts x 2 ranks\)"):
         join([paths[0], other[1]], tmp_path / "j4", log=lambda m: None)
     assert not any((tmp_path / name).exists() for name in ("j2", "j3", "j4"))
+    for host in (1, 0):  # one host's share at a time, beside the others'
+        split(store, tmp_path / "one-by-one", 2, 2, log=lambda m: None, host=host)
+    assert [folder_hash(tmp_path / "one-by-one" / h) for h in HOSTS] == [folder_hash(p) for p in paths]
 
 
 def test_a_trained_store_splits_its_optimizer_state_by_owner_and_joins_back(tmp_path, tmp_path_factory):
@@ -147,6 +150,9 @@ def test_a_share_alone_is_refused_in_one_line(tmp_path, tmp_path_factory, cli):
     assert_one_line_error(cli("split", share, tmp_path / "again"), "the share of host 0")
     assert_one_line_error(cli("split", store, tmp_path / "shares"), "already exists")
     assert_one_line_error(cli("split", store, tmp_path / "one", "--hosts", "1"), "--hosts: a split needs at least 2")
+    assert_one_line_error(cli("split", store, tmp_path / "one", "--host", "2"), "--host: a host of 0 ... 1, got 2")
+    assert_one_line_error(cli("split", store, tmp_path / "shares", "--host", "0"), "host-0: already exists")
+    assert not (tmp_path / "one").exists()
     assert_one_line_error(cli("join", share, tmp_path / "whole"), "SHARES: give every share")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from slowllama.engine.owners import assign_owners
 from slowllama.errors import SlowllamaError
@@ -34,17 +34,20 @@ def _copy_run_folder(src: Path, dest: Path) -> None:
 
 
 def split(store_path: Path, out: Path, hosts: int, ranks_per_host: int = 1, log: Callable[[str], None] = print,
-          ) -> list[Path]:
+          host: Optional[int] = None) -> list[Path]:
     """Write OUT/host-0 ... OUT/host-{hosts-1}, the shares of a whole store for that many hosts of ranks_per_host
-    ranks each (the files copied; the store left as it is). Returns the shares' paths."""
+    ranks each (the files copied; the store left as it is), or only OUT/host-{host}. Returns the shares' paths."""
     if hosts < 2:
         raise SlowllamaError(f"--hosts: a split needs at least 2 hosts, got {hosts}")
     if ranks_per_host < 1:
         raise SlowllamaError(f"--nproc-per-node: must be at least 1, got {ranks_per_host}")
+    if host is not None and not 0 <= host < hosts:
+        raise SlowllamaError(f"--host: a host of 0 ... {hosts - 1}, got {host}")
     out = Path(out)
-    if out.exists() or out.is_symlink():
-        raise SlowllamaError(f"{out}: already exists (give a new folder for the shares)")
-    check_destination(out, "store", protected=(store_path,))
+    written = Path(out) if host is None else Path(out) / f"host-{host}"  # (one host's: beside the others' shares)
+    if written.exists() or written.is_symlink():
+        raise SlowllamaError(f"{written}: already exists (give a new folder for the shares)")
+    check_destination(written, "store", protected=(store_path,))
     with Store.open(store_path) as store:  # refuses a share, and a store a finetune is writing
         if (store.path / JOURNAL).exists():
             raise SlowllamaError(f"{store.path}: a step of a run was cut off ({JOURNAL}); run that finetune again "
@@ -58,14 +61,15 @@ def split(store_path: Path, out: Path, hosts: int, ranks_per_host: int = 1, log:
         manifest = store.manifest.to_json()
         files = [(kind, name, f) for kind, entries in store.manifest.files.items() for name, entry in entries.items()
                  for f in entry.files()]
-        with staged_folder(out) as tmp:
+        written.parent.mkdir(parents=True, exist_ok=True)
+        with staged_folder(written) as tmp:
             paths = []
-            for host in range(hosts):
-                record = ShareRecord(hosts, ranks_per_host, host, owners)
-                share = tmp / f"host-{host}"
-                share.mkdir()
+            for h in range(hosts) if host is None else [host]:
+                record = ShareRecord(hosts, ranks_per_host, h, owners)
+                share = tmp / f"host-{h}" if host is None else tmp
+                share.mkdir(exist_ok=True)
                 for kind, name, rel in files:
-                    if record.host_of(name) in (None, host):
+                    if record.host_of(name) in (None, h):
                         _copy(store.path / rel, share / rel)
                 for name in content_files(store.path):
                     _copy(store.path / name, share / name)
@@ -73,10 +77,10 @@ def split(store_path: Path, out: Path, hosts: int, ranks_per_host: int = 1, log:
                 for folder in [share, *(p for p in share.iterdir() if p.is_dir())]:
                     fsync_dir(folder)
                 write_json_atomic(share / MANIFEST, {**manifest, FIELD: record.to_json()})
-                paths.append(out / share.name)
+                paths.append(out / f"host-{h}")
     mine = {h: sum(1 for n in names if owners[n] // ranks_per_host == h) for h in range(hosts)}
-    log(f"split {store_path} into {hosts} shares for {record.layout()}: "
-        + ", ".join(f"host-{h} {mine[h]} modules" for h in range(hosts)))
+    log(f"split {store_path} for {record.layout()}: "
+        + ", ".join(f"{p} {mine[int(p.name.split('-')[1])]} modules" for p in paths))
     return paths
 
 
@@ -130,7 +134,7 @@ def join(shares: list[Path], out: Path, force: bool = False, log: Callable[[str]
 
 
 def run_split(s: SplitSettings, log: Callable[[str], None]) -> None:
-    paths = split(Path(s.store), Path(s.out), s.hosts, s.nproc_per_node, log)
+    paths = split(Path(s.store), Path(s.out), s.hosts, s.nproc_per_node, log, s.host)
     log(f"each host trains its own share: torchrun --nnodes {s.hosts} --nproc-per-node {s.nproc_per_node} ... "
         f"-m slowllama finetune SHARE (one of {', '.join(p.name for p in paths)} on each host)")
 
