@@ -682,6 +682,10 @@ class Store:
             raise
         self._prepared = (manifest, pending, old_files)
 
+    def prepared_json(self) -> dict:
+        """The manifest of phase 1, as written."""
+        return self._prepared[0].to_json()
+
     def commit_prepared(self) -> None:
         """Phase 2, once every host has prepared the step: the prepared manifest becomes the current one."""
         manifest, pending, old_files = self._prepared

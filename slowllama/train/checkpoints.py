@@ -21,6 +21,7 @@ from slowllama.errors import SlowllamaError
 from slowllama.model.lora import LoRAConfig, LoRAState, init_params
 from slowllama.store.adapters import AdapterFolder
 from slowllama.store.manifest import RunRecord
+from slowllama.store.shares import digest
 from slowllama.store.store import Store
 from slowllama.train.shares import HostLayout
 
@@ -119,10 +120,13 @@ class StoreCheckpoint:
             others = tuple(e for rank, (_, entries) in enumerate(everyone) if rank != fleet.rank for e in entries)
             try:
                 self.store.prepare_commit(step, run, shared=others)
+                ack = ("ok", digest(self.store.prepared_json()))
             except BaseException as e:
                 error, ack = e, ("failed", f"host {host}: {e}")
         acks = fleet.gather_objects(ack)
         failed = [what for status, what in acks if status == "failed"]
+        if not failed and len({d for _, d in acks if d is not None}) > 1:  # (a guard: they are made alike)
+            failed = [f"the hosts prepared different manifests for step {step}"]
         if failed:  # not prepared everywhere: nowhere committed (each rank's rollback removes its files)
             if self.writes_manifest:
                 self.store.drop_prepared()
