@@ -142,11 +142,16 @@ def test_a_share_alone_is_refused_in_one_line(tmp_path, tmp_path_factory, cli):
     share = split(store, tmp_path / "shares", 2, log=lambda m: None)[0]
     before = folder_hash(share)
     for command in (["eval", share, "--data", ALICE], ["generate", share, "--prompt", "Alice", "--max-new-tokens", "2"],
-                    ["export", share, tmp_path / "out"], ["verify", share],
+                    ["export", share, tmp_path / "out"],
                     ["finetune", share, "--data", ALICE, "--steps", "1", "--device", "cpu"]):
         assert_one_line_error(cli(*command), f"{share}: the share of host 0 of a store split across 2 hosts x 1 rank",
                               "slowllama join")
     assert folder_hash(share) == before and not (tmp_path / "out").exists()
+    checked = cli("verify", share)  # the files a share holds: its own host's modules
+    assert checked.returncode == 0 and "step 0, the share of host 0 of 2 hosts x 1 rank, 3 files" in checked.stdout, \
+        checked.stdout + checked.stderr
+    next(f for f in (share / "modules").iterdir() if not f.name.startswith("extras")).write_bytes(b"x")
+    assert_one_line_error(cli("verify", share), "size")
     assert_one_line_error(cli("split", share, tmp_path / "again"), "the share of host 0")
     assert_one_line_error(cli("split", store, tmp_path / "shares"), "already exists")
     assert_one_line_error(cli("split", store, tmp_path / "one", "--hosts", "1"), "--hosts: a split needs at least 2")
