@@ -18,7 +18,7 @@ from typing import Optional
 from slowllama.engine.fleet import Fleet
 from slowllama.errors import SlowllamaError
 from slowllama.store.manifest import Manifest
-from slowllama.store.shares import ShareRecord, digest, recovery, share_of
+from slowllama.store.shares import JOURNAL, ShareRecord, digest, recovery, share_of
 from slowllama.store.store import Store
 
 
@@ -39,11 +39,11 @@ class HostLayout:
         return self.leader(rank) == rank
 
 
-def _verdict(everyone: list, what: str) -> None:
+def _verdict(everyone: list) -> None:
     """Raise the first failure of a gathered (status, detail) per rank, the same on every rank."""
     failed = [detail for status, detail in everyone if status == "failed"]
     if failed:
-        raise ShareRefused(f"{what}{failed[0]}")
+        raise ShareRefused(failed[0])
 
 
 def placed(records: list[Optional[dict]], world: int) -> tuple[ShareRecord, HostLayout, dict[str, int]]:
@@ -103,7 +103,7 @@ def open_share(fleet: Fleet, path: Optional[Path], lora: bool, log, problem: Opt
     except SlowllamaError as e:
         mine = ("failed", str(e))
     everyone = fleet.gather_objects(mine)
-    _verdict(everyone, "")
+    _verdict(everyone)
     records = [rec for _, rec in everyone]
     if all(rec is None for rec in records):
         return None
@@ -114,7 +114,7 @@ def open_share(fleet: Fleet, path: Optional[Path], lora: bool, log, problem: Opt
     try:
         if leads:  # (LoRA: read-only; refused while a finetune writes the share)
             store = Store.open(path, writable=not lora, log=log, share_ok=True, recover=False)
-            if lora and (store.prepared_step() is not None or (store.path / "journal.json").exists()):
+            if lora and (store.prepared_step() is not None or (store.path / JOURNAL).exists()):
                 raise SlowllamaError(f"{path}: a step of a full fine-tuning was cut off; run that finetune again "
                                      "to recover the shares first")
             state = ("ok", (store.step, store.prepared_step()))
@@ -122,7 +122,7 @@ def open_share(fleet: Fleet, path: Optional[Path], lora: bool, log, problem: Opt
         state = ("failed", f"host {host}: {e}")
     try:
         states = fleet.gather_objects(state)
-        _verdict(states, "")
+        _verdict(states)
         leaders = {layout.hosts[r]: r for r in range(fleet.world) if layout.leads(r)}
         try:
             how = recovery([states[leaders[h]][1] for h in sorted(leaders)])
@@ -142,21 +142,24 @@ def open_share(fleet: Fleet, path: Optional[Path], lora: bool, log, problem: Opt
         for h, r in sorted(leaders.items()):  # what each host's recovery did, said once by rank 0
             for line in gathered[r][1]:
                 log(f"host {h}'s share: {line}")
-        _verdict(results, "")
+        _verdict(results)
         steps = {h: results[r][1] for h, r in leaders.items()}
         if len({d for _, d in steps.values()}) > 1:
             at = ", ".join(f"host {h} at step {s}" for h, (s, _) in sorted(steps.items()))
             raise ShareRefused(f"the shares are not of one store at one step ({at}; their manifests differ)")
         fleet.barrier()  # the co-writers open the share once its writer has recovered it
+        sight = ("ok", None)
         if not leads:
-            store = Store.open(path, follower=True, co_writer=not lora, share_ok=True)
+            try:
+                store = Store.open(path, follower=True, co_writer=not lora, share_ok=True)
+            except SlowllamaError as e:
+                sight = ("failed", f"rank {fleet.rank}: {e}")
         pids = fleet.gather_objects(os.getpid())
-        sees = leads or lora or store.locked_by(pids[layout.leader(fleet.rank)])
-        sight = fleet.gather_objects(("ok", None) if sees else (
-            "failed", f"rank {fleet.rank} was given host {host}'s share, but not the very folder that rank "
-                      f"{layout.leader(fleet.rank)} (that host's first rank) locked: a host's ranks share one "
-                      "share folder"))
-        _verdict(sight, "")
+        if sight[0] == "ok" and not (leads or lora or store.locked_by(pids[layout.leader(fleet.rank)])):
+            sight = ("failed", f"rank {fleet.rank} was given host {host}'s share, but not the very folder that rank "
+                               f"{layout.leader(fleet.rank)} (that host's first rank) locked: a host's ranks share "
+                               "one share folder")
+        _verdict(fleet.gather_objects(sight))
     except BaseException:
         if store is not None:
             store.close()
