@@ -159,6 +159,11 @@ def test_a_share_alone_is_refused_in_one_line(tmp_path, tmp_path_factory, cli):
     assert_one_line_error(cli("split", store, tmp_path / "shares", "--host", "0"), "host-0: already exists")
     assert not (tmp_path / "one").exists()
     assert_one_line_error(cli("join", share, tmp_path / "whole"), "SHARES: give every share")
+    manifest = json.loads((share / MANIFEST).read_text())  # a share record edited by hand
+    for edit, message in [({"host": 5}, "field 'share.host' is 5, of 2 hosts"),
+                          ({"owners": {"head": 0}}, "field 'share.owners' must give each module of the model a rank")]:
+        (share / MANIFEST).write_text(json.dumps({**manifest, "share": {**manifest["share"], **edit}}))
+        assert_one_line_error(cli("verify", share), message)
 
 
 def test_the_hosts_recover_a_commit_cut_off_to_one_step():
