@@ -137,7 +137,7 @@ def test_a_trained_store_splits_its_optimizer_state_by_owner_and_joins_back(tmp_
     assert_bit_identical(state(join(shares, tmp_path / "joined", log=lambda m: None)), state(store))
 
 
-def test_a_share_alone_is_refused_in_one_line(tmp_path, tmp_path_factory, cli):
+def test_a_share_alone_is_refused_in_one_line_and_verify_checks_its_files(tmp_path, tmp_path_factory, cli):
     store = fresh_store(tmp_path_factory, tmp_path / "store")
     share = split(store, tmp_path / "shares", 2, log=lambda m: None)[0]
     before = folder_hash(share)
