@@ -215,7 +215,7 @@ def uninterrupted(run: str, tmp_path_factory) -> dict:
     return _uninterrupted[run]
 
 
-@pytest.mark.parametrize("run", list(RUNS))
+@pytest.mark.parametrize("run", ["adamw-streaming", "adamw-resident", "sgd-2x2"])  # (SGD 2 x 1: the refusals')
 def test_two_hosts_on_their_shares_give_the_weights_and_moments_of_one_process(run, tmp_path, tmp_path_factory):
     one = fresh_store(tmp_path_factory, tmp_path / "one")
     single_process(one, RUNS[run])
@@ -256,6 +256,9 @@ def assert_clean_share(share: Path) -> None:
     # between the hosts' phase 2: host 0 made step 2 current, host 1 died with it prepared: both forward to step 2
     (("store.commit.after_rename:2", "store.commit.before_rename:2"), [(2, None), (1, 2)], 2,
      "host 1's share: recovered: every host had prepared step 2; committed it on this host too"),
+    # host 0 dies just after its phase 1 and host 1 runs on: its own phase 1 done or not (a race), it stops when
+    # it finds host 0 gone, keeping its files: forward if it had prepared, else back; either way, one step
+    (("store.prepare.after_rename:2", ""), None, None, "resuming the run at step"),
 ])
 def test_a_commit_across_hosts_killed_at_its_phases_recovers_to_one_step_and_resumes(
         faults, at, committed, says, tmp_path, tmp_path_factory):
@@ -263,8 +266,12 @@ def test_a_commit_across_hosts_killed_at_its_phases_recovers_to_one_step_and_res
     split(fresh_store(tmp_path_factory, tmp_path / "store"), shares, 2, log=lambda m: None)
     killed = two_hosts(shares, RUNS["adamw-streaming"], faults)
     assert all(p.returncode != 0 for p in killed)
-    assert [(Manifest.read(shares / h).step, Manifest.read_file(shares / h / PREPARED).step
-             if (shares / h / PREPARED).exists() else None) for h in HOSTS] == at
+    states = [(Manifest.read(shares / h).step, Manifest.read_file(shares / h / PREPARED).step
+               if (shares / h / PREPARED).exists() else None) for h in HOSTS]
+    if at is None:
+        assert states[0] == (1, 2) and states[1] in [(1, 2), (1, None)], states
+        committed = 2 if states[1] == (1, 2) else 1
+    assert at is None or states == at
     resumed = two_hosts(shares, RUNS["adamw-streaming"])
     assert all(p.returncode == 0 for p in resumed), resumed[0].stderr + resumed[1].stderr
     said = resumed[0].stderr + resumed[1].stderr

@@ -52,7 +52,9 @@ class StoreCheckpoint:
 
     def __init__(self, store: Store, fleet: Optional[Fleet] = None, hosts: Optional[HostLayout] = None):
         self.store, self.fleet, self.hosts = store, fleet or Fleet(), hosts
-        self._decided = False  # every host prepared the step being committed: its files stay, whatever follows
+        # a step whose files some host's prepared manifest may name: they stay, whatever follows, until the next
+        # start decides (store/shares.recovery)
+        self._keep = False
 
     @property
     def writes_manifest(self) -> bool:
@@ -116,6 +118,7 @@ class StoreCheckpoint:
         fleet, error = self.fleet, None
         host = self.hosts.hosts[fleet.rank]
         ack = ("ok", None)
+        self._keep = True  # (a rank that dies from here may leave a host prepared, this one's files named there)
         if self.writes_manifest:  # phase 1: every host's next manifest, durable beside the current one
             others = tuple(e for rank, (_, entries) in enumerate(everyone) if rank != fleet.rank for e in entries)
             try:
@@ -127,11 +130,11 @@ class StoreCheckpoint:
         failed = [what for status, what in acks if status == "failed"]
         if not failed and len({d for _, d in acks if d is not None}) > 1:  # (a guard: they are made alike)
             failed = [f"the hosts prepared different manifests for step {step}"]
-        if failed:  # not prepared everywhere: nowhere committed (each rank's rollback removes its files)
+        if failed:  # every rank knows: not prepared everywhere, so nowhere committed (rollback removes the files)
             if self.writes_manifest:
                 self.store.drop_prepared()
+            self._keep = False
             raise error or SlowllamaError(f"step {step} not committed: {failed[0]}")
-        self._decided = True
         done = ("ok", None)
         if self.writes_manifest:  # phase 2: every host prepared it
             try:
@@ -146,11 +149,11 @@ class StoreCheckpoint:
                                           "start finishes it")
         if not self.writes_manifest:
             self.store.adopt(manifests[self.hosts.leader(fleet.rank)][1])
-        self._decided = False
+        self._keep = False
 
     def rollback(self) -> None:
-        if self._decided:  # committed on some host, prepared on every one: the next start rolls forward
-            self._decided = False
+        if self._keep:  # the next start rolls every host forward or back (and removes what is not named)
+            self._keep = False
             return
         self.store.rollback()
 
