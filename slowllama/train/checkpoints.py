@@ -41,7 +41,9 @@ class StoreCheckpoint:
     owns, and a commit is a collective: every rank makes its files durable and hands their entries to rank 0, which
     alone holds the journal and the lock and commits the manifest once all are in; the others then take the new
     manifest. A rank that fails before (or rank 0 failing the commit) leaves the store at its last step: every
-    rank rolls back its own files, and the next start removes whatever a killed rank left.
+    rank rolls back its own files, and the next start removes whatever a killed rank left. A rank that loses rank 0
+    while waiting for the new manifest keeps its files (rank 0 may have committed them); the next start removes
+    them if it did not.
 
     On the shares of a split store (hosts: train/shares.py's HostLayout), each host's lowest rank holds its share's
     journal and lock, and every share's manifest advances together, in two phases: once every rank's files are
@@ -108,10 +110,13 @@ class StoreCheckpoint:
             if error is not None:
                 raise error
         else:
+            self._keep = True  # rank 0 may commit this rank's files and die before it says so: they stay
             manifest = fleet.broadcast_object(None)
             if manifest is None:
+                self._keep = False
                 raise SlowllamaError(f"step {step} not committed: rank 0 failed to commit it")
             self.store.adopt(manifest)
+            self._keep = False
 
     def _commit_across_hosts(self, step: int, run: Optional[RunRecord], everyone: list) -> None:
         """The two phases, once every rank's files are durable (everyone: each rank's entries)."""
