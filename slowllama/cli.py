@@ -125,6 +125,8 @@ ENTRY_POINTS = {
     "prepare": "slowllama.commands.convert:run_prepare",
     "export": "slowllama.commands.convert:run_export",
     "fuse": "slowllama.commands.convert:run_fuse",
+    "split": "slowllama.commands.shares:run_split",
+    "join": "slowllama.commands.shares:run_join",
     "eval": "slowllama.commands.evaluate:run",
     "generate": "slowllama.commands.generate:run",
     "finetune": "slowllama.commands.finetune:run",

@@ -150,6 +150,26 @@ class ExportSettings:
 
 
 @dataclass
+class SplitSettings:
+    store: str = opt(None, "the whole store to split (left as it is)", positional=True)
+    out: str = opt(None, "a new folder for the shares: OUT/host-0 ... OUT/host-{H-1}", positional=True)
+    hosts: int = opt(2, "the number of hosts (torchrun --nnodes) the shares are for")
+    nproc_per_node: int = opt(1, "the ranks on each host (torchrun --nproc-per-node) the modules are dealt to")
+    host: Optional[int] = opt(None, "write only this host's share, OUT/host-R (e.g. onto a disk that goes to that "
+                              "host; default: every host's)")
+    debug: bool = opt(False, "show tracebacks of errors")
+
+
+@dataclass
+class JoinSettings:
+    shares: str = opt(None, "the share folders of every host, separated by commas (one store at one step)",
+                      positional=True)
+    out: str = opt(None, "the whole store to write", positional=True)
+    force: bool = opt(False, "replace OUT if it is a store")
+    debug: bool = opt(False, "show tracebacks of errors")
+
+
+@dataclass
 class FuseSettings:
     store: str = opt(None, "the base store", positional=True)
     out: str = opt(None, "the folder to write the merged model to", positional=True)
@@ -355,6 +375,8 @@ COMMANDS = {
     "eval": (EvalSettings, "eval loss and perplexity of a store on a .txt or .jsonl file"),
     "generate": (GenerateSettings, "generate text from a store, streaming its modules"),
     "finetune": (FinetuneSettings, "fine-tune a store in place, or LoRA adapters on it"),
+    "split": (SplitSettings, "split a store into shares for several hosts, each with its own ranks' module files"),
+    "join": (JoinSettings, "join the shares of a split store (after training on several hosts) into one store"),
     "fuse": (FuseSettings, "write a store with LoRA adapters merged in, in the source's format"),
     "plot": (PlotSettings, "plot the train and eval loss of a store's run (needs matplotlib)"),
     "verify": (VerifySettings, "check every file of a store: sizes, checksums, shapes, no links outside it"),

@@ -166,6 +166,7 @@ def test_two_ranks_train_lora_on_an_nf4_base_like_one_process(tiny_fp32, tmp_pat
     (0, "store.commit.before_rename:2"),  # rank 0 dies during step 2's commit
     (1, "store.write.after:15"),  # rank 1 dies between the files of its modules in step 2 (it writes 13 a step)
     (1, "store.adopt:2"),  # rank 1 dies once rank 0 committed step 2, before it deletes the files it replaced
+    (0, "store.commit.after_rename:2"),  # rank 0 dies once it committed step 2, before rank 1 hears of it
 ])
 def test_a_rank_killed_mid_step_leaves_the_store_committed_and_resumes(rank, fault, tmp_path, tmp_path_factory):
     store = fresh_store(tmp_path_factory, tmp_path / "store")
@@ -174,7 +175,7 @@ def test_a_rank_killed_mid_step_leaves_the_store_committed_and_resumes(rank, fau
                       module=FAULTS_RUNNER)
     assert killed.returncode != 0
     Store.open(store, writable=True, log=lambda m: None).close()  # what the next start does first: roll back
-    committed = 2 if fault.startswith("store.adopt") else 1
+    committed = 2 if fault.startswith(("store.adopt", "store.commit.after_rename")) else 1
     assert Store.open(store).step == committed
     assert_clean(store)
     resumed = torchrun(store, RUNS["adamw-streaming"])

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -39,6 +39,7 @@ from slowllama.store.manifest import MANIFEST, Manifest
 from slowllama.store.safe_files import open_append
 from slowllama.store.store import Store
 from slowllama.train.checkpoints import AdapterCheckpoint, NoCheckpoint, StoreCheckpoint, share_adapters
+from slowllama.train.shares import ShareRefused, open_share
 from slowllama.train.signals import StoppedBySignal, StopRequest, exit_code, signal_name
 from slowllama.train.trainer import Trainer
 
@@ -131,16 +132,23 @@ def _finetune_leader(fleet: Fleet, s: FinetuneSettings, log, emit) -> dict:
         check_fleet(fleet, s)
     try:
         # (a checkpoint folder or hub id: its store, prepared first if need be)
-        path = prepared_store(s.store, log)
-        if not lora:
-            refuse_quantized(path)
-        store = Store.open(path, writable=not lora, log=log)  # recovers an interrupted step
+        path, problem = None, None
+        try:
+            path = prepared_store(s.store, log)
+            if not lora:
+                refuse_quantized(path)
+        except Exception as e:  # raised once the other ranks know it (they are in shares_of's collectives)
+            problem = e
+        share = shares_of(fleet, path, lora, log, problem)  # several hosts' shares of a split store: opened together
+        # (a whole store: recovers an interrupted step)
+        store, hosts = share or (Store.open(path, writable=not lora, log=log), None)
     finally:
         fleet.barrier()  # the followers open the store once it is consistent (or learn that it failed)
     checkpoint = None
     try:
         checkpoint = (AdapterCheckpoint(store, s.adapter_path, lora_config(s), s.seed, s.new_run, s.save_every,
-                                        s.steps, resolve_device(s)[0], log) if lora else StoreCheckpoint(store, fleet))
+                                        s.steps, resolve_device(s)[0], log) if lora
+                      else StoreCheckpoint(store, fleet, hosts))
         return _finetune(store, checkpoint, s, log, emit, fleet)
     except KeyboardInterrupt as e:  # a second Ctrl-C: the steps since the last commit were rolled back
         log(f"interrupted: {kept_by(checkpoint, store)}; run the same command again to resume")
@@ -157,10 +165,15 @@ def _finetune_follower(fleet: Fleet, s: FinetuneSettings, emit) -> dict:
     quiet = lambda message: None  # noqa: E731 (rank 0 says everything once)
     try:
         check_fleet(fleet, s)
-        fleet.barrier()
         lora = s.lora_rank > 0
-        store = Store.open(store_path(s.store)[0], follower=True, co_writer=not lora)
-        return _finetune(store, None if lora else StoreCheckpoint(store, fleet), s, quiet, lambda m: None, fleet)
+        path = store_path(s.store)[0]
+        try:
+            share = shares_of(fleet, path, lora, quiet)
+        finally:
+            fleet.barrier()  # (as rank 0 does, also after a refusal: it says it, then all stop)
+        store, hosts = share or (Store.open(path, follower=True, co_writer=not lora), None)
+        return _finetune(store, None if lora else StoreCheckpoint(store, fleet, hosts), s, quiet, lambda m: None,
+                         fleet)
     except NonFiniteLoss as e:
         if not e.everywhere:  # a gradient of a module this rank owns: only this rank saw it
             raise SlowllamaError(f"rank {fleet.rank}: {e}") from None
@@ -228,6 +241,22 @@ def check_fleet(fleet: Fleet, s: FinetuneSettings) -> None:
         raise SameOnEveryRank("--device mps: several ranks need cuda (NCCL) or cpu (gloo)")
 
 
+def shares_of(fleet: Fleet, path: Optional[Path], lora: bool, log, problem: Optional[BaseException] = None):
+    """Several ranks given the shares of a split store (train/shares.py): (this rank's share, opened, and where the
+    ranks are); None for a whole store (and for one rank, whose Store.open refuses a share). problem: why rank 0
+    has no store to give (raised here, on every rank)."""
+    if not fleet.active:
+        if problem is not None:
+            raise problem
+        return None
+    try:
+        return open_share(fleet, path, lora, log, problem)
+    except ShareRefused as e:
+        if problem is not None:
+            raise problem
+        raise SameOnEveryRank(str(e)) from None
+
+
 def share_store(fleet: Fleet, store: Store, lora: bool, log) -> None:
     """Whether every rank can own a share of the modules: it sees rank 0's store folder itself (full fine-tuning:
     rank 0 commits the files the others write there), or for LoRA, which only reads, the same files. If not (the
@@ -269,10 +298,11 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
     data, val = load_train_val(s, tokenizer, log)
     if fleet.active:
         try:
-            fleet.check_same(asdict(s), data_digest([data.tokens, data.labels] + ([val.tokens] if val else [])))
+            mine = {k: v for k, v in asdict(s).items() if k != "store" or fleet.owners is None}  # (hosts' shares)
+            fleet.check_same(mine, data_digest([data.tokens, data.labels] + ([val.tokens] if val else [])))
         except SlowllamaError as e:
             raise SameOnEveryRank(str(e)) from None
-    if fleet.active:
+    if fleet.active and fleet.owners is None:  # (the shares of a split store fix the owners)
         share_store(fleet, store, s.lora_rank > 0, log)
     if fleet.main:
         run, done = checkpoint.resume(run_settings(s), s.new_run, log)
@@ -323,6 +353,10 @@ def _finetune(store: Store, checkpoint, s: FinetuneSettings, log, emit, fleet: F
                       grad_clip=s.grad_clip, clip_norm=s.clip_norm, stop=lambda: stop.signum or 0, log=log)
     if fleet.active:
         log(engine.choose_replication())
+        if fleet.owners is not None and not engine.replicas.replicate and (val is not None or s.prompt):
+            raise SameOnEveryRank(f"--{'prompt' if s.prompt else 'val-split' if s.val_split else 'val-data'}: rank 0 "
+                                  "evaluates alone, and its share lacks the other hosts' modules (kept as copies "
+                                  "only when the model fits the device); evaluate the joined store instead")
     if fleet.main:  # atomically, never through a link planted in the run folder
         check_run_folder(checkpoint.run_dir)
         write_json_atomic(checkpoint.run_dir / "settings.json", {"settings": asdict(s), "start_step": run.start_step,

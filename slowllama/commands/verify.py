@@ -22,16 +22,19 @@ def verify_store(path: Path, log: Callable[[str], None] = print) -> dict:
     """Check the manifest, every file it names (size, xxh3 checksum, tensor names, shapes and dtypes
     against the model args) and the folders (no links leading outside, every module present).
 
-    Raises SlowllamaError naming the first bad file; returns a summary when all is well.
+    Raises SlowllamaError naming the first bad file; returns a summary when all is well. A share of a split store:
+    the files it holds, those of its own host's modules.
     """
-    store = Store.open(path)  # the manifest: format, fields, paths inside the store, model args, dtype
+    store = Store.open(path, share_ok=True)  # the manifest: format, fields, paths inside the store, model args, dtype
+    share = store.share
     problems, leftovers = layout_problems(store)
     if store.source.format == "meta":
         try:
             export_plan(store)  # the record of the source that export reads
         except SlowllamaError as e:
             problems.append(str(e))
-    entries = store.manifest.entries()
+    entries = [(kind, name) for kind, name in store.manifest.entries()
+               if share is None or share.host_of(name) in (None, share.host)]
     total = 0
     for kind, name in tqdm(entries, desc="verify", unit="file", disable=None, leave=False):
         try:
@@ -49,11 +52,14 @@ def verify_store(path: Path, log: Callable[[str], None] = print) -> dict:
                "leftovers": len(leftovers)}
     if store.quantization is not None:
         summary["quantization"] = store.quantization.to_json()
+    if share is not None:
+        summary["share"] = {"host": share.host, "hosts": share.hosts, "ranks_per_host": share.ranks_per_host}
     note = (f"; {len(leftovers)} files left by an interrupted step are not part of it (the next finetune "
             "removes them)") if leftovers else ""
     scheme = (f"; {store.quantization.scheme} blocks" + (" (double quant)" if store.quantization.double_quant else "")
               if store.quantization else "")
-    log(f"{store.path}: step {store.step}, {len(entries)} files, {format_size(total)}: sizes, checksums, "
+    of = "" if share is None else f", the share of host {share.host} of {share.layout()}"
+    log(f"{store.path}: step {store.step}{of}, {len(entries)} files, {format_size(total)}: sizes, checksums, "
         f"names and shapes all match{scheme}{note}")
     return summary
 

@@ -7,9 +7,11 @@ optimizer state and writes the module's files. Rank 0 commits each step once eve
 durable (train/checkpoints.py). A rank reads and writes only the files of the modules it owns, in the one
 store folder that every rank sees (one host, or a filesystem shared between hosts). Ranks that do not see
 rank 0's folder (other hosts with only its manifest and tokenizer) own nothing: then rank 0 owns every
-module and the others only compute (commands/finetune.py checks at start). When the whole model fits in a
-rank's device budget, the ranks keep a copy of every module they do not own, sent once and then after
-each update; otherwise every use of a module is a broadcast from its owner.
+module and the others only compute (commands/finetune.py checks at start). On the shares of a store split
+across hosts (store/shares.py), each host's share holds its own ranks' modules and fixes the owners
+(train/shares.py). When the whole model fits in a rank's device budget, the ranks keep a copy of every
+module they do not own, sent once and then after each update; otherwise every use of a module is a
+broadcast from its owner.
 
 torch.distributed does the communication: NCCL between GPUs, gloo on CPUs.
 """
@@ -47,6 +49,9 @@ class Fleet:
     device: Optional[torch.device] = None  # where collectives put their tensors (the compute device)
     # every rank sees rank 0's store folder, so each can own a share of the modules; if not, rank 0 owns them all
     shared_store: bool = True
+    # {module: rank} fixed by a store split across hosts (each host's share holds its ranks' modules); None: the
+    # ranks deal the modules out among themselves (owners.py)
+    owners: Optional[dict[str, int]] = None
 
     @property
     def main(self) -> bool:

@@ -42,7 +42,7 @@ class Replicas:
         the other ranks receive; sizes: (module, bytes) in forward order, for the owners' table."""
         self.fleet, self.pipe, self.specs, self.device = fleet, pipe, specs, device
         self.names = [name for name, _ in sizes]
-        self.owners = assign_owners(sizes, fleet.world if fleet.shared_store else 1)
+        self.owners = fleet.owners or assign_owners(sizes, fleet.world if fleet.shared_store else 1)
         self.replicate = False  # every rank keeps a copy of the modules it does not own (the model fits the device)
         self.copies: dict[str, dict[str, torch.Tensor]] = {}  # modules other ranks own: name -> tensors
         self.copies_bytes = 0  # held against the pipeline's device budget

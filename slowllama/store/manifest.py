@@ -159,6 +159,11 @@ class Manifest:
         return cls.from_json(read_json(path), str(path))
 
     @classmethod
+    def read_file(cls, path: Path) -> Manifest:
+        """A manifest in a file of another name (a share's prepared manifest), checked."""
+        return cls.from_json(read_json(path), str(path))
+
+    @classmethod
     def from_json(cls, m, where: str) -> Manifest:
         """The manifest of a JSON object, checked first: `where` names the file in the messages."""
         check_manifest(m, where)

@@ -10,6 +10,7 @@ Layout of a store folder:
     optim/<name>#<i>@<gen>.safetensors  optimizer state of a module, part i: rows of one weight (AdamW moments, step)
     master/<name>#<i>@<gen>.safetensors fp32 master weights of a 16-bit store, in the same parts (optional)
     journal.json                  present while a step is being written
+    manifest.prepared.json        a share's next manifest, between the two phases of a commit across hosts
     scratch/                      spilled activations of the running step
     run/                          logs of training runs: settings, metrics.jsonl
     lock                          pid of the process that writes the store
@@ -55,12 +56,13 @@ from slowllama.store.manifest import (COPIED, KINDS, MANIFEST, STATE_KINDS, File
                                       SourceRecord)
 from slowllama.store.quantized import Quantization, dequantized, stored_specs, weight_bytes
 from slowllama.store.safe_files import check_regular
+from slowllama.store.shares import PREPARED, ShareRecord, share_of
 from slowllama.store.state_parts import (DEFAULT_PART_ELEMENTS, StatePart, part_module, piece_name, split_piece,
                                         state_parts)
 
 JOURNAL = "journal.json"
 # paths a writer creates or writes through: none may be a symbolic link (it would lead the writes outside)
-OWN_PATHS = (MANIFEST, JOURNAL, "lock", *KINDS, "scratch", "run", "run/settings.json", "run/metrics.jsonl")
+OWN_PATHS = (MANIFEST, JOURNAL, PREPARED, "lock", *KINDS, "scratch", "run", "run/settings.json", "run/metrics.jsonl")
 
 
 class Store:
@@ -71,6 +73,8 @@ class Store:
         self.manifest = manifest
         self.writable = writable
         self.co_writer = co_writer  # a rank > 0: writes its own modules' files, which rank 0 commits
+        self.share: Optional[ShareRecord] = share_of(manifest, str(self.path / MANIFEST))  # None: a whole store
+        self._prepared: Optional[tuple] = None  # (manifest, pending, old files) of phase 1 of a commit across hosts
         self.lock: Optional[StoreLock] = None
         self.scratch_elsewhere: Optional[Path] = None  # spilled activations of a store opened read-only
         self.verify = True  # check size + checksum of every file read
@@ -92,13 +96,16 @@ class Store:
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, path, writable: bool = False, log: Callable[[str], None] = print,
-             follower: bool = False, co_writer: bool = False) -> "Store":
+             follower: bool = False, co_writer: bool = False, share_ok: bool = False,
+             recover: bool = True) -> "Store":
         """Open a store; writable: lock it (one writer) and clean up after an interrupted step.
 
         A read-only open refuses a store that a finetune is writing (its files change at every step),
         unless it is a `follower`: a rank > 0 of that finetune, which rank 0 opened (locked and recovered)
         first. A co_writer follower also writes the files of the modules it owns, never the manifest: at each
         commit it hands their entries to rank 0 (durable()) and takes rank 0's new manifest (adopt()).
+        A share of a split store (store/shares.py) is refused unless share_ok (a finetune across hosts, which
+        opens a share's writer with recover=False: the hosts agree on the recovery first, recover_share()).
         """
         path = Path(path)
         if not path.is_dir():
@@ -107,13 +114,18 @@ class Store:
         if not manifest_path.is_file():
             raise SlowllamaError(f"{path}: not a slowllama store (no {MANIFEST}; run `slowllama prepare` first)")
         store = cls(path, Manifest.read(path), writable or co_writer, co_writer)
+        if store.share is not None and not share_ok:
+            raise SlowllamaError(f"{path}: the share of host {store.share.host} of a store split across "
+                                 f"{store.share.layout()}, holding only its own ranks' modules: train it under "
+                                 "torchrun with the other hosts' shares, or join the shares first (slowllama join)")
         follower = follower or co_writer
         if writable:
             store._refuse_symlinks()
             store.lock = StoreLock(path)
             store.lock.acquire(log)
-            store._recover(log)
-            store._split_whole_state(log)
+            if recover:
+                store._recover(log)
+                store._split_whole_state(log)
         elif not follower:
             StoreLock(path).refuse_if_written()
         if not follower:
@@ -174,7 +186,7 @@ class Store:
                 if f"{kind}/{f.name}" not in referenced and not f.is_dir():  # a link is removed, not followed
                     f.unlink()
                     removed += 1
-        for tmp in (MANIFEST, JOURNAL):  # a rename that never happened
+        for tmp in (MANIFEST, JOURNAL, PREPARED):  # a rename that never happened
             with contextlib.suppress(FileNotFoundError):
                 (self.path / f"{tmp}.tmp").unlink()
         if journal.exists():
@@ -610,6 +622,23 @@ class Store:
         shared: the durable() entries of the co-writers (other ranks), committed too; each co-writer deletes the
         files its entries replace once it has adopted the new manifest.
         """
+        manifest, pending, old_files = self._next_manifest(step, run, remove, shared)
+        with signals_deferred():  # a second Ctrl-C lands before or after the commit, never inside it
+            try:
+                write_json_atomic(self.path / MANIFEST, manifest.to_json(), fault="store.commit")
+            except OSError as e:
+                if self._step_on_disk() != step:  # the rename did not happen: nothing was committed
+                    if e.errno == errno.ENOSPC:
+                        raise disk_full_error(e, str(self.path / MANIFEST)) from None
+                    raise
+                self._committed(manifest, pending)  # renamed, but the folder's fsync failed
+                raise
+            self._committed(manifest, pending)
+            self._remove_old(old_files)
+
+    def _next_manifest(self, step: int, run: Optional[RunRecord], remove: tuple, shared: tuple):
+        """The manifest a commit makes current (after making this process's files durable), the entries written
+        here that it takes in, and the files it no longer names that this process deletes once it is current."""
         self._require_writable()
         if self.co_writer:
             raise SlowllamaError(f"{self.path}: a co-writer hands its files to rank 0, which commits")
@@ -631,22 +660,69 @@ class Store:
             old_files += files[kind].pop(name).files()
         manifest = dataclasses.replace(self.manifest, files=files, step=step,
                                        run=self.manifest.run if run is None else run)
-        with signals_deferred():  # a second Ctrl-C lands before or after the commit, never inside it
-            try:
-                write_json_atomic(self.path / MANIFEST, manifest.to_json(), fault="store.commit")
-            except OSError as e:
-                if self._step_on_disk() != step:  # the rename did not happen: nothing was committed
-                    if e.errno == errno.ENOSPC:
-                        raise disk_full_error(e, str(self.path / MANIFEST)) from None
-                    raise
-                self._committed(manifest, pending)  # renamed, but the folder's fsync failed
-                raise
-            self._committed(manifest, pending)
-            for rel in old_files:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.path / rel).unlink()
+        return manifest, pending, old_files
+
+    def _remove_old(self, old_files: list[str]) -> None:
+        for rel in old_files:
             with contextlib.suppress(FileNotFoundError):
-                (self.path / JOURNAL).unlink()
+                (self.path / rel).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / JOURNAL).unlink()
+
+    # ---- a commit across hosts (a share's writer; train/checkpoints.py runs the two phases) -------------------
+    def prepare_commit(self, step: int, run: Optional[RunRecord] = None, shared: tuple = ()) -> None:
+        """Phase 1: write the manifest commit() would make current, durably, beside the current one (PREPARED).
+        From here a restart of every host rolls this step forward if every host prepared it (recover_share)."""
+        manifest, pending, old_files = self._next_manifest(step, run, (), shared)
+        try:
+            write_json_atomic(self.path / PREPARED, manifest.to_json(), fault="store.prepare")
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise disk_full_error(e, str(self.path / PREPARED)) from None
+            raise
+        self._prepared = (manifest, pending, old_files)
+
+    def prepared_json(self) -> dict:
+        """The manifest of phase 1, as written."""
+        return self._prepared[0].to_json()
+
+    def commit_prepared(self) -> None:
+        """Phase 2, once every host has prepared the step: the prepared manifest becomes the current one."""
+        manifest, pending, old_files = self._prepared
+        with signals_deferred():
+            fault_point("store.commit.before_rename")
+            os.replace(self.path / PREPARED, self.path / MANIFEST)
+            fault_point("store.commit.after_rename")
+            self._prepared = None
+            self._committed(manifest, pending)
+            fsync_dir(self.path)
+            self._remove_old(old_files)
+
+    def drop_prepared(self) -> None:
+        """Another host failed phase 1: the step is not committed anywhere (its files go with rollback())."""
+        self._prepared = None
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / PREPARED).unlink()
+
+    def prepared_step(self) -> Optional[int]:
+        """The step of a manifest prepared and not made current (a commit across hosts cut off); None: none."""
+        if not (self.path / PREPARED).is_file():
+            return None
+        return Manifest.read_file(self.path / PREPARED).step
+
+    def recover_share(self, forward: bool, log) -> None:
+        """Finish a commit across hosts that was cut off, as every host agreed (store/shares.recovery): the
+        prepared manifest made current (forward) or removed; then the clean-up of an interrupted step."""
+        if forward and (self.path / PREPARED).is_file():  # (a host that made it current already has none)
+            prepared = Manifest.read_file(self.path / PREPARED)
+            os.replace(self.path / PREPARED, self.path / MANIFEST)
+            fsync_dir(self.path)
+            self.manifest = prepared
+            log(f"recovered: every host had prepared step {prepared.step}; committed it on this host too")
+        elif (self.path / PREPARED).exists():
+            (self.path / PREPARED).unlink()
+            fsync_dir(self.path)
+        self._recover(log)
 
     def adopt(self, manifest_json: dict) -> None:
         """A co-writer: rank 0 committed the manifest `manifest_json`, with this process's files in it; take it,
@@ -717,10 +793,12 @@ class Store:
         """Refuse to start training when one step's new files would not fit on the store's disk.
 
         A step writes new module files (and optimizer state, master weights) beside the committed
-        ones, which go only once it commits; activations beyond the memory budget go to scratch/.
+        ones, which go only once it commits; activations beyond the memory budget go to scratch/. (A share: the
+        files of its own host's modules.)
         """
         modules = sum(info.bytes for name, info in self.manifest.files["modules"].items()
-                      if name in self.expected_shapes)
+                      if name in self.expected_shapes
+                      and (self.share is None or self.share.host_of(name) == self.share.host))
         weights = modules // st.element_size(self.dtype)
         parts = {"new module files": modules, "optimizer state": weights * optim_bytes_per_weight,
                  "master weights": weights * master_bytes_per_weight, "spilled activations": spill_bytes}

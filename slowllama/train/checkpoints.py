@@ -21,7 +21,9 @@ from slowllama.errors import SlowllamaError
 from slowllama.model.lora import LoRAConfig, LoRAState, init_params
 from slowllama.store.adapters import AdapterFolder
 from slowllama.store.manifest import RunRecord
+from slowllama.store.shares import digest
 from slowllama.store.store import Store
+from slowllama.train.shares import HostLayout
 
 
 def report_changes(recorded: dict, wanted: dict, log: Callable[[str], None]) -> None:
@@ -39,11 +41,27 @@ class StoreCheckpoint:
     owns, and a commit is a collective: every rank makes its files durable and hands their entries to rank 0, which
     alone holds the journal and the lock and commits the manifest once all are in; the others then take the new
     manifest. A rank that fails before (or rank 0 failing the commit) leaves the store at its last step: every
-    rank rolls back its own files, and the next start removes whatever a killed rank left.
+    rank rolls back its own files, and the next start removes whatever a killed rank left. A rank that loses rank 0
+    while waiting for the new manifest keeps its files (rank 0 may have committed them); the next start removes
+    them if it did not.
+
+    On the shares of a split store (hosts: train/shares.py's HostLayout), each host's lowest rank holds its share's
+    journal and lock, and every share's manifest advances together, in two phases: once every rank's files are
+    durable, every host's writer writes the next manifest durably beside its current one (prepared) and says so;
+    once all have, each makes it current. A restart after a kill anywhere in this rolls every host forward or
+    back to one step (Store.recover_share).
     """
 
-    def __init__(self, store: Store, fleet: Optional[Fleet] = None):
-        self.store, self.fleet = store, fleet or Fleet()
+    def __init__(self, store: Store, fleet: Optional[Fleet] = None, hosts: Optional[HostLayout] = None):
+        self.store, self.fleet, self.hosts = store, fleet or Fleet(), hosts
+        # a step whose files some host's prepared manifest may name: they stay, whatever follows, until the next
+        # start decides (store/shares.recovery)
+        self._keep = False
+
+    @property
+    def writes_manifest(self) -> bool:
+        """Whether this rank writes its store's manifest and journal: rank 0, or on shares each host's first rank."""
+        return self.fleet.main if self.hosts is None else self.hosts.leads(self.fleet.rank)
 
     @property
     def run_dir(self) -> Path:
@@ -58,7 +76,7 @@ class StoreCheckpoint:
         return replace(run, settings=wanted), self.store.step - run.start_step
 
     def begin(self) -> None:
-        if self.fleet.main:
+        if self.writes_manifest:
             self.store.begin_step(self.store.step + 1)
 
     def commit(self, number: int, run: Optional[RunRecord]) -> None:
@@ -78,6 +96,9 @@ class StoreCheckpoint:
         failed = [what for status, what in everyone if status == "failed"]
         if failed:
             raise error or SlowllamaError(f"step {step} not committed: {failed[0]}")
+        if self.hosts is not None:
+            self._commit_across_hosts(step, run, everyone)
+            return
         if fleet.main:
             before = self.store.manifest
             try:
@@ -89,12 +110,56 @@ class StoreCheckpoint:
             if error is not None:
                 raise error
         else:
+            self._keep = True  # rank 0 may commit this rank's files and die before it says so: they stay
             manifest = fleet.broadcast_object(None)
             if manifest is None:
+                self._keep = False
                 raise SlowllamaError(f"step {step} not committed: rank 0 failed to commit it")
             self.store.adopt(manifest)
+            self._keep = False
+
+    def _commit_across_hosts(self, step: int, run: Optional[RunRecord], everyone: list) -> None:
+        """The two phases, once every rank's files are durable (everyone: each rank's entries)."""
+        fleet, error = self.fleet, None
+        host = self.hosts.hosts[fleet.rank]
+        ack = ("ok", None)
+        self._keep = True  # (a rank that dies from here may leave a host prepared, this one's files named there)
+        if self.writes_manifest:  # phase 1: every host's next manifest, durable beside the current one
+            others = tuple(e for rank, (_, entries) in enumerate(everyone) if rank != fleet.rank for e in entries)
+            try:
+                self.store.prepare_commit(step, run, shared=others)
+                ack = ("ok", digest(self.store.prepared_json()))
+            except BaseException as e:
+                error, ack = e, ("failed", f"host {host}: {e}")
+        acks = fleet.gather_objects(ack)
+        failed = [what for status, what in acks if status == "failed"]
+        if not failed and len({d for _, d in acks if d is not None}) > 1:  # (a guard: they are made alike)
+            failed = [f"the hosts prepared different manifests for step {step}"]
+        if failed:  # every rank knows: not prepared everywhere, so nowhere committed (rollback removes the files)
+            if self.writes_manifest:
+                self.store.drop_prepared()
+            self._keep = False
+            raise error or SlowllamaError(f"step {step} not committed: {failed[0]}")
+        done = ("ok", None)
+        if self.writes_manifest:  # phase 2: every host prepared it
+            try:
+                self.store.commit_prepared()
+                done = ("ok", self.store.manifest.to_json())
+            except BaseException as e:  # the next start rolls this host forward
+                error, done = e, ("failed", f"host {host}: {e}")
+        manifests = fleet.gather_objects(done)
+        failed = [what for status, what in manifests if status == "failed"]
+        if failed:
+            raise error or SlowllamaError(f"step {step}: committed, but not on every host ({failed[0]}); the next "
+                                          "start finishes it")
+        if not self.writes_manifest:
+            self.store.adopt(manifests[self.hosts.leader(fleet.rank)][1])
+        self._keep = False
 
     def rollback(self) -> None:
+        if self._keep:  # the next start rolls every host forward or back (and removes what is not named)
+            self._keep = False
+            return
         self.store.rollback()
 
     @property
