@@ -40,7 +40,11 @@ NOT_RUN = {
     "pip install -e '.[gguf]'": "installs: the test extra has gguf",
     'llama-cli -m ~/llama-2-7b-tuned.gguf -p "The main idea of"': "llama.cpp's program (not installed here); "
                                                                     "test_gguf.py reads the file back",
-    "python -m pytest -q": "the suite itself",
+    "python -m pytest -q -n auto": "the suite itself",
+    "rsync -a ~/shares/host-1/ host1:shares/host-1/": "another machine (test_split_store.py runs 2 hosts on one)",
+    "torchrun --nnodes 2 --node-rank 0 --master-addr host0 --master-port 29500 --nproc-per-node 8 -m slowllama "
+    "finetune ~/shares/host-0 --data my_notes.txt --steps 500 --optimizer adamw": "2 machines of 8 GPUs "
+                                                                                   "(test_split_store.py: 2 on one)",
 }
 CAPS = {"--steps": 3, "--seq-len": 128, "--batch-size": 4, "--accumulate": 2, "--max-new-tokens": 16}
 
@@ -92,7 +96,7 @@ def readme_steps():
             steps.append(("write", name[2:].strip(), body))
         if lang != "sh":
             continue
-        for line in re.sub(r"\\\n\s*", " ", text).splitlines():
+        for line in re.sub(r"\s*\\\n\s*", " ", text).splitlines():
             line = line.strip()
             says = re.match(r"# says: (.*)", line)
             if says:
@@ -233,7 +237,8 @@ def test_every_readme_command_runs_in_order(reader, capsys, tmp_path):
 def test_the_readme_runner_sees_every_command():
     """Every line of the README's sh blocks that starts a command is a step of the runner."""
     lines = [line for lang, text in blocks() if lang == "sh"
-             for line in re.sub(r"\\\n\s*", " ", text).splitlines() if line.strip() and not line.startswith("#")]
+             for line in re.sub(r"\s*\\\n\s*", " ", text).splitlines()
+             if line.strip() and not line.strip().startswith("#")]
     steps = [s for s in readme_steps() if s[0] == "run"]
-    assert len(steps) == len(lines) and all(line.startswith(s[1]) for s, line in zip(steps, lines))
+    assert len(steps) == len(lines) and all(line.strip().startswith(s[1]) for s, line in zip(steps, lines))
     assert run_cli("--version", check=0).stdout.startswith("slowllama ")
