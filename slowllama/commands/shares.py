@@ -78,7 +78,7 @@ def split(store_path: Path, out: Path, hosts: int, ranks_per_host: int = 1, log:
                     fsync_dir(folder)
                 write_json_atomic(share / MANIFEST, {**manifest, FIELD: record.to_json()})
                 paths.append(out / f"host-{h}")
-    mine = {h: sum(1 for n in names if owners[n] // ranks_per_host == h) for h in range(hosts)}
+    mine = {h: sum(1 for n in names if record.host_of(n) == h) for h in range(hosts)}
     log(f"split {store_path} for {record.layout()}: "
         + ", ".join(f"{p} {mine[int(p.name.split('-')[1])]} modules" for p in paths))
     return paths
@@ -116,11 +116,11 @@ def join(shares: list[Path], out: Path, force: bool = False, log: Callable[[str]
     with staged_folder(out) as tmp:
         for kind, entries in first_manifest.files.items():
             for name, entry in entries.items():
-                src = by_host[first.host_of(name) if first.host_of(name) is not None else 0]
+                holder = first.host_of(name) or 0  # (None: every share holds it; take host 0's)
+                src = by_host[holder]
                 for rel in entry.files():
                     if not (src / rel).is_file():
-                        raise SlowllamaError(f"{src / rel}: missing (the share of host {first.host_of(name) or 0} "
-                                             f"holds {kind} {name})")
+                        raise SlowllamaError(f"{src / rel}: missing (the share of host {holder} holds {kind} {name})")
                     _copy(src / rel, tmp / rel)
         for name in content_files(by_host[0]):
             _copy(by_host[0] / name, tmp / name)

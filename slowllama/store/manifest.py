@@ -24,6 +24,7 @@ from slowllama.store.state_parts import DEFAULT_PART_ELEMENTS
 FORMAT = "slowllama-store"
 VERSION = 1
 MANIFEST = "manifest.json"
+JOURNAL = "journal.json"  # a store's record of the step being written (store.py)
 KINDS = ("modules", "optim", "master")  # weights, optimizer state, fp32 master weights
 STATE_KINDS = ("optim", "master")  # kept in parts (state_parts.py)
 # the top-level fields this version reads, in the order a new store writes them
@@ -155,8 +156,7 @@ class Manifest:
     @classmethod
     def read(cls, store_path: Path) -> Manifest:
         """The manifest of the store at store_path, checked (SlowllamaError naming the field that is wrong)."""
-        path = Path(store_path) / MANIFEST
-        return cls.from_json(read_json(path), str(path))
+        return cls.read_file(Path(store_path) / MANIFEST)
 
     @classmethod
     def read_file(cls, path: Path) -> Manifest:

@@ -19,12 +19,11 @@ from typing import Optional
 
 from slowllama.errors import SlowllamaError
 from slowllama.model.shapes import module_names
-from slowllama.store.manifest import MANIFEST, Manifest
+from slowllama.store.manifest import JOURNAL, MANIFEST, Manifest
 from slowllama.store.state_parts import part_module
 
 FIELD = "share"  # the manifest's field
 PREPARED = "manifest.prepared.json"  # a share's next manifest, written in phase 1 of a commit across hosts
-JOURNAL = "journal.json"
 # top-level files of a store that are its state, not its content (never copied from one store into another)
 NOT_CONTENT = (MANIFEST, JOURNAL, "lock", PREPARED)
 
@@ -117,8 +116,6 @@ def content_files(store: Path) -> list[str]:
     """The top-level files of a store besides its manifest and state: the tokenizer, config.json ..."""
     return sorted(p.name for p in Path(store).iterdir()
                   if p.is_file() and not p.is_symlink() and p.name not in NOT_CONTENT and not p.name.endswith(".tmp"))
-
-
 
 
 def read_share(path: Path) -> tuple[Manifest, ShareRecord]:

@@ -52,7 +52,7 @@ from slowllama.store import safetensors_io as st
 from slowllama.store.atomic import fsync_dir, signals_deferred, write_json_atomic
 from slowllama.store.guards import check_free_space, disk_full_error
 from slowllama.store.lock import StoreLock
-from slowllama.store.manifest import (COPIED, KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord,
+from slowllama.store.manifest import (COPIED, JOURNAL, KINDS, MANIFEST, STATE_KINDS, FileEntry, Manifest, RunRecord,
                                       SourceRecord)
 from slowllama.store.quantized import Quantization, dequantized, stored_specs, weight_bytes
 from slowllama.store.safe_files import check_regular
@@ -60,7 +60,6 @@ from slowllama.store.shares import PREPARED, ShareRecord, share_of
 from slowllama.store.state_parts import (DEFAULT_PART_ELEMENTS, StatePart, part_module, piece_name, split_piece,
                                         state_parts)
 
-JOURNAL = "journal.json"
 # paths a writer creates or writes through: none may be a symbolic link (it would lead the writes outside)
 OWN_PATHS = (MANIFEST, JOURNAL, PREPARED, "lock", *KINDS, "scratch", "run", "run/settings.json", "run/metrics.jsonl")
 
@@ -164,7 +163,8 @@ class Store:
                 raise SlowllamaError(f"{path}: checksum mismatch (altered or corrupted outside slowllama)")
         if self.has("extras"):  # size, checksum and header; not one of the run's reads (bytes_read)
             info = self.file_info("extras")
-            st.read_file(str(self.file_path(info)), expect=(info.bytes, info.xxh3, info.tensors) if self.verify else None)
+            expect = (info.bytes, info.xxh3, info.tensors) if self.verify else None
+            st.read_file(str(self.file_path(info)), expect=expect)
 
     def _refuse_symlinks(self) -> None:
         """A writer writes and deletes files in these places: each must be the store's own, not a link."""
