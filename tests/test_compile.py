@@ -21,10 +21,12 @@ def run(store, **kw) -> list[str]:
     return logs
 
 
-def test_compiled_blocks_train_like_in_memory(tiny_fp32, store_fp32):
+@pytest.mark.parametrize("recompute", ["auto", "always"])  # the blocks keep their graphs / are recomputed
+def test_compiled_blocks_train_like_in_memory(tiny_fp32, store_fp32, recompute):
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    logs = run(store_fp32, steps=3, batch_size=2, accumulate=2, seq_len=32, lr=0.05)
+    logs = run(store_fp32, steps=3, batch_size=2, accumulate=2, seq_len=32, lr=0.05, recompute=recompute)
     assert not any("--compile" in line for line in logs)
+    assert any("blocks keep their forward pass's graph" in line for line in logs) == (recompute == "auto")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the blocks did run compiled
     expected = reference_model(tiny_fp32, store_fp32, 3, 2, 2, 32, 0.05).state_dict()
     # fused kernels sum in other orders than eager ones: fp32 rounding, not another computation
@@ -46,25 +48,26 @@ def failing_compile(*args):
 
 
 def test_a_failed_compile_falls_back_to_eager_blocks_under_auto_and_is_an_error_under_on(tiny_fp32):
-    from slowllama.engine.compiled import CompiledBlocks
+    from slowllama.engine.compiled import BlockTensors, CompiledBlocks
     from slowllama.errors import SlowllamaError
     from slowllama.model.layers import rope_tables
 
     model = meta_model(tiny_fp32)
     block, args = model.layers[0], model.args
+    tensors = BlockTensors(dict(block.named_parameters()), {})
     x = torch.randn(2, 8, args.dim)
     cos, sin = rope_tables(args, 0, 8)
     said = []
     auto = CompiledBlocks(args, on_failure=said.append)
     auto.run = failing_compile
-    torch.testing.assert_close(auto(block, x, cos, sin), block(x, cos, sin), rtol=0, atol=0)
-    auto(block, x, cos, sin)  # no second attempt, no second message
+    torch.testing.assert_close(auto(tensors, x, cos, sin), block(x, cos, sin), rtol=0, atol=0)
+    auto(tensors, x, cos, sin)  # no second attempt, no second message
     assert said == ["--compile auto: torch.compile failed on this machine (no working C++ compiler); blocks run eager"]
     on = CompiledBlocks(args)
     on.run = failing_compile
     with pytest.raises(SlowllamaError, match="--compile on: torch.compile failed on this machine "
                                              r"\(no working C\+\+ compiler\); use --compile off"):
-        on(block, x, cos, sin)
+        on(tensors, x, cos, sin)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw", "lion"])
@@ -131,7 +134,8 @@ def test_compiled_adamw_on_a_bf16_store_trains_like_eager(tiny_bf16, tmp_path):
     assert moved > len(off) // 2
 
 
-def test_compiled_lora_blocks_train_like_in_memory(tiny_fp32, store_fp32, tmp_path):
+@pytest.mark.parametrize("recompute", ["auto", "always"])
+def test_compiled_lora_blocks_train_like_in_memory(tiny_fp32, store_fp32, tmp_path, recompute):
     import safetensors.torch as st
 
     from slowllama.data.windows import load_text
@@ -143,7 +147,8 @@ def test_compiled_lora_blocks_train_like_in_memory(tiny_fp32, store_fp32, tmp_pa
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     # SGD: the adapters' values carry their gradients' rounding as is (AdamW's first steps magnify it)
     logs = run(store_fp32, steps=2, batch_size=2, accumulate=2, seq_len=32, lr=0.5, lora_rank=4, lora_alpha=8.0,
-               lora_targets=TARGET_LIST, adapter_path=str(tmp_path / "ad"), log_every=0, optimizer="sgd")
+               lora_targets=TARGET_LIST, adapter_path=str(tmp_path / "ad"), log_every=0, optimizer="sgd",
+               recompute=recompute)
     assert not any("--compile" in line for line in logs), logs
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the LoRA blocks did run compiled
     model, params = in_memory_lora(tiny_fp32, LoRAConfig(4, 8.0, 0.0, tuple(TARGET_LIST.split(","))), seed=0)
@@ -190,3 +195,28 @@ def test_an_nf4_engine_dequantizes_compiled_under_compile_on(tiny_fp32, tmp_path
         assert (engine.compiled_dequantize is not None) == (mode == "on")
         losses[mode] = engine.loss_sum(microbatches(x, y, 2))
     assert losses["on"] == losses["off"]  # eval's blocks run eager: the dequantized weights are the same bits
+
+
+def test_compiled_lora_blocks_on_an_nf4_store_train_like_eager(tiny_fp32, tmp_path):
+    """The packed weights go into the compiled block and are dequantized there: the adapters move as eager blocks
+    (which dequantize each weight, then run the module) move them."""
+    import safetensors.torch as st
+
+    from slowllama.formats.convert import prepare
+    from slowllama.store.quantized import Quantization
+
+    store = prepare(tiny_fp32, tmp_path / "nf4", quantization=Quantization(double_quant=True), log=lambda m: None)
+    adapters, graphs = {}, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for mode in ("on", "off"):  # (compiled: the blocks recomputed in the backward)
+        finetune(FinetuneSettings(store=str(store), data=str(ALICE), device="cpu", eval_every=0, compile=mode,
+                                  steps=2, batch_size=2, accumulate=2, seq_len=32, lr=0.5, optimizer="sgd",
+                                  lora_rank=4, lora_alpha=8.0, lora_targets="wq,wv,w2",
+                                  adapter_path=str(tmp_path / mode), log_every=0,
+                                  recompute="always" if mode == "on" else "auto"),
+                 log=lambda m: None, emit=lambda m: None)
+        adapters[mode] = st.load_file(str(tmp_path / mode / "adapters.safetensors"))
+        if mode == "on":
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the blocks did run compiled
+    for key, expected in adapters["off"].items():
+        torch.testing.assert_close(adapters["on"][key], expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in adapters["on"].items() if "lora_b" in k)

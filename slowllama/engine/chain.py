@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slowllama.engine.activations import Activations, Budget, KeptGraphs
-from slowllama.engine.compiled import (CompiledBlocks, CompiledDequantize, CompiledUpdates, compile_reason,
-                                       wants_compile)
+from slowllama.engine.compiled import (BlockTensors, CompiledBlocks, CompiledDequantize, CompiledUpdates,
+                                       compile_reason, wants_compile)
 from slowllama.engine.fleet import Fleet
 from slowllama.engine.pipeline import Pipeline
 from slowllama.engine.replicas import Replicas
@@ -39,9 +39,10 @@ from slowllama.engine.streamed import NORMS, BlockGradients, stream_linears
 from slowllama.engine.updates import Updater
 from slowllama.errors import SlowllamaError
 from slowllama.faults import fault_point
+from slowllama.model import nf4
 from slowllama.model.args import ModelArgs
 from slowllama.model.layers import IGNORE_INDEX, assign_weights, build_module, cross_entropy_sum, rope_tables
-from slowllama.model.lora import LoRAState, block_params, inject
+from slowllama.model.lora import LoRAState, inject
 from slowllama.model.shapes import model_param_count, module_names
 from slowllama.optim.base import Optimizer
 from slowllama.optim.sgd import SGD
@@ -70,6 +71,12 @@ class EngineConfig:
     compile: str = "off"  # training's blocks and updates through torch.compile: auto (on cuda), on, off
     unit: str = "block"  # what streams in a block's place: the block, or each of its weights (residency.py)
     keep_graphs: bool = True  # blocks keep their forward graph (no recompute) where the activation budget holds it
+
+
+def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """A weight for a block's graph: a new leaf that gathers its gradient, when it is trained (the resident tensor
+    itself stays untouched, as a module's nn.Parameter around it leaves it)."""
+    return t.detach().requires_grad_() if requires_grad else t
 
 
 def keeps_master(store: Store, master_weights: bool, lora: Optional[LoRAState]) -> bool:
@@ -110,7 +117,8 @@ class OffloadedModel:
         self.compile_note = compile_reason(wanted, cfg.dropout, lora.cfg.dropout if lora is not None else 0.0,
                                            cfg.unit == "weight")
         on_failure = None if cfg.compile == "on" else (lambda m: print(m, file=sys.stderr, flush=True))
-        self.compiled_blocks = (CompiledBlocks(self.args, on_failure, lora.cfg if lora is not None else None)
+        self.compiled_blocks = (CompiledBlocks(self.args, on_failure, lora.cfg if lora is not None else None,
+                                               store.dtype, cfg.compute_dtype)
                                 if wanted and not self.compile_note else None)
         compiled_updates = CompiledUpdates(self.optimizer, on_failure) if wanted else None
         self.compiled_dequantize = CompiledDequantize(on_failure) if wanted and store.quantization else None
@@ -191,8 +199,23 @@ class OffloadedModel:
             tensors = self._dequantized(name, self.replicas.weights(name))
         assign_weights(m, {k: v.to(self.cfg.compute_dtype) for k, v in tensors.items()}, grad and self.lora is None)
         if self.lora is not None and name.startswith("layers."):
-            inject(m, block_params(self.lora.params, name), self.lora.cfg)
+            inject(m, self.lora.block(name), self.lora.cfg)
         return m.train(train)
+
+    def block(self, name: str, train: bool = False, grad: bool = False,
+              gradients: Optional[BlockGradients] = None) -> nn.Module | BlockTensors:
+        """Block `name` to run: for a training step's compiled graph its tensors, as they are resident (no module is
+        built, nothing dequantized outside the graph); else its module (module())."""
+        if not train or self.compiled_blocks is None or self.streams_by_weight(name):
+            return self.module(name, train, grad, gradients)
+        tensors, quant, shapes = self.replicas.weights(name), self.store.quantization, self.store.expected_shapes[name]
+        packed = {k: nf4.parts(t, shapes[k], quant.double_quant) for k, t in tensors.items()
+                  if quant is not None and quant.covers(name, k)}
+        trained = grad and self.lora is None
+        params = {k: _leaf(t.to(self.cfg.compute_dtype), trained) for k, t in tensors.items() if k not in packed}
+        if self.lora is not None:
+            params.update(self.lora.block(name))
+        return BlockTensors(params, packed)
 
     def _dequantized(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A quantized store's packed weights (as they streamed, on the device) -> weights in the store's dtype."""
@@ -211,7 +234,7 @@ class OffloadedModel:
         head, weight = self.head()
         return head(h, weight)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _run_block(self, block: nn.Module | BlockTensors, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    train: bool) -> torch.Tensor:
         """A training step's block runs compiled where asked for (eval and generation stay eager)."""
         if train and self.compiled_blocks is not None:
@@ -251,7 +274,7 @@ class OffloadedModel:
             for i in range(self.args.n_layers):
                 fault_point("forward.module")
                 keep = graphs is not None and graphs.holds(i)
-                block = self.module(f"layers.{i}", train, grad=keep)
+                block = self.block(f"layers.{i}", train, grad=keep)
                 pairs = []
                 for k in range(len(hs)):
                     self._seed(step, micro_offset + k, i + 1)
@@ -380,7 +403,7 @@ class OffloadedModel:
                 continue
             gradients = BlockGradients(len(batches), lambda key, g, name=name: self._update_weight(name, key, g, step,
                                                                                                 tally))
-            block = self.module(name, train=True, grad=True, gradients=gradients)
+            block = self.block(name, train=True, grad=True, gradients=gradients)
             cos, sin = self.rope(batches[0][0].shape[1])
             for k in range(len(batches)):
                 acts.prefetch((i, k + 1) if k + 1 < len(batches) else (i - 1, 0))  # the next input, meanwhile
@@ -401,7 +424,7 @@ class OffloadedModel:
         grad_norm = tally.grad_norm() if self.lora is not None else self.replicas.finish(tally)
         return StepResult(loss=loss, targets=n_targets, tokens=tokens, grad_norm=grad_norm)
 
-    def _finish(self, name: str, module: nn.Module, step: Step, tally: Tally) -> None:
+    def _finish(self, name: str, module: nn.Module | BlockTensors, step: Step, tally: Tally) -> None:
         """A module's backward is done: update it (full fine-tuning) or leave it (LoRA: frozen base). A block
         streamed by weight has had its linears updated during its backward: its norms are left."""
         if self.lora is not None:

@@ -5,11 +5,12 @@ its kernel time outside the matmuls: RMSNorm and RoPE in fp32, SwiGLU, residual 
 casts, each a separate pass over memory, run twice (forward, then the backward's recompute) plus
 their own backward; then the update, a dozen more passes over each weight. Compiling fuses them.
 
-The engine builds a fresh module around every loaded block, so the compiled function does not take
-the module: it takes its parameters as a dict and calls one template block (on the meta device)
-with them through torch.func.functional_call. Every block then shares one graph, with no recompile
-per block and no guard on module identity; with LoRA the template carries the adapters too (meta
-tensors of their shapes), and the adapters of each block come in with its parameters. Compiled
+The compiled function does not take a module: it takes a block's tensors as dicts (BlockTensors, no module
+is built around them) and calls one template block (on the meta device) with them through
+torch.func.functional_call. Every block then shares one graph, with no recompile per block and no guard
+on module identity; with LoRA the template carries the adapters too (meta tensors of their shapes), and
+the adapters of each block come in with its weights; an NF4 store's weights come packed and are
+dequantized inside the graph. Compiled
 dropout draws its masks differently from eager dropout (still from torch's seed, so replays match),
 so runs with dropout (the model's or LoRA's) keep eager blocks.
 """
@@ -19,14 +20,14 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn as nn
 from torch.func import functional_call
 
 from slowllama.errors import SlowllamaError
 from slowllama.model import nf4
 from slowllama.model.args import ModelArgs
 from slowllama.model.layers import build_module
-from slowllama.model.lora import LoRAConfig, inject, meta_params
+from slowllama.model.lora import TARGETS, LoRAConfig, inject, meta_params
+from slowllama.model.shapes import module_shapes
 from slowllama.optim.base import Optimizer
 
 
@@ -48,31 +49,59 @@ class _Compiled:
         self.failed = True
 
 
+class BlockTensors:
+    """A block as its compiled graph takes it: tensors by the block's state dict keys, with no nn.Module built around
+    them (building one, assigning its weights and injecting its adapters was most of a block's host time at every
+    use, more than its GPU time in a QLoRA step). params: the weights in the compute dtype (leaves requiring grad
+    when full fine-tuning trains them) and the LoRA adapters; packed: each NF4 weight as (code bytes, fp32 absmax),
+    dequantized inside the graph."""
+
+    def __init__(self, params: dict[str, torch.Tensor], packed: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.params, self.packed = params, packed
+
+    def named_parameters(self):
+        """(key, tensor) of what the block's backward gives gradients to, as a module's named_parameters does."""
+        return self.params.items()
+
+
 class CompiledBlocks(_Compiled):
-    """block(x, cos, sin) for any TransformerBlock of one model shape, through one compiled graph."""
+    """block(BlockTensors, x, cos, sin) for any TransformerBlock of one model shape, through one compiled graph.
+
+    quantization: a store's NF4 weights come packed and are dequantized in the graph (as model/nf4.py does: to the
+    store's dtype, then to the compute dtype), so a block use is one call, not one per weight plus the block's."""
 
     what = "blocks"
 
     def __init__(self, args: ModelArgs, on_failure: Optional[Callable[[str], None]] = None,
-                 lora: Optional[LoRAConfig] = None):
+                 lora: Optional[LoRAConfig] = None, store_dtype: torch.dtype = torch.float32,
+                 compute_dtype: torch.dtype = torch.float32):
         super().__init__(on_failure)
         self.template = build_module(args, "layers.0")  # meta tensors: only its code and structure are used
+        # a state dict key -> the template's name of it (an adapted linear's weight is its LoRALinear's base's)
+        self.names = {key: key for key in module_shapes(args, "layers.0")}
         if lora is not None:
             inject(self.template, meta_params(args, lora), lora)
+            self.names.update({key: key for key in meta_params(args, lora)})
+            self.names.update({f"{TARGETS[t]}.weight": f"{TARGETS[t]}.base.weight" for t in lora.targets})
+        shapes = module_shapes(args, "layers.0")
 
-        def run(params: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-            return functional_call(self.template, params, (x, cos, sin))
+        def run(params: dict[str, torch.Tensor], packed: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                pairs: Optional[torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+            weights = {self.names[k]: t for k, t in params.items()}
+            for key, (codes, absmax) in packed.items():
+                weights[self.names[key]] = nf4.expand(codes, absmax, pairs, shapes[key], store_dtype).to(compute_dtype)
+            return functional_call(self.template, weights, (x, cos, sin))
 
-        self.run = torch.compile(run)
+        self.eager, self.run = run, torch.compile(run)
 
-    def __call__(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.failed:
-            return block(x, cos, sin)
-        try:
-            return self.run(dict(block.named_parameters()), x, cos, sin)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            self._failed(e)
-            return block(x, cos, sin)
+    def __call__(self, block: BlockTensors, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        pairs = nf4.pair_table(x.device) if block.packed else None
+        if not self.failed:
+            try:
+                return self.run(block.params, block.packed, pairs, x, cos, sin)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                self._failed(e)
+        return self.eager(block.params, block.packed, pairs, x, cos, sin)
 
 
 def wants_compile(mode: str, device: torch.device) -> bool:

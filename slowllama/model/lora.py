@@ -55,6 +55,11 @@ class LoRAState:
     params: dict[str, nn.Parameter]  # "layers.N.attention.wq.lora_a" -> (rank, in), "...lora_b" -> (out, rank)
     optim_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def block(self, name: str) -> dict[str, nn.Parameter]:
+        """Block `name`'s adapters, keyed as in the block (block_params', looked up: a step asks at every block use)."""
+        return {f"{TARGETS[t]}.{ab}": self.params[f"{name}.{TARGETS[t]}.{ab}"]
+                for t in self.cfg.targets for ab in ("lora_a", "lora_b")}
+
 
 def parse_targets(text: str) -> tuple[str, ...]:
     """--lora-targets: Meta's names, Hugging Face's (q_proj -> wq...) or both mixed; each once, in Meta's names

@@ -123,9 +123,14 @@ def dequantize(packed: torch.Tensor, shape: tuple[int, ...], double_quant: bool 
                dtype: torch.dtype = torch.float32, expand_with=None) -> torch.Tensor:
     """The weight of `shape` a packed tensor holds, in `dtype`, on the packed tensor's device: the NF4 value of
     each code times its block's absmax, computed in fp32. expand_with: `expand` or the same compiled."""
+    codes, absmax = parts(packed, shape, double_quant)
+    return (expand_with or expand)(codes, absmax, pair_table(packed.device), tuple(shape), dtype)
+
+
+def parts(packed: torch.Tensor, shape: tuple[int, ...], double_quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the code bytes, the fp32 absmax of each block) of a packed weight, checked: what `expand` takes."""
     check_packed(packed, shape, double_quant)
-    return (expand_with or expand)(codes_of(packed, shape), dequantize_absmax(packed, shape, double_quant),
-                                   pair_table(packed.device), tuple(shape), dtype)
+    return codes_of(packed, shape), dequantize_absmax(packed, shape, double_quant)
 
 
 def check_packed(packed: torch.Tensor, shape: tuple[int, ...], double_quant: bool) -> None:
