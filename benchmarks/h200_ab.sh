@@ -140,10 +140,33 @@ final3)  # the CUDA tests, QLoRA 7B SSD-bound again, then the no-regression pair
     bench old sgd_ssd $D
     bench new sgd_ssd $D
     ;;
+qlora3)  # blocks given their tensors (5258b3f) against the commit before (OLD): QLoRA 7B NF4 at 4 + 8 GiB (4x256, 16x256),
+    # then LoRA r4 16x128 and SGD 16x256 with the bf16 model resident
+    Q="--preset 7b --store-dir /tmp/bench-7b-nf4 --quantize nf4 --seq-len 256 --lora-rank 8 --drop-cache --probe-size 256M --max-memory 4G --max-gpu-memory 8G"
+    bench new qlora8_4x256 $Q --batch-size 4 --steps 6; echo "  ($SECONDS s)"
+    bench old qlora8_4x256 $Q --batch-size 4 --steps 6; echo "  ($SECONDS s)"
+    bench new qlora8_16x256 $Q --batch-size 16 --steps 5; echo "  ($SECONDS s)"
+    bench old qlora8_16x256 $Q --batch-size 16 --steps 5; echo "  ($SECONDS s)"
+    (cd "$NEW" && PYTHONPATH=$NEW python3 -m slowllama bench --preset 7b --store-dir $S7 --steps 1 --probe-size 64M --device cuda > /dev/null 2>&1)
+    echo "  (bf16 store built: $SECONDS s)"
+    R="--preset 7b --store-dir $S7 --probe-size 64M"
+    pair lora4_16x128 $R --batch-size 16 --seq-len 128 --steps 6 --lora-rank 4; echo "  ($SECONDS s)"
+    pair sgd_16x256_resident $R --batch-size 16 --seq-len 256 --steps 6 --save-every 100; echo "  ($SECONDS s)"
+    ;;
+ssd3)  # the CUDA tests; the SSD-bound SGD pair (4 + 8 GiB, page cache dropped) on a store the old code (OLD) builds;
+    # 70B cut to 4 layers, NF4, 3 + 5 GiB
+    (cd "$NEW" && PYTHONPATH=$NEW timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_step_tally.py 2>&1 | tail -n 3)
+    echo "  ($SECONDS s)"
+    D="--preset 7b --store-dir /tmp/bench-7b-ab --batch-size 16 --seq-len 256 --steps ${STEPS:-3} --max-memory 4G --max-gpu-memory 8G --drop-cache --probe-size 1G"
+    bench old sgd_ssd $D; echo "  ($SECONDS s)"
+    bench new sgd_ssd $D; echo "  ($SECONDS s)"
+    bench new qlora8_70b4_nf4 --preset 70b --layers 4 --store-dir /tmp/bench-70b4-nf4 --quantize nf4 --batch-size 4 --seq-len 256 \
+        --steps 3 --lora-rank 8 --drop-cache --probe-size 1G --max-memory 3G --max-gpu-memory 5G; echo "  ($SECONDS s)"
+    ;;
 cuda)  # the CUDA tests at the new commit
     (cd "$NEW" && PYTHONPATH=$NEW python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 5)
     ;;
 *)
-    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|qlora|profile|qlora2|resident2|final3|cuda" >&2; exit 2
+    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|qlora|profile|qlora2|resident2|final3|qlora3|ssd3|cuda" >&2; exit 2
     ;;
 esac
