@@ -163,10 +163,23 @@ ssd3)  # the CUDA tests; the SSD-bound SGD pair (4 + 8 GiB, page cache dropped) 
     bench new qlora8_70b4_nf4 --preset 70b --layers 4 --store-dir /tmp/bench-70b4-nf4 --quantize nf4 --batch-size 4 --seq-len 256 \
         --steps 3 --lora-rank 8 --drop-cache --probe-size 1G --max-memory 3G --max-gpu-memory 5G; echo "  ($SECONDS s)"
     ;;
+final4)  # side by side: PEFT's LoRA step and ours (16x128, bf16 model resident); the QLoRA 7B step at 4 + 8 GiB
+    # under the profiler (4x256) and at 8x256; 70B cut to 4 layers, NF4, 3 + 5 GiB again
+    Q="--preset 7b --store-dir /tmp/bench-7b-nf4 --quantize nf4 --seq-len 256 --lora-rank 8 --drop-cache --probe-size 256M --max-memory 4G --max-gpu-memory 8G"
+    bench new qlora8_4x256_profile $Q --batch-size 4 --steps 3 --profile "$OUT/profile-qlora.txt"; echo "  ($SECONDS s)"
+    bench new qlora8_8x256 $Q --batch-size 8 --steps 5; echo "  ($SECONDS s)"
+    (cd "$NEW" && PYTHONPATH=$NEW python3 -m slowllama bench --preset 7b --store-dir $S7 --steps 1 --probe-size 64M --device cuda > /dev/null 2>&1)
+    echo "  (bf16 store built: $SECONDS s)"
+    ref peft_lora4_16x128 peft-lora; echo "  ($SECONDS s)"
+    bench new lora4_16x128 --preset 7b --store-dir $S7 --probe-size 64M --batch-size 16 --seq-len 128 --steps 6 --lora-rank 4
+    echo "  ($SECONDS s)"
+    bench new qlora8_70b4_nf4 --preset 70b --layers 4 --store-dir /tmp/bench-70b4-nf4 --quantize nf4 --batch-size 4 --seq-len 256 \
+        --steps 3 --lora-rank 8 --drop-cache --probe-size 1G --max-memory 3G --max-gpu-memory 5G; echo "  ($SECONDS s)"
+    ;;
 cuda)  # the CUDA tests at the new commit
     (cd "$NEW" && PYTHONPATH=$NEW python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 5)
     ;;
 *)
-    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|qlora|profile|qlora2|resident2|final3|qlora3|ssd3|cuda" >&2; exit 2
+    echo "usage: OLD=DIR bash benchmarks/h200_ab.sh resident|sgd_adamw|adamw|ssd|ssd2|refs|issue16|qlora|profile|qlora2|resident2|final3|qlora3|ssd3|final4|cuda" >&2; exit 2
     ;;
 esac
