@@ -157,8 +157,8 @@ class CompiledDequantize(_Compiled):
     weight (the codes widened, the lookup, the multiply by the absmax, the cast), each writing fp32; compiled,
     one pass reads the packed codes and writes the weight. The same arithmetic (a lookup and one fp32 multiply):
     the same bits. The scales are decoded eagerly (a 64th of the weight; their byte sections are reinterpreted as
-    fp32, which is no place for a compiler). QLoRA dequantizes every weight at every use, so this is much of a
-    QLoRA step (on the CPU, 5× faster per weight)."""
+    fp32, which is no place for a compiler). For the modules the engine builds (eval, generation, blocks streamed
+    by weight: on the CPU, 5× faster per weight); a training step's compiled blocks dequantize in their own graph."""
 
     what = "NF4 weights dequantized"
 
