@@ -10,9 +10,8 @@ is built around them) and calls one template block (on the meta device) with the
 torch.func.functional_call. Every block then shares one graph, with no recompile per block and no guard
 on module identity; with LoRA the template carries the adapters too (meta tensors of their shapes), and
 the adapters of each block come in with its weights; an NF4 store's weights come packed and are
-dequantized inside the graph. Compiled
-dropout draws its masks differently from eager dropout (still from torch's seed, so replays match),
-so runs with dropout (the model's or LoRA's) keep eager blocks.
+dequantized inside the graph. Compiled dropout draws its masks differently from eager dropout (still
+from torch's seed, so replays match), so runs with dropout (the model's or LoRA's) keep eager blocks.
 """
 
 from __future__ import annotations
@@ -67,8 +66,9 @@ class BlockTensors:
 class CompiledBlocks(_Compiled):
     """block(BlockTensors, x, cos, sin) for any TransformerBlock of one model shape, through one compiled graph.
 
-    quantization: a store's NF4 weights come packed and are dequantized in the graph (as model/nf4.py does: to the
-    store's dtype, then to the compute dtype), so a block use is one call, not one per weight plus the block's."""
+    A quantized store's NF4 weights come packed and are dequantized in the graph as the engine's modules get them
+    (model/nf4.py: to the store's dtype, then to the compute dtype), so a block use is one call, not one per weight
+    plus the block's."""
 
     what = "blocks"
 
@@ -77,13 +77,13 @@ class CompiledBlocks(_Compiled):
                  compute_dtype: torch.dtype = torch.float32):
         super().__init__(on_failure)
         self.template = build_module(args, "layers.0")  # meta tensors: only its code and structure are used
+        shapes = module_shapes(args, "layers.0")
         # a state dict key -> the template's name of it (an adapted linear's weight is its LoRALinear's base's)
-        self.names = {key: key for key in module_shapes(args, "layers.0")}
+        self.names = {key: key for key in shapes}
         if lora is not None:
             inject(self.template, meta_params(args, lora), lora)
             self.names.update({key: key for key in meta_params(args, lora)})
             self.names.update({f"{TARGETS[t]}.weight": f"{TARGETS[t]}.base.weight" for t in lora.targets})
-        shapes = module_shapes(args, "layers.0")
 
         def run(params: dict[str, torch.Tensor], packed: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 pairs: Optional[torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
