@@ -4,10 +4,10 @@ The points: forward.module / backward.module (before each module of a pass), sto
 store.write.after (each module file), store.begin_step (journal written), store.commit.before_rename /
 store.commit.after_rename (the manifest's replacement; on a share, phase 2 of a commit across hosts),
 store.prepare.before_rename / store.prepare.after_rename (a share's next manifest written beside the current one:
-phase 1), store.adopt (a rank > 0 takes rank 0's new manifest, before it deletes the files it replaced); LoRA's saves: lora.save.files (the step's files
-written), lora.save.copy (a copy written, before its rename), lora.state.before_rename /
-lora.state.after_rename (state.json's replacement), lora.save.committed (before adapters.safetensors),
-lora.save.peft (PEFT's adapter_model.safetensors written, before its rename).
+phase 1), store.adopt (a rank > 0 takes rank 0's new manifest, before it deletes the files it replaced); LoRA's
+saves: lora.save.files (the step's files written), lora.save.copy (a copy written, before its rename),
+lora.state.before_rename / lora.state.after_rename (state.json's replacement), lora.save.committed (before
+adapters.safetensors), lora.save.peft (PEFT's adapter_model.safetensors written, before its rename).
 
 Only a test arms them, through slowllama.testing.faults (which sets `hook`); until then `fault_point`
 is one check of a None.

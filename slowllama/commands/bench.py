@@ -320,8 +320,8 @@ def _bench(s: BenchSettings, fleet: Fleet, log: Callable[[str], None], out: Call
             batch_size, micro = fleet.rank_batch(s.batch_size, s.accumulate)
             host_budget, gpu_budget = run_budgets(s, device)
             engine = make_engine(store, s, optimizer=optimizer, lora=lora, seed=s.seed, train=True,
-                                 stochastic_rounding=dtype == torch.bfloat16 and s.rounding != "nearest", batch_size=batch_size,
-                                 seq_len=s.seq_len, microbatches=micro, lookahead=2 if s.prefetch else 0,
+                                 stochastic_rounding=dtype == torch.bfloat16 and s.rounding != "nearest",
+                                 batch_size=batch_size, seq_len=s.seq_len, microbatches=micro, lookahead=2 if s.prefetch else 0,
                                  write_queue=2 if s.async_writes else 0, fleet=fleet, compile=s.compile,
                                  keep_graphs=s.recompute == "auto", log=log)
             if engine.compile_note:

@@ -112,7 +112,7 @@ class Updater:
                 state = ({"step": state["step"] + 1} if self.optimizer.counts_steps else {}) | {
                     f"{part.key}.{n}": t for n, t in zip(self.optimizer.state_names, new_state)}
             else:  # eager (or compiling failed: then the compiled path's bits, hashed here)
-                if noise is not None and self.store.dtype == torch.bfloat16:
+                if noise is not None:  # (a key only where the weight rounds stochastically: a bf16 store)
                     bits = hashed_bits(noise, w.shape)
                 g = g.float() * step.clip_coef if step.clip_coef != 1.0 else g.float()
                 if self.master and self.pipe.has(("master", part.name)):
